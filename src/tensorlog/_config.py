@@ -1,0 +1,222 @@
+"""The capture configuration: the reference's keys, validated up front.
+
+Every problem in a config is collected and reported in one :class:`ConfigError`,
+so a user fixes a bad file in one go instead of one key per run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any, Literal, Mapping, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = ["LogConfig", "load_config", "ConfigError", "DEFAULT_OUTPUT_DIR"]
+
+DEFAULT_OUTPUT_DIR = "/tmp/tensorlog"
+
+_CALL_INDEX = re.compile(r"^(?P<regex>.*):(?P<index>\d+)$", re.DOTALL)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names every offending key."""
+
+
+def split_call_index(pattern: str) -> tuple[str, int | None]:
+    """Split ``"rotary_emb:0"`` into ``("rotary_emb", 0)``; no suffix gives ``None``."""
+    m = _CALL_INDEX.match(pattern)
+    if m is None:
+        return pattern, None
+    return m.group("regex"), int(m.group("index"))
+
+
+class LogConfig(BaseModel):
+    """What to capture, from which steps and devices, and where to write it.
+
+    The keys and defaults are those of vLLM's intermediate-logging config; a
+    config that is given at all is enabled unless it says ``"enabled": false``.
+
+    Example:
+        >>> cfg = LogConfig(module_call_match=["layers\\\\.0\\\\.", "rotary_emb:0"],
+        ...                 log_step_ids=[0, 1], output_dir="/tmp/il")
+        >>> cfg.enabled
+        True
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    enabled: bool = True
+    output_dir: str = DEFAULT_OUTPUT_DIR
+    module_call_match: list[str] | None = None
+    log_step_ids: list[int] = Field(default_factory=lambda: [0])
+    max_tensor_size: int | None = Field(default=None, ge=0)
+    device_names: list[str] = Field(default_factory=list)
+    run_name: str = Field(default_factory=lambda: str(uuid.uuid4()))
+    small_tensor_values: int = Field(default=16, ge=0)
+    """Tensors with at most this many elements also get their values in the json."""
+    mode: Literal["tensor", "statistics", "md5"] = "tensor"
+    """``tensor`` writes .pt files; ``statistics`` only json; ``md5`` json plus a content checksum."""
+    format: Literal["pt", "safetensors"] = "pt"
+    max_pending_bytes: int = Field(default=1 << 30, gt=0)
+    """Snapshots waiting for the writer thread, in bytes, before hooks wait (or drop)."""
+    on_backpressure: Literal["block", "drop"] = "block"
+    max_total_bytes: int | None = Field(default=None, ge=0)
+    """Stop logging cleanly (and mark the run incomplete) once this many bytes are written."""
+    ranks: list[int] = Field(default_factory=list)
+    """Global ranks that log; ``[]`` means all."""
+
+    @field_validator("module_call_match", mode="before")
+    @classmethod
+    def _one_pattern_is_a_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("module_call_match")
+    @classmethod
+    def _patterns_compile(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        bad = []
+        for pattern in v:
+            regex, _ = split_call_index(pattern)
+            try:
+                re.compile(regex)
+            except re.error as e:
+                bad.append(f"{pattern!r} ({e})")
+        if bad:
+            raise ValueError("regex does not compile: " + "; ".join(bad))
+        return v
+
+    @field_validator("log_step_ids")
+    @classmethod
+    def _steps_non_negative(cls, v: list[int]) -> list[int]:
+        neg = [s for s in v if s < 0]
+        if neg:
+            raise ValueError(f"step ids must be >= 0, got {neg}")
+        return v
+
+    @field_validator("ranks", mode="before")
+    @classmethod
+    def _expand_rank_ranges(cls, v: Any) -> Any:
+        """Accept msProbe-style ranges: ``[0, "2-5"]`` means ranks 0, 2, 3, 4, 5."""
+        if not isinstance(v, list):
+            return v
+        out: list[Any] = []
+        for item in v:
+            if isinstance(item, str) and re.fullmatch(r"\d+-\d+", item.strip()):
+                lo, hi = (int(x) for x in item.split("-"))
+                if hi < lo:
+                    raise ValueError(f"empty rank range {item!r}")
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(item)
+        return out
+
+    @field_validator("device_names")
+    @classmethod
+    def _devices_parse(cls, v: list[str]) -> list[str]:
+        import torch
+
+        bad = []
+        for name in v:
+            try:
+                torch.device(name)
+            except (RuntimeError, ValueError):
+                bad.append(name)
+        if bad:
+            raise ValueError(f"not a torch device name: {bad} (expected e.g. 'cuda:0', 'cpu')")
+        return v
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name_is_one_dir(cls, v: str) -> str:
+        if not v or v in (".", "..") or "/" in v or "\\" in v or "\0" in v or len(v) > 200:
+            raise ValueError(f"run_name must be a single directory name, got {v!r}")
+        return v
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+
+def _closest_key(key: str) -> str:
+    match = difflib.get_close_matches(key, LogConfig.model_fields, n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    problems = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<config>"
+        if e["type"] == "extra_forbidden":
+            problems.append(f"unknown key {key!r}{_closest_key(str(e['loc'][0]))}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.append(f"{key}: {msg} (got {e.get('input')!r})")
+    return f"invalid tensorlog config{source}: " + "; ".join(problems)
+
+
+def build_config(data: Mapping[str, Any], *, source: str = "", **defaults: Any) -> LogConfig:
+    """Validate ``data`` (with ``defaults`` for keys it lacks) into a :class:`LogConfig`."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"invalid tensorlog config{source}: expected a JSON object, got {type(data).__name__}")
+    try:
+        return LogConfig(**{**defaults, **data})
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+    except TypeError as e:  # non-string keys
+        raise ConfigError(f"invalid tensorlog config{source}: {e}") from None
+
+
+ConfigLike = Union[LogConfig, Mapping[str, Any], str, "os.PathLike[str]"]
+
+
+def load_config(config: ConfigLike, **defaults: Any) -> LogConfig:
+    """Build a :class:`LogConfig` from whatever form a user has at hand.
+
+    Args:
+        config (LogConfig | dict | str | PathLike): a config, a dict of its keys,
+            JSON text (starts with ``{``), or the path of a JSON file.
+        **defaults: values for keys the config does not set (integrations use
+            this, e.g. vLLM's ``output_dir="/tmp/vllm_intermediates"``).
+
+    Returns:
+        LogConfig: the validated config.
+
+    Raises:
+        ConfigError: one message naming every bad key, the bad pattern, or the
+            unreadable file.
+
+    Example:
+        >>> load_config('{"module_call_match": "layers\\\\\\\\.0\\\\\\\\."}').module_call_match
+        ['layers\\\\.0\\\\.']
+    """
+    if isinstance(config, LogConfig):
+        return config
+    if isinstance(config, Mapping):
+        return build_config(config, **defaults)
+    if isinstance(config, (str, os.PathLike)):
+        text = os.fspath(config)
+        if text.lstrip().startswith("{"):
+            return build_config(_parse_json(text, " (inline JSON)"), source=" (inline JSON)", **defaults)
+        path = Path(text).expanduser()
+        source = f" in {path}"
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"tensorlog config file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read tensorlog config {path}: {e}") from None
+        return build_config(_parse_json(raw, source), source=source, **defaults)
+    raise ConfigError(f"cannot build a tensorlog config from {type(config).__name__}; pass a dict, JSON text or a path")
+
+
+def _parse_json(text: str, source: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"invalid JSON{source}: {e.msg} at line {e.lineno} column {e.colno}") from None
