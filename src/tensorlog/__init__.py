@@ -8,6 +8,7 @@ Example:
 """
 
 from ._capture import CaptureHandle, capture
+from ._compare import Comparison, compare
 from ._config import ConfigError, LogConfig, load_config
 from ._reader import Run, RunReadError, load_run
 
@@ -22,5 +23,7 @@ __all__ = [
     "load_run",
     "Run",
     "RunReadError",
+    "compare",
+    "Comparison",
     "__version__",
 ]

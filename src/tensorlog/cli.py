@@ -8,9 +8,11 @@ unreadable data (with a one-line message on stderr, never a traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from rich.console import Console
 
@@ -63,6 +65,77 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.output_dir, _stdout())
 
 
+# -- compare ------------------------------------------------------------------------
+
+
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    """The reference's ``compare_il.py`` flags, with its defaults, plus ``--format``."""
+    p.add_argument("--dir1", required=True, help="first run (or an output dir holding exactly one run)")
+    p.add_argument("--dir2", required=True, help="second run")
+    p.add_argument("--output", help="write the report to this file (default: stdout)")
+    p.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance (default: 1e-5)")
+    p.add_argument("--atol", type=float, default=1e-8, help="absolute tolerance (default: 1e-8)")
+    p.add_argument("--steps", help="comma-separated steps to compare (default: all)")
+    p.add_argument("--modules", help="comma-separated regexes of module names to compare (default: all)")
+    p.add_argument("--verbose", action="store_true", help="include per-tensor details")
+    p.add_argument("--format", choices=["md", "json", "html"], help="report format (default: from --output's suffix, else md)")
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="compare two runs and name the module where they diverge")
+    add_compare_arguments(p)
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ._compare import compare
+    from ._report import render
+
+    fmt = args.format or _format_from_suffix(args.output)
+    modules = _parse_list(args.modules)
+    for pattern in modules or []:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise _UsageError(f"--modules: regex {pattern!r} does not compile: {e}") from None
+    with _progress("comparing") as progress:
+        result = compare(args.dir1, args.dir2, rtol=args.rtol, atol=args.atol, steps=_parse_steps(args.steps),
+                         modules=modules, progress=progress)
+    text = render(result, fmt, verbose=args.verbose)
+    if args.output:
+        try:
+            Path(args.output).write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise _UsageError(f"cannot write report to {args.output}: {e.strerror or e}") from None
+        from ._report import headline
+
+        _stderr().print(f"{headline(result)}\nreport written to {args.output}", markup=False, highlight=False)
+    else:
+        sys.stdout.write(text)
+    return result.exit_code
+
+
+def _format_from_suffix(output: str | None) -> str:
+    suffix = Path(output).suffix.lower() if output else ""
+    return {".json": "json", ".html": "html", ".htm": "html"}.get(suffix, "md")
+
+
+@contextlib.contextmanager
+def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr (only when stderr is a terminal); stdout stays the report's."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    console = _stderr()
+    with Progress(f"[bold]{label}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
+                  transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
 # -- plumbing -----------------------------------------------------------------------
 
 
@@ -86,7 +159,7 @@ class _UsageError(Exception):
     pass
 
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_inspect, _add_demo]
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_inspect, _add_compare, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,16 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ._config import ConfigError
-    from ._reader import RunReadError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_ERROR
+    return run_command(args.func, args)
+
+
+def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a subcommand, turning the library's errors into one line on stderr and exit code 2."""
+    from ._config import ConfigError
+    from ._reader import RunReadError
+
     try:
-        return int(args.func(args))
+        return int(func(args))
     except (ConfigError, RunReadError, _UsageError) as e:
         _stderr().print(f"tensorlog: error: {e}", style="red", markup=False, highlight=False)
         return EXIT_ERROR

@@ -1,0 +1,218 @@
+"""Tensor-pair metrics: pure computation, no I/O, no printing.
+
+Everything is computed in float64 on the CPU in fixed-size chunks, so memory
+stays bounded by the two input tensors (memory-mapped) plus a few chunks.
+The tolerance test is ``torch.allclose(a, b, rtol, atol, equal_nan=True)``'s:
+``|a - b| <= atol + rtol * |b|``, with NaNs in the same positions (and equal
+infinities) counted as equal and any other non-finite value as a mismatch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+__all__ = ["TensorMetrics", "compare_tensors", "compare_stats", "CHUNK_ELEMENTS"]
+
+CHUNK_ELEMENTS = 1 << 22  # 32 MiB per float64 chunk
+QUANTILE_MAX_ELEMENTS = 1 << 22  # skip costly quantiles on huge tensors
+
+
+class TensorMetrics(BaseModel):
+    """How far apart two tensors are. ``bool(m)`` is the tolerance verdict.
+
+    ``max_rel`` uses a symmetric denominator, ``|a-b| / max(|a|, |b|)``, so it
+    is bounded and does not explode where one side is near zero. ``rel_diff`` is
+    the scale-free ``1 - 2*sum(a*b) / (sum(a*a) + sum(b*b))`` (0 means equal).
+    ``snr_db`` takes run 1 as the signal. ``min_atol`` is the smallest ``atol``
+    that would have passed at the ``rtol`` used.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    allclose: bool
+    numel: int
+    exact: bool
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    mean_rel: float
+    cosine: float
+    rel_diff: float
+    snr_db: float | None  # None: infinite (identical)
+    frac_outside: float
+    num_outside: int
+    nonfinite_mismatch: int
+    worst_index: list[int] | None
+    worst_values: list[float | str] | None
+    min_atol: float
+    abs_p50: float | None = None
+    abs_p99: float | None = None
+
+    def __bool__(self) -> bool:
+        return self.allclose
+
+
+def _json_float(v: float) -> float | str:
+    return v if math.isfinite(v) else repr(v)
+
+
+def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-8) -> TensorMetrics:
+    """Compare two tensors of equal ``numel`` element by element (flattened).
+
+    Args:
+        a (Tensor): run 1's tensor (the signal for SNR).
+        b (Tensor): run 2's tensor.
+        rtol (float, default 1e-5), atol (float, default 1e-8): the tolerance.
+
+    Returns:
+        TensorMetrics: all metrics; ``bool()`` of it is the verdict.
+
+    Example:
+        >>> compare_tensors(torch.ones(3), torch.ones(3) + 1e-3).max_abs
+        0.0010000000474974513
+    """
+    if a.numel() != b.numel():
+        raise ValueError(f"cannot compare tensors of {a.numel()} and {b.numel()} elements")
+    n = a.numel()
+    fa, fb = a.detach().reshape(-1), b.detach().reshape(-1)
+    if fa.device.type != "cpu":
+        fa = fa.cpu()
+    if fb.device.type != "cpu":
+        fb = fb.cpu()
+    if n == 0:
+        return TensorMetrics(
+            allclose=True, numel=0, exact=True, max_abs=0.0, mean_abs=0.0, max_rel=0.0, mean_rel=0.0,
+            cosine=1.0, rel_diff=0.0, snr_db=None, frac_outside=0.0, num_outside=0, nonfinite_mismatch=0,
+            worst_index=None, worst_values=None, min_atol=0.0,
+        )
+    if fa.dtype == fb.dtype and not fa.dtype.is_complex and torch.equal(fa, fb):
+        # Bit-identical (torch.equal is False when NaNs are present): no arithmetic needed.
+        return TensorMetrics(
+            allclose=True, numel=n, exact=True, max_abs=0.0, mean_abs=0.0, max_rel=0.0, mean_rel=0.0,
+            cosine=1.0, rel_diff=0.0, snr_db=None, frac_outside=0.0, num_outside=0, nonfinite_mismatch=0,
+            worst_index=None, worst_values=None, min_atol=0.0, abs_p50=0.0, abs_p99=0.0,
+        )
+    sxx = syy = sxy = sdd = sabs = srel = 0.0
+    max_abs, max_rel, min_atol = -1.0, 0.0, 0.0
+    worst = 0
+    outside = nonfinite = finite_n = 0
+    first_bad = -1
+    want_quantiles = n <= QUANTILE_MAX_ELEMENTS
+    abs_all = [] if want_quantiles else None
+    for lo in range(0, n, CHUNK_ELEMENTS):
+        hi = min(n, lo + CHUNK_ELEMENTS)
+        x = fa[lo:hi].to(torch.float64)
+        y = fb[lo:hi].to(torch.float64)
+        finite = torch.isfinite(x) & torch.isfinite(y)
+        all_finite = bool(finite.all())
+        if all_finite:
+            xs, ys = x, y
+        else:
+            same = (x == y) | (torch.isnan(x) & torch.isnan(y))
+            bad = ~finite & ~same
+            nb = int(bad.sum())
+            if nb and first_bad < 0:
+                first_bad = lo + int(bad.nonzero()[0, 0])
+            nonfinite += nb
+            outside += nb
+            zero = torch.zeros((), dtype=torch.float64)
+            xs, ys = torch.where(finite, x, zero), torch.where(finite, y, zero)
+        d = (xs - ys).abs_()
+        finite_n += int(finite.sum()) if not all_finite else hi - lo
+        sxx += float(torch.dot(xs, xs))
+        syy += float(torch.dot(ys, ys))
+        sxy += float(torch.dot(xs, ys))
+        sdd += float(torch.dot(d, d))
+        sabs += float(d.sum())
+        m, i = torch.max(d, 0)
+        if float(m) > max_abs:
+            max_abs, worst = float(m), lo + int(i)
+        ay = ys.abs()
+        slack = d - rtol * ay
+        min_atol = max(min_atol, float(slack.max()))
+        outside += int((slack > atol).sum())
+        denom = torch.maximum(xs.abs(), ay)
+        rel = torch.where(denom > 0, d / denom.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros((), dtype=torch.float64))
+        max_rel = max(max_rel, float(rel.max()))
+        srel += float(rel.sum())
+        if abs_all is not None:
+            abs_all.append(d)
+    cosine = 1.0 if sxx == 0 and syy == 0 else (sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else 0.0)
+    rel_diff = 0.0 if sxx + syy == 0 else 1.0 - 2.0 * sxy / (sxx + syy)
+    snr = None if sdd == 0 else (10.0 * math.log10(sxx / sdd) if sxx > 0 else -math.inf)
+    worst_at = first_bad if first_bad >= 0 else worst
+    idx = [int(v) for v in torch.unravel_index(torch.tensor(worst_at), tuple(a.shape))] if a.dim() else []
+    p50 = p99 = None
+    if abs_all is not None:
+        all_d = torch.cat(abs_all)
+        k50, k99 = max(1, math.ceil(0.5 * all_d.numel())), max(1, math.ceil(0.99 * all_d.numel()))
+        p50, p99 = float(all_d.kthvalue(k50).values), float(all_d.kthvalue(k99).values)
+    return TensorMetrics(
+        allclose=outside == 0,
+        numel=n,
+        exact=False,
+        max_abs=math.inf if nonfinite else max(max_abs, 0.0),
+        mean_abs=sabs / finite_n if finite_n else 0.0,
+        max_rel=max_rel,
+        mean_rel=srel / finite_n if finite_n else 0.0,
+        cosine=cosine,
+        rel_diff=rel_diff,
+        snr_db=snr,
+        frac_outside=outside / n,
+        num_outside=outside,
+        nonfinite_mismatch=nonfinite,
+        worst_index=idx,
+        worst_values=[_json_float(float(fa[worst_at])), _json_float(float(fb[worst_at]))],
+        min_atol=min_atol if not nonfinite else math.inf,
+        abs_p50=p50,
+        abs_p99=p99,
+    )
+
+
+STAT_COMPARED = ("min", "max", "mean", "std", "abs_max", "l2_norm")
+
+
+def compare_stats(s1: dict[str, Any], s2: dict[str, Any], *, rtol: float, atol: float) -> tuple[bool, dict[str, float], float]:
+    """Compare two statistics dicts: each statistic with the same tolerance test.
+
+    Returns the verdict, the relative error of each statistic, and the worst one.
+    """
+    rel: dict[str, float] = {}
+    ok = True
+    for key in STAT_COMPARED:
+        a, b = _num(s1.get(key)), _num(s2.get(key))
+        if a is None or b is None:
+            continue
+        if math.isnan(a) and math.isnan(b) or a == b:
+            rel[key] = 0.0
+            continue
+        d = abs(a - b)
+        if not math.isfinite(d):
+            ok = False
+            rel[key] = math.inf
+            continue
+        rel[key] = d / max(abs(a), abs(b))
+        if d > atol + rtol * abs(b):
+            ok = False
+    for key in ("nan_count", "inf_count"):
+        if (s1.get(key) or 0) != (s2.get(key) or 0):
+            ok = False
+            rel[key] = 1.0
+    return ok, rel, max(rel.values(), default=0.0)
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return None
+    return None
