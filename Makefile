@@ -29,7 +29,10 @@ install-vllm: $(VENV)/.vllm
 demo: $(VENV)/.base
 	$(VENV)/bin/tensorlog demo
 
+# The HTML report test screenshots the page in headless Chromium (Debian's package, installed when root).
 test: $(VENV)/.vllm
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "note: chromium is not installed; the HTML screenshot test will be skipped"
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.base

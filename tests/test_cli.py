@@ -20,7 +20,8 @@ def test_demo_runs_offline_and_writes_a_run(tmp_path):
     r = tl("demo", "--output-dir", tmp_path)
     assert r.returncode == 0, r.stderr
     assert "model.layers.0" in r.stdout
-    run = tensorlog.load_run(tmp_path / "float32")
+    assert "First divergence: step 0: model.layers.2.mlp.down_proj" in r.stdout.replace("`", "")
+    run = tensorlog.load_run(tmp_path / "baseline")
     assert run.complete and sorted(run.steps) == [0, 1]
 
 

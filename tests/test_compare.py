@@ -303,3 +303,12 @@ def test_markdown_json_html_agree(tmp_path):
         assert "block1.0" in out.read_text()
     html = (tmp_path / "r.html").read_text()
     assert "<svg" in html and "<script" not in html and "http" not in html.replace("http://www.w3.org/2000/svg", "")
+
+
+def test_json_schema_is_documented():
+    doc = (ROOT / "docs" / "compare-json.md").read_text()
+    for model in (tensorlog.Comparison,):
+        schema = model.model_json_schema()
+        for name, sub in [("Comparison", schema)] + list(schema.get("$defs", {}).items()):
+            for field in sub.get("properties", {}):
+                assert f"`{field}`" in doc, f"{name}.{field} is not documented in docs/compare-json.md"

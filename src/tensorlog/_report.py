@@ -128,13 +128,13 @@ _COLORS = {"match": "#2ca02c", "born": "#d62728", "contains": "#ff7f0e", "inheri
 
 
 def _plot_svg(mods: list[ModuleResult], step: int) -> str:
-    """Max relative error of each module's outputs along the execution order (log scale)."""
-    pts = [m for m in mods if m.worst_max_rel is not None]
+    """Scale-free relative difference of each module's outputs along the execution order (log scale)."""
+    pts = [m for m in mods if m.worst_rel_diff is not None]
     w, h, pad = 900, 260, 50
     if not pts:
         return f'<p class="noplot">step {step}: no tensor data to plot</p>'
     floor = 1e-12
-    ys = [math.log10(max(m.worst_max_rel or 0.0, floor)) for m in pts]
+    ys = [math.log10(max(m.worst_rel_diff or 0.0, floor)) for m in pts]
     lo, hi = min(ys + [-8.0]), max(ys + [0.0])
     n = max(len(pts) - 1, 1)
 
@@ -144,7 +144,7 @@ def _plot_svg(mods: list[ModuleResult], step: int) -> str:
     line = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(i, v) for i, v in enumerate(ys)))
     dots = "".join(
         f'<circle cx="{xy(i, v)[0]:.1f}" cy="{xy(i, v)[1]:.1f}" r="4" fill="{_COLORS.get(m.verdict, "#7f7f7f")}">'
-        f"<title>{html.escape(m.module)}: max rel {_f(m.worst_max_rel)} ({m.verdict})</title></circle>"
+        f"<title>{html.escape(m.module)}: rel diff {_f(m.worst_rel_diff)}, max rel {_f(m.worst_max_rel)} ({m.verdict})</title></circle>"
         for i, (m, v) in enumerate(zip(pts, ys))
     )
     ticks = "".join(
@@ -159,7 +159,7 @@ def _plot_svg(mods: list[ModuleResult], step: int) -> str:
         f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#333"/>'
         f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{line}"/>{dots}'
         f'<text x="{w / 2}" y="{h - 12}" text-anchor="middle" font-size="12">module, in execution order (step {step})</text>'
-        f'<text x="14" y="{h / 2}" transform="rotate(-90 14 {h / 2})" text-anchor="middle" font-size="12">max rel error</text>'
+        f'<text x="14" y="{h / 2}" transform="rotate(-90 14 {h / 2})" text-anchor="middle" font-size="12">rel diff of outputs</text>'
         "</svg>"
     )
 
