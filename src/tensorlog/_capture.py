@@ -66,7 +66,15 @@ class CaptureHandle:
     marks the run complete (unless logging stopped early) and is idempotent.
     """
 
-    def __init__(self, model: torch.nn.Module, config: LogConfig, *, info: RunInfo | None = None, auto_step: bool = True) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: LogConfig,
+        *,
+        info: RunInfo | None = None,
+        auto_step: bool = True,
+        open_first_step: bool = True,
+    ) -> None:
         self.config = config
         self._info = info or RunInfo()
         self._model_ref = weakref.ref(model)
@@ -81,6 +89,9 @@ class CaptureHandle:
         self._step = 0
         self._root_depth = 0
         self._steps_written: list[int] = []
+        self._step_info: dict[int, dict[str, Any]] = {}
+        self._in_step = False
+        self._finished = False
         self._stopped: str | None = None
         self._writer: Writer | None = None
         self._targets: dict[str, tuple[weakref.ref[torch.nn.Module], frozenset[int] | None]] = {}
@@ -105,7 +116,8 @@ class CaptureHandle:
         if auto_step:
             self._handles.append(model.register_forward_pre_hook(self._root_pre))
             self._handles.append(model.register_forward_hook(self._root_post, always_call=True))
-        self._begin_step()
+        if open_first_step:
+            self.begin_step()
 
     # -- public --------------------------------------------------------------------
 
@@ -131,9 +143,39 @@ class CaptureHandle:
         called once per step (e.g. you capture a submodule, or run a custom loop).
         """
         with self._lock:
-            if self._enabled and not self._removed:
-                self._end_step()
-                self._begin_step()
+            self._close_step(None, detach=False)  # the next step re-attaches or detaches as selected
+            self.begin_step()
+
+    def begin_step(self) -> None:
+        """Open the next step: hooks are attached only while a selected step is open.
+
+        Integrations that own the step boundary (vLLM's ``execute_model``) call
+        this and :meth:`end_step` instead of :meth:`step`, so that warm-up and
+        profiling forwards between steps run with no hook at all.
+        """
+        with self._lock:
+            if not self._enabled or self._removed or self._in_step:
+                return
+            self._in_step = True
+            self._begin_step()
+
+    def end_step(self, info: dict[str, Any] | None = None) -> None:
+        """Close the open step and take every hook off until the next :meth:`begin_step`.
+
+        ``info`` (json-safe) is recorded for the step in ``run.json``.
+        """
+        self._close_step(info, detach=True)
+
+    def _close_step(self, info: dict[str, Any] | None, *, detach: bool) -> None:
+        with self._lock:
+            if not self._enabled or self._removed or not self._in_step:
+                return
+            self._in_step = False
+            if info is not None and self._selector.step(self._step):
+                self._step_info[self._step] = info
+            self._end_step()
+            if detach:
+                self._detach_modules()
 
     def flush(self) -> None:
         """Block until everything captured so far is on disk."""
@@ -151,7 +193,9 @@ class CaptureHandle:
             self._detach_modules()
             if not self._enabled:
                 return
-            self._end_step()
+            if self._in_step:
+                self._in_step = False
+                self._end_step()
             assert self._writer is not None
             self._writer.close()
             self._write_manifest(complete=self._stopped is None)
@@ -189,10 +233,18 @@ class CaptureHandle:
             self._detach_modules()
 
     def _end_step(self) -> None:
-        if self._order and self._writer is not None and self._stopped is None:
+        logged = bool(self._order) and self._writer is not None and self._stopped is None
+        if logged:
             step, order = self._step, list(self._order)
+            assert self._writer is not None
             self._writer.submit(lambda: self._write_calls_file(step, order))
         self._step += 1
+        last = self._selector.last_step
+        if self._writer is not None and self._stopped is None and (logged or self._step_info):
+            # Keep run.json current (steps written, per-step info) so a run killed later still says what it holds.
+            done = last is not None and self._step > last
+            self._writer.submit(lambda: self._write_manifest(complete=done))
+            self._finished = done
 
     def _write_calls_file(self, step: int, order: list[str]) -> None:
         d = self.path / _layout.step_dir(step)
@@ -362,8 +414,9 @@ class CaptureHandle:
             "world_size": self._info.world_size,
             **self._info.extra,
             "start_time": self._started,
-            "end_time": _now() if complete or self._removed else None,
+            "end_time": _now() if complete or self._removed or self._finished else None,
             "steps_written": sorted(set(self._steps_written)),
+            "steps": {str(k): v for k, v in sorted(self._step_info.items())},
             "bytes_written": w.bytes_written if w else 0,
             "dropped": w.dropped if w else [],
             "complete": complete,

