@@ -232,3 +232,27 @@ def test_vllm_serve_logs_a_completion_request(model_dir, tmp_path):
         log.close()
     assert (run / "step_0" / "module_calls.txt").read_text() == "model.embed_tokens\nmodel.norm\n"
     assert torch.load(run / "step_0" / "model.embed_tokens" / "inputs_0_cpu.pt").tolist() == [5, 6, 7, 8, 9]
+
+
+def test_tensor_parallel_ranks_share_one_run_without_collisions(model_dir, tmp_path):
+    cfg = {"output_dir": str(tmp_path / "il"), "run_name": "tp2", "module_call_match": ["embed_tokens", "qkv_proj", "model\\.norm"]}
+    env = _env(single_process=False, VLLM_CPU_OMP_THREADS_BIND="0|1", TENSORLOG_CONFIG=json.dumps(cfg))
+    r = subprocess.run([sys.executable, str(DRIVER), str(model_dir), "--max-tokens", "2", "--tp", "2", "--prompts", "5,6,7,8,9"],
+                       capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    run_dir = tmp_path / "il" / "tp2"
+    assert sorted(p.name for p in run_dir.glob("run*.json")) == ["run.rank0.json", "run.rank1.json"]
+    qkv = run_dir / "step_0" / "model.layers.0.self_attn.qkv_proj"
+    assert sorted(p.name for p in qkv.iterdir()) == [
+        "inputs.rank0.json", "inputs.rank1.json", "inputs_0_cpu_rank0.pt", "inputs_0_cpu_rank1.pt",
+        "outputs.rank0.json", "outputs.rank1.json", "outputs_0_cpu_rank0.pt", "outputs_0_cpu_rank1.pt",
+    ]
+    run = tensorlog.load_run(run_dir)
+    assert run.complete and run.manifest["world_size"] == 2 and sorted(run.manifest["ranks"]) == [0, 1]
+    calls = [c for c in run.steps[0].calls if c.dirname == "model.layers.0.self_attn.qkv_proj"]
+    assert sorted(c.rank for c in calls) == [0, 1]
+    # column-parallel: each rank holds half of q, k and v; the embedding output is whole on both ranks
+    assert [c.outputs[0].shape for c in calls] == [(5, 256), (5, 256)]  # full q,k,v would be 512 wide
+    emb = [c for c in run.steps[0].calls if c.dirname == "model.embed_tokens"]
+    assert [c.outputs[0].shape for c in emb] == [(5, 256), (5, 256)]
+    assert torch.equal(emb[0].outputs[0].load(), emb[1].outputs[0].load())

@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--config-json")
     ap.add_argument("--perturb")
     ap.add_argument("--report")
+    ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--eager", action="store_true", help="pass enforce_eager=True (else tensorlog must force it)")
     args = ap.parse_args()
 
@@ -38,7 +39,7 @@ def main():
     if args.config_json:
         kwargs["additional_config"] = {"intermediate_log_config": json.loads(args.config_json)}
     llm = LLM(model=args.model, skip_tokenizer_init=True, dtype=args.dtype, max_model_len=128, enforce_eager=args.eager,
-              seed=0, **kwargs)
+              seed=0, tensor_parallel_size=args.tp, **kwargs)
     if args.perturb:
         name = args.perturb
 
