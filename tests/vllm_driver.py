@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--perturb")
     ap.add_argument("--report")
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--max-num-batched-tokens", type=int, help="small values split a prefill over several steps")
     ap.add_argument("--eager", action="store_true", help="pass enforce_eager=True (else tensorlog must force it)")
     args = ap.parse_args()
 
@@ -36,6 +37,8 @@ def main():
     from vllm.inputs import TokensPrompt
 
     kwargs = {}
+    if args.max_num_batched_tokens:
+        kwargs.update(max_num_batched_tokens=args.max_num_batched_tokens, enable_chunked_prefill=True)
     if args.config_json:
         kwargs["additional_config"] = {"intermediate_log_config": json.loads(args.config_json)}
     llm = LLM(model=args.model, skip_tokenizer_init=True, dtype=args.dtype, max_model_len=128, enforce_eager=args.eager,

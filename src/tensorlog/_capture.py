@@ -166,6 +166,12 @@ class CaptureHandle:
         """
         self._close_step(info, detach=True)
 
+    def annotate_step(self, info: dict[str, Any]) -> None:
+        """Record json-safe facts about the current step (request ids, positions) in ``run.json``."""
+        with self._lock:
+            if self._enabled and self._selector.step(self._step):
+                self._step_info[self._step] = {**self._step_info.get(self._step, {}), **info}
+
     def _close_step(self, info: dict[str, Any] | None, *, detach: bool) -> None:
         with self._lock:
             if not self._enabled or self._removed or not self._in_step:
@@ -465,4 +471,10 @@ def capture(model: torch.nn.Module, config: ConfigLike | None = None, /, **overr
     cfg = load_config(config if config is not None else {})
     if overrides:
         cfg = load_config({**cfg.model_dump(exclude_unset=True), **overrides})
+    if type(model).__module__.startswith("transformers."):
+        from .integrations.transformers import attach_step_info, run_facts
+
+        handle = CaptureHandle(model, cfg, info=RunInfo(**run_facts(model)))
+        attach_step_info(handle, model)
+        return handle
     return CaptureHandle(model, cfg)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ._align import MappingSpec, align_runs, detect_preset, load_mapping
 from ._metrics import TensorMetrics, compare_stats, compare_tensors
 from ._reader import ModuleCall, Run, RunReadError, TensorRecord, load_run
 
@@ -53,6 +54,7 @@ class TensorResult(_Model):
     dtype2: str | None = None
     metrics: TensorMetrics | None = None
     stat_rel: dict[str, float] | None = None
+    mapping: str | None = None
     note: str | None = None
 
     @property
@@ -147,6 +149,7 @@ def _compare_pair(r1: TensorRecord, r2: TensorRecord, step: int, module: str, ra
         shape1=list(r1.shape) if r1.shape is not None else None,
         shape2=list(r2.shape) if r2.shape is not None else None,
         dtype1=r1.dtype, dtype2=r2.dtype,
+        mapping=_mapping_note(r1, r2),
     )
     if not r1.is_tensor or not r2.is_tensor:
         if r1.is_tensor != r2.is_tensor:
@@ -163,6 +166,11 @@ def _compare_pair(r1: TensorRecord, r2: TensorRecord, step: int, module: str, ra
             a, b = r1.load(), r2.load()
         except RunReadError as e:
             return TensorResult(**base, status="unreadable", method="none", note=str(e))
+        except ValueError as e:  # alignment could not line the two up (layout, missing tokens)
+            return TensorResult(**base, status="not_comparable", method="none", note=str(e))
+        base["dtype1"], base["dtype2"] = str(a.dtype), str(b.dtype)
+        base["shape1"], base["shape2"] = list(a.shape), list(b.shape)
+        note = None if a.dtype == b.dtype else f"dtype {a.dtype} vs {b.dtype}; compared in float64"
         if a.shape != b.shape:
             return TensorResult(**base, status="shape_mismatch", method="none", note=f"shape {list(a.shape)} vs {list(b.shape)}")
         m = compare_tensors(a, b, rtol=rtol, atol=atol)
@@ -176,6 +184,13 @@ def _compare_pair(r1: TensorRecord, r2: TensorRecord, step: int, module: str, ra
         return TensorResult(**base, status="match" if ok else "mismatch", method="statistics", stat_rel=rel,
                             note="compared by statistics (one side has no tensor data)" + (f"; {note}" if note else ""))
     return TensorResult(**base, status="not_comparable", method="none", note="no data or statistics on one side")
+
+
+def _mapping_note(r1: TensorRecord, r2: TensorRecord) -> str | None:
+    m1, m2 = r1.meta.get("mapping"), r2.meta.get("mapping")
+    if not (m1 or m2):
+        return None
+    return "; ".join(f"run {i}: {m}" for i, m in ((1, m1), (2, m2)) if m)
 
 
 def _only(r: TensorRecord, side: Literal["only_in_1", "only_in_2"], step: int, module: str, rank: int | None) -> TensorResult:
@@ -266,10 +281,16 @@ def _module_result(c1: ModuleCall | None, c2: ModuleCall | None, step: int, rtol
 
 
 def _attribute(results: list[ModuleResult], calls: dict[tuple[int | None, str], ModuleCall]) -> list[ModuleResult]:
-    """Mark a 'born' parent as 'contains' when a logged descendant is itself born."""
+    """Mark a 'born' parent as 'contains' when a logged descendant is itself born.
+
+    A module whose inputs could not be compared (cross-framework alignment
+    compares outputs only) is 'born' only if nothing failed before it in
+    completion order; after an earlier failure it is 'inherited'.
+    """
     born = [r for r in results if r.verdict == "born"]
     out = []
-    for r in results:
+    failed_before = False
+    for r in sorted(results, key=lambda r: r.completion):
         if r.verdict == "born":
             me = calls.get((r.rank, r.module))
             child = None
@@ -282,6 +303,9 @@ def _attribute(results: list[ModuleResult], calls: dict[tuple[int | None, str], 
                             child = other
             if child is not None:
                 r = r.model_copy(update={"verdict": "contains", "explained_by": child.module})
+            elif r.inputs_match is None and failed_before:
+                r = r.model_copy(update={"verdict": "inherited"})
+        failed_before = failed_before or r.verdict in ("born", "inherited")
         out.append(r)
     return out
 
@@ -302,6 +326,7 @@ def compare(
     steps: Iterable[int] | None = None,
     modules: Iterable[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    mapping: "str | Path | MappingSpec | None" = None,
 ) -> Comparison:
     """Compare two runs and find, per step, the module where they start to differ.
 
@@ -313,6 +338,10 @@ def compare(
         steps (iterable of int, optional): only these steps.
         modules (iterable of str, optional): only modules matching one of these regexes.
         progress (callable, optional): called as ``progress(done, total)`` after each module.
+        mapping (str | Path | MappingSpec, optional): align the runs first: a preset
+            (``"hf-vllm"``), a mapping file, or a spec. By default ``hf-vllm`` when one run
+            is from HF transformers and the other from vLLM, and shard reassembly when
+            the runs' world sizes differ.
 
     Returns:
         Comparison: ``bool()`` is True when all compared pairs match;
@@ -326,10 +355,14 @@ def compare(
     """
     r1 = run1 if isinstance(run1, Run) else load_run(run1)
     r2 = run2 if isinstance(run2, Run) else load_run(run2)
+    align_notes: list[str] = []
+    spec = _choose_mapping(r1, r2, mapping)
+    if spec is not None:
+        r1, r2, align_notes = align_runs(r1, r2, spec)
     pats = [re.compile(p) for p in modules] if modules else None
     wanted = set(steps) if steps is not None else None
     step_ids = sorted(i for i in set(r1.steps) | set(r2.steps) if wanted is None or i in wanted)
-    notes = [f"run {i}: {p}" for i, r in ((1, r1), (2, r2)) for p in r.problems]
+    notes = align_notes + [f"run {i}: {p}" for i, r in ((1, r1), (2, r2)) for p in r.problems]
     for i, r in ((1, r1), (2, r2)):
         if not r.complete:
             notes.append(f"run {i} is incomplete: {r.incomplete_reason}")
@@ -383,3 +416,18 @@ def compare(
     )
     return Comparison(dir1=str(r1.path), dir2=str(r2.path), rtol=rtol, atol=atol, steps=step_ids, summary=summary,
                       first_divergence=divergences, modules=all_results, notes=notes)
+
+
+def _choose_mapping(r1: Run, r2: Run, mapping: "str | Path | MappingSpec | None") -> MappingSpec | None:
+    if mapping is not None:
+        return load_mapping(mapping)
+    preset = detect_preset(r1, r2)
+    if preset is not None:
+        return preset
+    if _world(r1) != _world(r2):
+        return load_mapping("identity")  # reassemble tensor-parallel shards, names as they are
+    return None
+
+
+def _world(run: Run) -> int:
+    return int(run.manifest.get("world_size") or 1)

@@ -64,7 +64,7 @@ class TensorRecord:
 
     @property
     def has_data(self) -> bool:
-        return self.path is not None or "_tensor" in self.meta
+        return self.path is not None or "_tensor" in self.meta or "_loader" in self.meta
 
     @property
     def nbytes(self) -> int:
@@ -78,6 +78,8 @@ class TensorRecord:
         """Read the tensor from disk (memory-mapped where the format allows)."""
         if "_tensor" in self.meta:
             return self.meta["_tensor"]
+        if "_loader" in self.meta:  # a tensor derived by alignment (split, summed, reassembled, gathered)
+            return self.meta["_loader"]()
         if self.path is None:
             raise RunReadError(f"{self.name}: no tensor data was saved ({self.meta.get('skipped') or 'statistics only'})")
         return load_tensor_file(self.path)

@@ -79,6 +79,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modules", help="comma-separated regexes of module names to compare (default: all)")
     p.add_argument("--verbose", action="store_true", help="include per-tensor details")
     p.add_argument("--format", choices=["md", "json", "html"], help="report format (default: from --output's suffix, else md)")
+    p.add_argument("--map", dest="mapping", help="align the runs first: a preset (hf-vllm, identity) or a mapping JSON/YAML file "
+                   "(default: hf-vllm when one run is HF and the other vLLM; shard reassembly when world sizes differ)")
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
@@ -100,7 +102,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise _UsageError(f"--modules: regex {pattern!r} does not compile: {e}") from None
     with _progress("comparing") as progress:
         result = compare(args.dir1, args.dir2, rtol=args.rtol, atol=args.atol, steps=_parse_steps(args.steps),
-                         modules=modules, progress=progress)
+                         modules=modules, progress=progress, mapping=getattr(args, "mapping", None))
     text = render(result, fmt, verbose=args.verbose)
     if args.output:
         try:
@@ -134,6 +136,36 @@ def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
             bar.update(task, completed=done, total=total)
 
         yield update
+
+
+# -- capture (HF transformers) ---------------------------------------------------------
+
+
+def _add_capture(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("capture", help="greedy-decode with an HF transformers model under capture")
+    p.add_argument("--model", required=True, help="local checkpoint directory (or a hub id where the network allows)")
+    p.add_argument("--input-ids", required=True, help="prompt token ids, e.g. 1,2,3; several equal-length prompts: 1,2,3;4,5,6")
+    p.add_argument("--max-new-tokens", type=int, default=1, help="decode steps after the prefill (default: 1)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--config", help="LogConfig as a JSON file or inline JSON (default: every module, step 0)")
+    p.add_argument("--output-dir", help="overrides the config's output_dir")
+    p.add_argument("--run-name", help="overrides the config's run_name")
+    p.set_defaults(func=_cmd_capture)
+
+
+def _cmd_capture(args: argparse.Namespace) -> int:
+    from .integrations.transformers import capture_generate
+
+    try:
+        ids = [[int(t) for t in row.split(",") if t.strip()] for row in args.input_ids.split(";")]
+    except ValueError:
+        raise _UsageError(f"--input-ids takes comma-separated integers, got {args.input_ids!r}") from None
+    overrides = {k: v for k, v in (("output_dir", args.output_dir), ("run_name", args.run_name)) if v}
+    path, seq = capture_generate(args.model, ids, args.config, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                                 device=args.device, **overrides)
+    _stdout().print(f"run written to {path}\ngenerated: {seq[:, len(ids[0]):].tolist()}", markup=False, highlight=False)
+    return EXIT_OK
 
 
 # -- vllm -----------------------------------------------------------------------------
@@ -180,7 +212,7 @@ class _UsageError(Exception):
     pass
 
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_inspect, _add_compare, _add_demo, _add_vllm]
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_capture, _add_inspect, _add_compare, _add_demo, _add_vllm]
 
 
 def build_parser() -> argparse.ArgumentParser:

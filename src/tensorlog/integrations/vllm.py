@@ -207,7 +207,14 @@ class _Steps:
         if not order or any(r not in self.num_scheduled for r in order):
             order = list(self.num_scheduled)
         tokens = [int(self.num_scheduled[r]) for r in order]
-        return {"req_ids": order, "num_tokens": tokens, "total_tokens": sum(tokens)}
+        info: dict[str, Any] = {"req_ids": order, "num_tokens": tokens, "total_tokens": sum(tokens)}
+        try:  # the position of each request's first token in this step (tokens computed before it)
+            batch = self.runner.input_batch
+            index = batch.req_id_to_index
+            info["start_positions"] = [int(batch.num_computed_tokens_cpu[index[r]]) for r in order]
+        except Exception:
+            pass
+        return info
 
     def close(self) -> None:
         self.end()
@@ -278,11 +285,28 @@ def _rank_layout(vllm_config: Any) -> dict[str, int]:
     return out
 
 
+def model_dims(hf_config: Any) -> dict[str, Any]:
+    """The sizes cross-framework alignment needs (splitting fused qkv, per-rank heads)."""
+    text = getattr(hf_config, "text_config", None) or hf_config
+    heads = getattr(text, "num_attention_heads", None)
+    hidden = getattr(text, "hidden_size", None)
+    head_dim = getattr(text, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    return {
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": getattr(text, "num_key_value_heads", None) or heads,
+        "head_dim": head_dim,
+        "intermediate_size": getattr(text, "intermediate_size", None),
+        "model_type": getattr(text, "model_type", None),
+    }
+
+
 def _vllm_facts(vllm_config: Any, layout: dict[str, int]) -> dict[str, Any]:
     import vllm
 
     mc = vllm_config.model_config
     return {
+        "model_dims": model_dims(mc.hf_config),
         "framework": "vllm",
         "vllm_version": getattr(vllm, "__version__", "unknown"),
         "model_path": str(mc.model),
