@@ -451,6 +451,9 @@ def _step_pair(e1: _Entry, matches: list[tuple[int, _Entry]], name: str, step: i
             t1, how1 = _merge_ranks(p1, p2[0] if len(p2) == 1 else None, rule)
             t2, how2 = _merge_ranks(p2, t1, rule)
             state["t"] = (t1, t2)
+            for rec, how in ((r1, how1), (r2, how2)):  # say how the shards were put together
+                if how:
+                    rec.meta["mapping"] = "; ".join(filter(None, [rec.meta.get("mapping"), how]))
         return state["t"]
 
     r1 = _virtual(e1, name, _tensor_name(e1), lambda: both()[0], e1.rules, _shape_meta(e1))

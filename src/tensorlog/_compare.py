@@ -168,6 +168,7 @@ def _compare_pair(r1: TensorRecord, r2: TensorRecord, step: int, module: str, ra
             return TensorResult(**base, status="unreadable", method="none", note=str(e))
         except ValueError as e:  # alignment could not line the two up (layout, missing tokens)
             return TensorResult(**base, status="not_comparable", method="none", note=str(e))
+        base["mapping"] = _mapping_note(r1, r2)  # alignment may have said more while loading
         base["dtype1"], base["dtype2"] = str(a.dtype), str(b.dtype)
         base["shape1"], base["shape2"] = list(a.shape), list(b.shape)
         note = None if a.dtype == b.dtype else f"dtype {a.dtype} vs {b.dtype}; compared in float64"
