@@ -11,6 +11,7 @@ from ._capture import CaptureHandle, capture
 from ._compare import Comparison, compare
 from ._config import ConfigError, LogConfig, load_config
 from ._reader import Run, RunReadError, load_run
+from ._replay import ReplayResult, replay
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,8 @@ __all__ = [
     "Run",
     "RunReadError",
     "compare",
+    "replay",
+    "ReplayResult",
     "Comparison",
     "__version__",
 ]

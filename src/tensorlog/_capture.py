@@ -29,7 +29,7 @@ from torch.utils.hooks import RemovableHandle
 from . import _layout
 from ._config import ConfigLike, LogConfig, load_config
 from ._selection import Selector
-from ._tensors import TensorMeta, describe_value, flatten_inputs, flatten_outputs, stats_tensor
+from ._tensors import TensorMeta, describe_value, flatten_inputs_with_structure, flatten_outputs, stats_tensor
 from ._writer import CallRecord, TensorSnapshot, Writer, write_json
 
 __all__ = ["capture", "CaptureHandle", "RunInfo"]
@@ -287,11 +287,12 @@ class CaptureHandle:
                 self._open[name].append(call)
                 if (calls is not None and k not in calls) or self._stopped is not None:
                     return
-                entries = flatten_inputs(args, kwargs)
+                entries, structure = flatten_inputs_with_structure(args, kwargs)
                 if not self._device_selected(entries):
                     return
                 rec = CallRecord(self._step, name, type(module).__name__, k, self._next_seq())
                 rec.inputs = self._snapshot("inputs", entries, rec)
+                rec.structure = structure
                 call.record = rec
                 self._order.append(rec.dirname)
             except Exception as e:  # never break the host model

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ._align import MappingSpec, align_runs, detect_preset, load_mapping
 from ._metrics import TensorMetrics, compare_stats, compare_tensors
 from ._reader import ModuleCall, Run, RunReadError, TensorRecord, load_run
+from ._replay import ReplayResult
 
 __all__ = ["compare", "Comparison", "ModuleResult", "TensorResult", "Divergence", "SCHEMA_VERSION"]
 
@@ -93,6 +94,9 @@ class ModuleResult(_Model):
     worst_rel_diff: float | None = None
     min_cosine: float | None = None
     min_snr_db: float | None = None
+    added_error: float | None = None
+    """From a replay: the relative L2 error this module adds by itself on run 1's inputs."""
+    added_share: float | None = None
     tensors: list[TensorResult] = Field(default_factory=list)
 
 
@@ -328,6 +332,7 @@ def compare(
     modules: Iterable[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
     mapping: "str | Path | MappingSpec | None" = None,
+    replay: "ReplayResult | None" = None,
 ) -> Comparison:
     """Compare two runs and find, per step, the module where they start to differ.
 
@@ -343,6 +348,8 @@ def compare(
             (``"hf-vllm"``), a mapping file, or a spec. By default ``hf-vllm`` when one run
             is from HF transformers and the other from vLLM, and shard reassembly when
             the runs' world sizes differ.
+        replay (ReplayResult, optional): from :func:`tensorlog.replay`; adds each module's
+            own (isolated) error beside the accumulated one.
 
     Returns:
         Comparison: ``bool()`` is True when all compared pairs match;
@@ -402,6 +409,10 @@ def compare(
             divergences.append(Divergence(step=s, module=born.module, rank=born.rank, max_abs=born.worst_max_abs,
                                           max_rel=born.worst_max_rel, rel_diff=born.worst_rel_diff,
                                           tensor=worst.name if worst else None))
+        if replay is not None:
+            added = replay.added_error()
+            results = [r.model_copy(update={"added_error": added[(s, r.module)][0], "added_share": added[(s, r.module)][1]})
+                       if (s, r.module) in added else r for r in results]
         all_results.extend(sorted(results, key=lambda r: (r.rank or 0, r.position if r.verdict != "only_in_2" else 1 << 30)))
     tensors = [t for m in all_results for t in m.tensors]
     summary = Summary(

@@ -12,6 +12,7 @@ import math
 from typing import Callable
 
 from ._compare import Comparison, ModuleResult, TensorResult
+from ._replay import ReplayResult
 
 __all__ = ["render", "render_markdown", "render_json", "render_html", "FORMATS", "headline"]
 
@@ -39,7 +40,15 @@ def _f(v: float | None, digits: int = 3) -> str:
 
 
 def headline(c: Comparison) -> str:
-    """The one line a person reads first."""
+    """The one line a person reads first (plus the replay's verdict when there is one)."""
+    text = _divergence_line(c)
+    top = max((m for m in c.modules if m.added_share is not None), key=lambda m: m.added_share or 0.0, default=None)
+    if top is not None and top.added_share:
+        text += f" Replay: `{top.module}` adds {top.added_share:.0%} of the error by itself (step {top.step})."
+    return text
+
+
+def _divergence_line(c: Comparison) -> str:
     if not c.first_divergence:
         if c.summary.mismatched == 0:
             return f"All {c.summary.pairs_compared} compared tensor pairs match (rtol={c.rtol:g}, atol={c.atol:g})."
@@ -78,13 +87,20 @@ def render_markdown(c: Comparison, *, verbose: bool = False) -> str:
         out += ["Notes:", ""] + [f"- {n}" for n in c.notes] + [""]
     for step in c.steps:
         mods = [m for m in c.modules if m.step == step]
-        out += [f"## Step {step}", "", "| # | module | verdict | max abs | max rel | rel diff | cosine | SNR dB |", "|---:|---|---|---:|---:|---:|---:|---:|"]
+        replayed = any(m.added_error is not None for m in mods)
+        head = "| # | module | verdict | max abs | max rel | rel diff | cosine | SNR dB |"
+        rule = "|---:|---|---|---:|---:|---:|---:|---:|"
+        if replayed:
+            head += " added error (isolated) | share |"
+            rule += "---:|---:|"
+        out += [f"## Step {step}", "", head, rule]
         for m in mods:
             rank = f" [rank {m.rank}]" if m.rank is not None else ""
-            out.append(
-                f"| {m.position} | `{m.module}`{rank} | {_verdict(m)} | {_f(m.worst_max_abs)} | {_f(m.worst_max_rel)} | "
-                f"{_f(m.worst_rel_diff)} | {_f(m.min_cosine, 6)} | {_f(m.min_snr_db)} |"
-            )
+            row = (f"| {m.position} | `{m.module}`{rank} | {_verdict(m)} | {_f(m.worst_max_abs)} | {_f(m.worst_max_rel)} | "
+                   f"{_f(m.worst_rel_diff)} | {_f(m.min_cosine, 6)} | {_f(m.min_snr_db)} |")
+            if replayed:
+                row += f" {_f(m.added_error)} | {'' if m.added_share is None else f'{m.added_share:.0%}'} |"
+            out.append(row)
         out.append("")
         if verbose:
             out += _tensor_table(mods)
@@ -216,3 +232,16 @@ FORMATS: dict[str, Callable[..., str]] = {"md": render_markdown, "json": render_
 
 def render(c: Comparison, fmt: str = "md", *, verbose: bool = False) -> str:
     return FORMATS[fmt](c, verbose=verbose)
+
+
+def render_replay(r: ReplayResult) -> str:
+    """Markdown table of a replay: each module's own error on run A's inputs, worst first."""
+    lines = [f"# tensorlog replay of {r.run}", ""]
+    top = r.top()
+    if top is not None and top.share:
+        lines += [f"**`{top.module}` adds {top.share:.0%} of the error by itself (step {top.step}).**", ""]
+    lines += ["| step | module | added error (rel L2) | share | max abs | note |", "|---:|---|---:|---:|---:|---|"]
+    for m in sorted(r.modules, key=lambda m: (m.step, -(m.isolated_error or -1.0))):
+        share = "" if m.share is None else f"{m.share:.0%}"
+        lines.append(f"| {m.step} | `{m.module}` | {_f(m.isolated_error)} | {share} | {_f(m.isolated.max_abs) if m.isolated else ''} | {m.note or ''} |")
+    return "\n".join(lines) + "\n"

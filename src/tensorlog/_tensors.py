@@ -34,17 +34,35 @@ def _walk(value: Any, prefix: str, depth: int) -> Iterator[tuple[str, Any]]:
 
 def flatten_inputs(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> list[tuple[str, Any]]:
     """``[(key, value)]`` with keys ``"0"``, ``"1"``, ... for flattened positionals, then kwarg names."""
+    return flatten_inputs_with_structure(args, kwargs)[0]
+
+
+def flatten_inputs_with_structure(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
+    """Also return how to rebuild the call: ``{"args": [...], "kwargs": {...}}`` whose leaves are
+    entry keys and whose lists/dicts mirror the original containers (``tensorlog replay`` uses it)."""
     out: list[tuple[str, Any]] = []
-    i = 0
-    for a in args:
-        for sub, v in _walk(a, "", 1):
-            out.append((str(i), v))
-            i += 1
-    if kwargs:
-        for k, v in kwargs.items():
-            for sub, x in _walk(v, k, 1):
-                out.append((sub, x))
-    return out
+    counter = [0]
+
+    def positional(v: Any, depth: int) -> Any:
+        if depth < _MAX_DEPTH and isinstance(v, (tuple, list)) and not hasattr(v, "_fields"):
+            return [positional(x, depth + 1) for x in v]
+        if depth < _MAX_DEPTH and isinstance(v, dict):
+            return {str(k): positional(x, depth + 1) for k, x in v.items()}
+        key = str(counter[0])
+        counter[0] += 1
+        out.append((key, v))
+        return key
+
+    def keyword(v: Any, prefix: str, depth: int) -> Any:
+        if depth < _MAX_DEPTH and isinstance(v, (tuple, list)) and not hasattr(v, "_fields"):
+            return [keyword(x, f"{prefix}.{i}", depth + 1) for i, x in enumerate(v)]
+        if depth < _MAX_DEPTH and isinstance(v, dict):
+            return {str(k): keyword(x, f"{prefix}.{k}", depth + 1) for k, x in v.items()}
+        out.append((prefix, v))
+        return prefix
+
+    structure = {"args": [positional(a, 1) for a in args], "kwargs": {k: keyword(v, k, 1) for k, v in (kwargs or {}).items()}}
+    return out, structure
 
 
 def flatten_outputs(output: Any) -> list[tuple[str | None, Any]]:

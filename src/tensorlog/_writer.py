@@ -83,6 +83,7 @@ class CallRecord:
     ready: Any = None  # CUDA event guarding non-blocking copies
     nbytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    structure: dict[str, Any] | None = None  # how the inputs nest, to rebuild the call
 
     @property
     def dirname(self) -> str:
@@ -230,6 +231,8 @@ class Writer:
                 **rec.extra,
                 kind: items,
             }
+        if rec.structure is not None:
+            metas["inputs"]["structure"] = rec.structure
         self._account(sum(t.numel() * t.element_size() for _, t in payload))
         d.mkdir(parents=True, exist_ok=True)
         for path, t in payload:

@@ -12,7 +12,7 @@ import contextlib
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from rich.console import Console
 
@@ -79,6 +79,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modules", help="comma-separated regexes of module names to compare (default: all)")
     p.add_argument("--verbose", action="store_true", help="include per-tensor details")
     p.add_argument("--format", choices=["md", "json", "html"], help="report format (default: from --output's suffix, else md)")
+    p.add_argument("--replay", help="a replay JSON from `tensorlog replay --output`: adds each module's own error")
     p.add_argument("--map", dest="mapping", help="align the runs first: a preset (hf-vllm, identity) or a mapping JSON/YAML file "
                    "(default: hf-vllm when one run is HF and the other vLLM; shard reassembly when world sizes differ)")
 
@@ -102,7 +103,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise _UsageError(f"--modules: regex {pattern!r} does not compile: {e}") from None
     with _progress("comparing") as progress:
         result = compare(args.dir1, args.dir2, rtol=args.rtol, atol=args.atol, steps=_parse_steps(args.steps),
-                         modules=modules, progress=progress, mapping=getattr(args, "mapping", None))
+                         modules=modules, progress=progress, mapping=getattr(args, "mapping", None),
+                         replay=_read_replay(getattr(args, "replay", None)))
     text = render(result, fmt, verbose=args.verbose)
     if args.output:
         try:
@@ -115,6 +117,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return result.exit_code
+
+
+def _read_replay(path: str | None) -> "Any":
+    if not path:
+        return None
+    from pydantic import ValidationError
+
+    from ._replay import ReplayResult
+
+    try:
+        return ReplayResult.model_validate_json(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValidationError, ValueError) as e:
+        raise _UsageError(f"--replay: cannot read {path}: {str(e).splitlines()[0]}") from None
 
 
 def _format_from_suffix(output: str | None) -> str:
@@ -168,6 +183,39 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- replay -----------------------------------------------------------------------------
+
+
+def _add_replay(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("replay", help="re-run modules of model B on the inputs run A recorded: the error each adds by itself")
+    p.add_argument("--model", required=True, help="model B: an HF checkpoint directory (as for `tensorlog capture`)")
+    p.add_argument("--run", required=True, help="run A (tensor mode, with inputs and outputs)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--modules", help="comma-separated regexes of modules to replay (default: all recorded)")
+    p.add_argument("--steps", help="comma-separated steps (default: all)")
+    p.add_argument("--rtol", type=float, default=1e-5)
+    p.add_argument("--atol", type=float, default=1e-8)
+    p.add_argument("--output", help="write the replay as JSON (for `tensorlog compare --replay`)")
+    p.set_defaults(func=_cmd_replay)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from ._replay import replay
+    from .integrations.transformers import load_causal_lm
+
+    model = load_causal_lm(args.model, dtype=args.dtype)
+    result = replay(model, args.run, modules=_parse_list(args.modules), steps=_parse_steps(args.steps), rtol=args.rtol, atol=args.atol)
+    if args.output:
+        try:
+            Path(args.output).write_text(result.model_dump_json(indent=1), encoding="utf-8")
+        except OSError as e:
+            raise _UsageError(f"cannot write {args.output}: {e.strerror or e}") from None
+    from ._report import render_replay
+
+    _stdout().print(render_replay(result), markup=False, highlight=False)
+    return EXIT_OK
+
+
 # -- vllm -----------------------------------------------------------------------------
 
 
@@ -212,7 +260,7 @@ class _UsageError(Exception):
     pass
 
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_capture, _add_inspect, _add_compare, _add_demo, _add_vllm]
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_capture, _add_inspect, _add_compare, _add_replay, _add_demo, _add_vllm]
 
 
 def build_parser() -> argparse.ArgumentParser:
