@@ -7,7 +7,8 @@ Example:
     >>> tensorlog.load_run(run.path)
 """
 
-from ._capture import CaptureHandle, capture
+from ._capture import AnomalyError, CaptureHandle, capture
+from ._debugger import Debugger
 from ._compare import Comparison, compare
 from ._config import ConfigError, LogConfig, load_config
 from ._reader import Run, RunReadError, load_run
@@ -18,6 +19,8 @@ __version__ = "0.1.0"
 __all__ = [
     "capture",
     "CaptureHandle",
+    "Debugger",
+    "AnomalyError",
     "LogConfig",
     "load_config",
     "ConfigError",

@@ -32,7 +32,11 @@ from ._selection import Selector
 from ._tensors import TensorMeta, describe_value, flatten_inputs_with_structure, flatten_outputs, stats_tensor
 from ._writer import CallRecord, TensorSnapshot, Writer, write_json
 
-__all__ = ["capture", "CaptureHandle", "RunInfo"]
+__all__ = ["capture", "CaptureHandle", "RunInfo", "AnomalyError"]
+
+
+class AnomalyError(RuntimeError):
+    """Raised with ``stop_on_anomaly`` at the first NaN/Inf; ``run.json`` says where it was born."""
 
 
 class RunInfo:
@@ -49,6 +53,59 @@ class RunInfo:
     def file_rank(self) -> int | None:
         """The rank that goes into file names: only when several ranks share a directory."""
         return self.rank if (self.world_size or 1) > 1 else None
+
+
+def _op_table() -> dict[Any, str]:
+    F = torch.nn.functional
+    T = torch.Tensor
+    table: dict[Any, str] = {}
+    groups = {
+        "linear": [F.linear], "matmul": [torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__], "bmm": [torch.bmm, T.bmm],
+        "softmax": [F.softmax, torch.softmax, T.softmax], "log_softmax": [F.log_softmax, T.log_softmax],
+        "scaled_dot_product_attention": [F.scaled_dot_product_attention], "embedding": [F.embedding],
+        "layer_norm": [F.layer_norm], "rms_norm": [getattr(F, "rms_norm", None)], "group_norm": [F.group_norm],
+        "silu": [F.silu], "gelu": [F.gelu], "relu": [F.relu, torch.relu, T.relu], "tanh": [torch.tanh, T.tanh, F.tanh],
+        "sigmoid": [torch.sigmoid, T.sigmoid, F.sigmoid], "rsqrt": [torch.rsqrt, T.rsqrt],
+        "add": [torch.add, T.add, T.__add__, T.__radd__, T.__iadd__], "sub": [torch.sub, T.sub, T.__sub__, T.__rsub__],
+        "mul": [torch.mul, T.mul, T.__mul__, T.__rmul__, T.__imul__], "div": [torch.div, T.div, T.__truediv__, T.__rtruediv__],
+        "pow": [torch.pow, T.pow, T.__pow__],
+    }
+    for name, funcs in groups.items():
+        for f in funcs:
+            if f is not None:
+                table[f] = name
+    return table
+
+
+_OPS: dict[Any, str] | None = None
+
+
+class _OpMode(torch.overrides.TorchFunctionMode):
+    """Routes selected torch operations (and custom ``torch.ops``) called inside the model to the capture."""
+
+    def __init__(self, handle: "CaptureHandle") -> None:
+        super().__init__()
+        self.handle = handle
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        h = self.handle
+        if h._busy or not h._module_stack:
+            return func(*args, **kwargs)
+        global _OPS
+        if _OPS is None:
+            _OPS = _op_table()
+        try:
+            name = _OPS.get(func)
+        except TypeError:  # unhashable callables
+            name = None
+        if name is None and isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            ns = getattr(func, "namespace", None) or str(func).split(".")[0]
+            if ns not in ("aten", "prim", "prims"):
+                name = str(func).replace("::", ".").replace(".default", "")
+        if name is None:
+            return func(*args, **kwargs)
+        return h._run_op(func, name, args, kwargs)
 
 
 class _Call:
@@ -91,6 +148,18 @@ class CaptureHandle:
         self._steps_written: list[int] = []
         self._step_info: dict[int, dict[str, Any]] = {}
         self._in_step = False
+        self._paused = False
+        self._busy = False
+        self._op_mode: _OpMode | None = None
+        self._module_stack: list[str] = []
+        self._op_calls: dict[str, Any] = {}
+        self._anomaly: dict[str, Any] | None = None
+        self._stacks: dict[tuple[str, str, int], list[str]] = {}
+        self._directions = config.directions
+        self._backward = "backward" in config.passes
+        self._root_calls = 0
+        self._all_modules: dict[str, weakref.ref[torch.nn.Module]] = {}
+        self._hierarchy: dict[str, Any] = {}
         self._finished = False
         self._stopped: str | None = None
         self._writer: Writer | None = None
@@ -112,6 +181,9 @@ class CaptureHandle:
         table = self._selector.select_modules(names)
         modules = dict(model.named_modules())
         self._targets = {n: (weakref.ref(modules[n]), calls) for n, calls in table.items()}
+        self._all_modules = {n: weakref.ref(m) for n, m in modules.items()}
+        self._hierarchy = {n or "": {"class": type(m).__name__, "children": [f"{n}.{c}" if n else c for c, _ in m.named_children()]}
+                           for n, m in modules.items()}
         self._write_manifest(complete=False)
         if auto_step:
             self._handles.append(model.register_forward_pre_hook(self._root_pre))
@@ -165,6 +237,18 @@ class CaptureHandle:
         ``info`` (json-safe) is recorded for the step in ``run.json``.
         """
         self._close_step(info, detach=True)
+
+    def pause(self) -> None:
+        """Stop logging until :meth:`resume`; hooks stay registered and return at once."""
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+
+    @property
+    def anomaly(self) -> dict[str, Any] | None:
+        """The first NaN/Inf found (with ``detect_anomaly``): step, module, whether it was born there."""
+        return self._anomaly
 
     def annotate_step(self, info: dict[str, Any]) -> None:
         """Record json-safe facts about the current step (request ids, positions) in ``run.json``."""
@@ -221,14 +305,20 @@ class CaptureHandle:
     # -- steps -----------------------------------------------------------------------
 
     def _root_pre(self, module: torch.nn.Module, args: Any) -> None:
+        if self._root_depth == 0 and self._backward and self._root_calls:
+            self.step()  # with gradients logged, a step ends when the next forward starts
         self._root_depth += 1
 
     def _root_post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         self._root_depth -= 1
         if self._root_depth == 0:
-            self.step()
+            self._root_calls += 1
+            if not self._backward:
+                self.step()
 
     def _begin_step(self) -> None:
+        self._root_calls = 0
+        self._module_stack = []
         self._seq = 0
         self._call_counts: dict[str, int] = defaultdict(int)
         self._order: list[str] = []
@@ -250,7 +340,14 @@ class CaptureHandle:
             # Keep run.json current (steps written, per-step info) so a run killed later still says what it holds.
             done = last is not None and self._step > last
             self._writer.submit(lambda: self._write_manifest(complete=done))
+            if self.config.stack:
+                self._writer.submit(self._write_stacks)
             self._finished = done
+
+    def _write_stacks(self) -> None:
+        if self._stacks:
+            entries = [{"module": n, "call_site": f"{f}:{line}", "stack": st} for (n, f, line), st in list(self._stacks.items())]
+            write_json(self.path / f"stack{_layout.rank_infix(self._info.file_rank)}.json", entries)
 
     def _write_calls_file(self, step: int, order: list[str]) -> None:
         d = self.path / _layout.step_dir(step)
@@ -266,42 +363,85 @@ class CaptureHandle:
     def _attach_modules(self) -> None:
         if self._module_handles:
             return
+        cfg = self.config
+        log_modules = cfg.level in ("module", "mix")
+        backward = "backward" in cfg.passes
+        forward = "forward" in cfg.passes
+        if cfg.level in ("op", "mix"):
+            for name, ref in self._all_modules.items():
+                module = ref()
+                if module is not None:
+                    self._module_handles.append(module.register_forward_pre_hook(self._make_enter(name)))
+                    self._module_handles.append(module.register_forward_hook(self._make_leave(name), always_call=True))
+        if not log_modules:
+            return
         for name, (ref, calls) in self._targets.items():
             module = ref()
             if module is None:
                 continue
-            self._module_handles.append(module.register_forward_pre_hook(self._make_pre(name, calls), with_kwargs=True))
-            self._module_handles.append(module.register_forward_hook(self._make_post(name), with_kwargs=True))
+            if forward:
+                self._module_handles.append(module.register_forward_pre_hook(self._make_pre(name, calls), with_kwargs=True))
+                self._module_handles.append(module.register_forward_hook(self._make_post(name), with_kwargs=True))
+            if backward:
+                self._module_handles.append(module.register_full_backward_hook(self._make_backward(name, calls)))
 
     def _detach_modules(self) -> None:
         for h in self._module_handles:
             h.remove()
         self._module_handles = []
+        if self._op_mode is not None:  # a forward that raised left the mode on the stack
+            self._leave_op_mode()
+
+    # Hooks and the op mode run inside someone else's model: they return nothing (so they cannot
+    # change what it computes) and contain every error (logging stops, the model goes on).
+
+    def _begin_call(self, name: str, cls: str, k: int, entries: list[tuple[Any, Any]], structure: dict[str, Any] | None) -> CallRecord | None:
+        if not self._device_selected(entries):
+            return None
+        rec = CallRecord(self._step, name, cls, k, self._next_seq())
+        if "input" in self._directions:
+            rec.inputs = self._snapshot("inputs", entries, rec)
+            rec.structure = structure
+        if self.config.stack:
+            self._record_stack(rec.module)
+        self._order.append(rec.dirname)
+        return rec
+
+    def _end_call(self, rec: CallRecord, output: Any) -> None:
+        rec.seq_end = self._next_seq()
+        outputs = flatten_outputs(output)
+        if "output" in self._directions:
+            rec.outputs = self._snapshot("outputs", outputs, rec)
+        if rec.on_cuda:  # the copies were non-blocking: the writer waits on this
+            rec.ready = torch.cuda.Event()
+            rec.ready.record()
+        assert self._writer is not None
+        self._writer.submit_call(rec)
+        if self.config.detect_anomaly and self._anomaly is None:
+            self._check_anomaly(rec, outputs)
 
     def _make_pre(self, name: str, calls: frozenset[int] | None) -> Callable[..., None]:
         def pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self._busy = True
             try:
                 k = self._call_counts[name]
                 self._call_counts[name] = k + 1
                 call = _Call(None)
                 self._open[name].append(call)
-                if (calls is not None and k not in calls) or self._stopped is not None:
+                if (calls is not None and k not in calls) or self._stopped is not None or self._paused:
                     return
                 entries, structure = flatten_inputs_with_structure(args, kwargs)
-                if not self._device_selected(entries):
-                    return
-                rec = CallRecord(self._step, name, type(module).__name__, k, self._next_seq())
-                rec.inputs = self._snapshot("inputs", entries, rec)
-                rec.structure = structure
-                call.record = rec
-                self._order.append(rec.dirname)
+                call.record = self._begin_call(name, type(module).__name__, k, entries, structure)
             except Exception as e:  # never break the host model
                 self._fault(f"hook on {name!r} raised {type(e).__name__}: {e}")
+            finally:
+                self._busy = False
 
         return pre_hook
 
     def _make_post(self, name: str) -> Callable[..., None]:
         def post_hook(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            self._busy = True
             try:
                 stack = self._open.get(name)
                 if not stack:
@@ -309,17 +449,134 @@ class CaptureHandle:
                 rec = stack.pop().record
                 if rec is None or self._stopped is not None:
                     return
-                rec.seq_end = self._next_seq()
-                rec.outputs = self._snapshot("outputs", flatten_outputs(output), rec)
-                if rec.on_cuda:  # the copies were non-blocking: the writer waits on this
-                    rec.ready = torch.cuda.Event()
-                    rec.ready.record()
-                assert self._writer is not None
-                self._writer.submit_call(rec)
+                self._end_call(rec, output)
+            except AnomalyError:
+                raise
             except Exception as e:
                 self._fault(f"hook on {name!r} raised {type(e).__name__}: {e}")
+            finally:
+                self._busy = False
 
         return post_hook
+
+    def _make_backward(self, name: str, calls: frozenset[int] | None) -> Callable[..., None]:
+        """Gradients: inputs = the gradient flowing in (w.r.t. outputs), outputs = w.r.t. inputs."""
+        bname = f"{name}.backward"
+
+        def backward_hook(module: torch.nn.Module, grad_input: Any, grad_output: Any) -> None:
+            self._busy = True
+            try:
+                k = self._call_counts[bname]
+                self._call_counts[bname] = k + 1
+                if (calls is not None and k not in calls) or self._stopped is not None or self._paused:
+                    return
+                rec = self._begin_call(bname, type(module).__name__, k, flatten_outputs(tuple(grad_output)), None)
+                if rec is not None:
+                    self._end_call(rec, tuple(grad_input))
+            except AnomalyError:
+                raise
+            except Exception as e:
+                self._fault(f"backward hook on {name!r} raised {type(e).__name__}: {e}")
+            finally:
+                self._busy = False
+
+        return backward_hook
+
+    # -- op level --------------------------------------------------------------------
+
+    def _make_enter(self, name: str) -> Callable[..., None]:
+        def enter(module: torch.nn.Module, args: Any) -> None:
+            if not self._module_stack and self._op_mode is None and not self._paused and self._stopped is None:
+                self._op_mode = _OpMode(self)
+                self._op_mode.__enter__()
+            self._module_stack.append(name)
+
+        return enter
+
+    def _make_leave(self, name: str) -> Callable[..., None]:
+        def leave(module: torch.nn.Module, args: Any, output: Any) -> None:
+            if self._module_stack:
+                self._module_stack.pop()
+            if not self._module_stack and self._op_mode is not None:
+                self._leave_op_mode()
+
+        return leave
+
+    def _leave_op_mode(self) -> None:
+        mode, self._op_mode = self._op_mode, None
+        try:
+            mode.__exit__(None, None, None)  # type: ignore[union-attr]
+        except Exception:  # the model left its own mode on top of ours; torch pops both
+            pass
+
+    def _run_op(self, func: Callable[..., Any], op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        base = f"{self._module_stack[-1]}.{op}"
+        rec = None
+        self._busy = True
+        try:
+            k = self._call_counts[base]
+            self._call_counts[base] = k + 1
+            calls = self._op_calls.get(base, 0)
+            if calls == 0:
+                calls = self._op_calls[base] = self._selector.calls_for(base)
+            if calls is not False and (calls is None or k in calls) and not self._paused and self._stopped is None:
+                entries, structure = flatten_inputs_with_structure(args, kwargs)
+                rec = self._begin_call(f"{base}_{k}", op, 0, entries, structure)
+        except Exception as e:
+            self._fault(f"op hook on {base!r} raised {type(e).__name__}: {e}")
+            rec = None
+        finally:
+            self._busy = False
+        out = func(*args, **kwargs)
+        if rec is not None:
+            self._busy = True
+            try:
+                self._end_call(rec, out)
+            except AnomalyError:
+                raise
+            except Exception as e:
+                self._fault(f"op hook on {base!r} raised {type(e).__name__}: {e}")
+            finally:
+                self._busy = False
+        return out
+
+    # -- anomalies and stacks ------------------------------------------------------------
+
+    def _check_anomaly(self, rec: CallRecord, outputs: list[tuple[Any, Any]]) -> None:
+        """One fused finiteness check per call; the first call whose outputs go bad is recorded."""
+        outs = [(k, v) for k, v in outputs if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        if not outs:
+            return
+        flags = torch.stack([~torch.isfinite(v.detach()).all() for _, v in outs])
+        if not bool(flags.any()):
+            return
+        bad_out = [k for (k, _), f in zip(outs, flags.tolist()) if f]
+        bad_in = [s.key for _, s in rec.inputs if isinstance(s, TensorSnapshot) and s.meta.get("nonfinite")]
+        self._anomaly = {
+            "step": rec.step, "module": rec.dirname, "born_here": not bad_in,
+            "nonfinite_outputs": [str(k) for k in bad_out], "nonfinite_inputs": [str(k) for k in bad_in],
+        }
+        where = "born in" if not bad_in else "first seen in (its inputs were already bad)"
+        warnings.warn(f"tensorlog: NaN/Inf {where} {rec.dirname!r} at step {rec.step} (outputs {bad_out})", RuntimeWarning, stacklevel=2)
+        if self._writer is not None:
+            self._writer.submit(lambda: self._write_manifest(complete=False))
+        if self.config.stop_on_anomaly:
+            raise AnomalyError(f"NaN/Inf {where} {rec.dirname!r} at step {rec.step}")
+
+    def _record_stack(self, name: str) -> None:
+        import sys
+        import traceback
+
+        frame = sys._getframe(3)
+        while frame is not None and (frame.f_code.co_filename.endswith(("torch/nn/modules/module.py", "tensorlog/_capture.py"))
+                                     or "torch/overrides" in frame.f_code.co_filename):
+            frame = frame.f_back
+        if frame is None:
+            return
+        site = (name, frame.f_code.co_filename, frame.f_lineno)
+        if site in self._stacks:
+            return
+        self._stacks[site] = [f"{f.filename}:{f.lineno}:{f.name}" for f in traceback.extract_stack(frame, limit=40)]
 
     def _next_seq(self) -> int:
         s = self._seq
@@ -344,7 +601,11 @@ class CaptureHandle:
             t = v.detach()
             rec.on_cuda = rec.on_cuda or t.device.type == "cuda"
             meta = TensorMeta.of(t).__dict__.copy()
+            if isinstance(v, torch.nn.Parameter):
+                meta["parameter"] = True  # a weight passed to an op: a difference here is born here
             snap = TensorSnapshot(key, meta)
+            if cfg.detect_anomaly and kind == "inputs" and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                meta["nonfinite"] = True
             small = t.numel() <= cfg.small_tensor_values
             too_big = cfg.max_tensor_size is not None and t.numel() > cfg.max_tensor_size
             if not self._selector.device(t.device):
@@ -426,6 +687,8 @@ class CaptureHandle:
             "steps": {str(k): v for k, v in sorted(self._step_info.items())},
             "bytes_written": w.bytes_written if w else 0,
             "dropped": w.dropped if w else [],
+            "anomaly": self._anomaly,
+            "modules": self._hierarchy,
             "complete": complete,
             "incomplete_reason": None if complete else (self._stopped or "run still in progress or process died"),
         }

@@ -262,7 +262,8 @@ def _module_result(c1: ModuleCall | None, c2: ModuleCall | None, step: int, rtol
     if errors:
         tensors.append(TensorResult(step=step, module=c1.dirname, rank=c1.rank, name="<metadata>", kind="meta",
                                     status="unreadable", method="none", note="; ".join(errors)))
-    inputs_ok = _group_verdict([t for t in tensors if t.kind == "inputs"])
+    params = {t.name for c in (c1, c2) for t in c.inputs if t.meta.get("parameter")}
+    inputs_ok = _group_verdict([t for t in tensors if t.kind == "inputs" and t.name not in params])
     outputs_ok = _group_verdict([t for t in tensors if t.kind == "outputs"])
     if errors and outputs_ok is None:
         verdict: ModuleVerdict = "unreadable"

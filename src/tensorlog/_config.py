@@ -69,6 +69,34 @@ class LogConfig(BaseModel):
     """Stop logging cleanly (and mark the run incomplete) once this many bytes are written."""
     ranks: list[int] = Field(default_factory=list)
     """Global ranks that log; ``[]`` means all."""
+    level: Literal["module", "op", "mix"] = "module"
+    """``op`` logs torch operations (named ``<enclosing module>.<op>_<k>``); ``mix`` modules and ops."""
+    data_mode: list[Literal["all", "forward", "backward", "input", "output"]] = Field(default_factory=lambda: ["all"])
+    """Which tensors: ``input``/``output`` restrict directions; ``backward`` adds gradients (opt-in: full
+    backward hooks interfere with in-place ops when a model runs with grad enabled)."""
+    stack: bool = False
+    """Record, once per unique call site, the Python stack of each logged call in ``stack.json``."""
+    detect_anomaly: bool = False
+    """Check every hooked tensor for NaN/Inf; the first module whose outputs go bad is recorded in run.json."""
+    stop_on_anomaly: bool = False
+    """With ``detect_anomaly``: raise :class:`tensorlog.AnomalyError` at the first hit."""
+
+    @field_validator("data_mode", mode="before")
+    @classmethod
+    def _one_mode_is_a_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @property
+    def passes(self) -> frozenset[str]:
+        """``forward`` and/or ``backward``."""
+        given = {m for m in self.data_mode if m in ("forward", "backward")}
+        return frozenset(given or {"forward"}) | (frozenset({"forward"}) if "all" in self.data_mode else frozenset())
+
+    @property
+    def directions(self) -> frozenset[str]:
+        """``input`` and/or ``output``."""
+        given = {m for m in self.data_mode if m in ("input", "output")}
+        return frozenset(given) if given and "all" not in self.data_mode else frozenset({"input", "output"})
 
     @field_validator("module_call_match", mode="before")
     @classmethod

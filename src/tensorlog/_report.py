@@ -52,6 +52,10 @@ def _divergence_line(c: Comparison) -> str:
     if not c.first_divergence:
         if c.summary.mismatched == 0:
             return f"All {c.summary.pairs_compared} compared tensor pairs match (rtol={c.rtol:g}, atol={c.atol:g})."
+        first = min((m for m in c.modules if m.verdict == "inherited"), key=lambda m: (m.step, m.position), default=None)
+        if first is not None:
+            return (f"No logged module is where the difference is born: the inputs of `{first.module}` (step {first.step}), "
+                    "the first logged module to see it, already differ.")
         return "Tensors differ, but no module has matching inputs and differing outputs (see the table)."
     parts = []
     for d in c.first_divergence:
