@@ -265,3 +265,23 @@ def test_same_run_name_twice_is_refused(out_dir):
         model(torch.randn(1, 2))
     with pytest.raises(tensorlog.ConfigError, match="already holds a run"):
         tensorlog.capture(model, cfg)
+
+
+class AddOneInPlace(nn.Module):
+    def forward(self, x):
+        return x.add_(1)
+
+
+def test_shared_snapshots_never_hide_an_in_place_change(out_dir):
+    model = nn.Sequential(nn.Linear(3, 3), AddOneInPlace(), nn.Identity())
+    x = torch.randn(2, 3)
+    with torch.no_grad(), tensorlog.capture(model, {"output_dir": str(out_dir)}) as run:
+        y = model(x)
+    d = run.path / "step_0"
+    lin_out = torch.load(d / "0" / "outputs_cpu.pt")
+    assert torch.equal(torch.load(d / "1" / "inputs_0_cpu.pt"), lin_out)  # before the in-place add
+    assert torch.equal(torch.load(d / "1" / "outputs_cpu.pt"), lin_out + 1)
+    assert torch.equal(torch.load(d / "2" / "inputs_0_cpu.pt"), y)
+    # the unchanged tensor was copied once and written once, the second name is a hard link
+    assert (d / "1" / "inputs_0_cpu.pt").stat().st_ino == (d / "0" / "outputs_cpu.pt").stat().st_ino
+    assert (d / "1" / "outputs_cpu.pt").stat().st_ino != (d / "0" / "outputs_cpu.pt").stat().st_ino

@@ -160,6 +160,7 @@ class CaptureHandle:
         self._root_calls = 0
         self._all_modules: dict[str, weakref.ref[torch.nn.Module]] = {}
         self._hierarchy: dict[str, Any] = {}
+        self._streams: dict[int | None, Any] = {}
         self._finished = False
         self._stopped: str | None = None
         self._writer: Writer | None = None
@@ -185,6 +186,7 @@ class CaptureHandle:
         self._hierarchy = {n or "": {"class": type(m).__name__, "children": [f"{n}.{c}" if n else c for c, _ in m.named_children()]}
                            for n, m in modules.items()}
         self._write_manifest(complete=False)
+        _EXIT.add(self)
         if auto_step:
             self._handles.append(model.register_forward_pre_hook(self._root_pre))
             self._handles.append(model.register_forward_hook(self._root_post, always_call=True))
@@ -278,6 +280,7 @@ class CaptureHandle:
             if self._removed:
                 return
             self._removed = True
+            _EXIT.discard(self)
             for h in self._handles:
                 h.remove()
             self._detach_modules()
@@ -317,6 +320,7 @@ class CaptureHandle:
                 self.step()
 
     def _begin_step(self) -> None:
+        self._seen: dict[int, tuple[Any, int, TensorSnapshot]] = {}
         self._root_calls = 0
         self._module_stack = []
         self._seq = 0
@@ -414,7 +418,7 @@ class CaptureHandle:
             rec.outputs = self._snapshot("outputs", outputs, rec)
         if rec.on_cuda:  # the copies were non-blocking: the writer waits on this
             rec.ready = torch.cuda.Event()
-            rec.ready.record()
+            rec.ready.record(self._streams.get(rec.cuda_device))
         assert self._writer is not None
         self._writer.submit_call(rec)
         if self.config.detect_anomaly and self._anomaly is None:
@@ -599,7 +603,8 @@ class CaptureHandle:
                 out.append((key, describe_value(v)))
                 continue
             t = v.detach()
-            rec.on_cuda = rec.on_cuda or t.device.type == "cuda"
+            if t.device.type == "cuda":
+                rec.on_cuda, rec.cuda_device = True, t.device.index
             meta = TensorMeta.of(t).__dict__.copy()
             if isinstance(v, torch.nn.Parameter):
                 meta["parameter"] = True  # a weight passed to an op: a difference here is born here
@@ -612,22 +617,59 @@ class CaptureHandle:
                 snap.skipped = "device_names"
             elif too_big:
                 snap.skipped = "max_tensor_size"
+            prev = self._seen_tensor(v)
+            if prev is not None and snap.skipped is None:
+                # The same tensor, unchanged, was snapshotted earlier in this step (a module's input is
+                # usually the previous module's output): share its copy and statistics.
+                snap.host, snap.stats, snap.write_file = prev.host, prev.stats, prev.write_file
+                snap.want_values, snap.want_checksum = prev.want_values, prev.want_checksum
+                if snap.stats is None and not snap.write_file:
+                    need_stats.append((snap, t))
+                out.append((key, snap))
+                continue
             if snap.skipped is None and (cfg.mode != "statistics" or small):
-                snap.host = _host_copy(t)
+                snap.host = _host_copy(t, self._copy_stream(t.device))
                 snap.write_file = cfg.mode == "tensor"
                 snap.want_values = small
                 snap.want_checksum = cfg.mode == "md5"
                 rec.nbytes += t.numel() * t.element_size()
             if not snap.write_file:
                 need_stats.append((snap, t))
+            if snap.skipped is None:
+                self._remember_tensor(v, snap)
             out.append((key, snap))
         if need_stats:
             stats = stats_tensor([t for _, t in need_stats])
             assert stats is not None
-            host = _host_copy(stats)
+            host = _host_copy(stats, self._copy_stream(stats.device))
             for i, (snap, _) in enumerate(need_stats):
                 snap.stats = host[i]
         return out
+
+    def _copy_stream(self, device: torch.device) -> Any:
+        if device.type != "cuda":
+            return None
+        stream = self._streams.get(device.index)
+        if stream is None:
+            stream = self._streams[device.index] = torch.cuda.Stream(device)
+        return stream
+
+    def _seen_tensor(self, t: torch.Tensor) -> TensorSnapshot | None:
+        entry = self._seen.get(id(t))
+        if entry is None:
+            return None
+        ref, version, snap = entry
+        if ref() is not t or t.is_inference() or t._version != version:
+            return None
+        return snap
+
+    def _remember_tensor(self, t: torch.Tensor, snap: TensorSnapshot) -> None:
+        if t.is_inference():  # no version counter: an in-place change would go unnoticed
+            return
+        try:
+            self._seen[id(t)] = (weakref.ref(t), t._version, snap)
+        except TypeError:
+            pass
 
     # -- faults and manifest -----------------------------------------------------------
 
@@ -648,23 +690,28 @@ class CaptureHandle:
             pass
 
     def _prepare_run_dir(self) -> None:
-        manifest = self.path / _layout.run_file(self._info.file_rank)
-        if manifest.exists():
-            from ._config import ConfigError
+        """Claim the run directory: the manifest is created exclusively, so two processes given the
+        same run name cannot both write into it (the second is refused, or with
+        ``unique_run_name`` gets ``<name>-1``, ``<name>-2``, ...)."""
+        from ._config import ConfigError
 
-            raise ConfigError(
-                f"run directory {self.path} already holds a run; choose another run_name (or omit it for a fresh uuid)"
-            )
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            from ._config import ConfigError
-
-            raise ConfigError(f"cannot create output directory {self.path}: {e.strerror or e}") from None
-        if not os.access(self.path, os.W_OK):
-            from ._config import ConfigError
-
-            raise ConfigError(f"output directory {self.path} is not writable")
+        base, n = self.path, 0
+        while True:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path / _layout.run_file(self._info.file_rank), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.close(fd)
+                return
+            except FileExistsError:
+                if not self.config.unique_run_name:
+                    raise ConfigError(
+                        f"run directory {self.path} already holds a run; choose another run_name, omit it for a fresh "
+                        "uuid, or set unique_run_name to get a numbered one"
+                    ) from None
+                n += 1
+                self.path = base.with_name(f"{base.name}-{n}")
+            except OSError as e:
+                raise ConfigError(f"cannot create output directory {self.path}: {e.strerror or e}") from None
 
     def _write_manifest(self, *, complete: bool) -> None:
         from . import __version__
@@ -695,11 +742,79 @@ class CaptureHandle:
         write_json(self.path / _layout.run_file(self._info.file_rank), manifest)
 
 
-def _host_copy(t: torch.Tensor) -> torch.Tensor:
-    """A private, contiguous host copy; asynchronous (pinned) for CUDA tensors."""
+class _ExitFlush:
+    """Flushes live captures at interpreter exit, and turns SIGTERM into a clean exit while any is live.
+
+    The SIGTERM handler is installed only where SIGTERM has its default action
+    (the process would die without running ``atexit``), and restored when the
+    last capture is removed.
+    """
+
+    def __init__(self) -> None:
+        self.live: weakref.WeakSet[CaptureHandle] = weakref.WeakSet()
+        self._registered = False
+        self._installed = False
+
+    def add(self, handle: "CaptureHandle") -> None:
+        import atexit
+        import signal
+
+        self.live.add(handle)
+        if not self._registered:
+            atexit.register(self.flush_all)
+            self._registered = True
+        if not self._installed and threading.current_thread() is threading.main_thread():
+            try:
+                if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+                    signal.signal(signal.SIGTERM, _sigterm_exit)
+                    self._installed = True
+            except (ValueError, OSError):
+                pass
+
+    def discard(self, handle: "CaptureHandle") -> None:
+        import signal
+
+        self.live.discard(handle)
+        if not self.live and self._installed and threading.current_thread() is threading.main_thread():
+            try:
+                if signal.getsignal(signal.SIGTERM) is _sigterm_exit:
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            except (ValueError, OSError):
+                pass
+            self._installed = False
+
+    def flush_all(self) -> None:
+        for handle in list(self.live):
+            try:
+                handle.remove()
+            except Exception:
+                pass
+
+
+def _sigterm_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+_EXIT = _ExitFlush()
+
+
+def _host_copy(t: torch.Tensor, stream: Any = None) -> torch.Tensor:
+    """A private, contiguous host copy.
+
+    CUDA tensors are copied without blocking into pinned memory on a side
+    stream that first waits for the work that produced them; ``record_stream``
+    keeps the allocator from reusing their memory before the copy is done.
+    Whoever reads the copy waits on an event recorded on that stream.
+    """
     if t.device.type == "cuda":
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        host.copy_(t, non_blocking=True)
+        if stream is None:
+            host.copy_(t, non_blocking=True)
+            return host
+        stream.wait_stream(torch.cuda.current_stream(t.device))
+        with torch.cuda.stream(stream):
+            host.copy_(t, non_blocking=True)
+        t.record_stream(stream)
         return host
     return t.to("cpu").clone(memory_format=torch.contiguous_format)
 

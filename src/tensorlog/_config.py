@@ -57,6 +57,8 @@ class LogConfig(BaseModel):
     max_tensor_size: int | None = Field(default=None, ge=0)
     device_names: list[str] = Field(default_factory=list)
     run_name: str = Field(default_factory=lambda: str(uuid.uuid4()))
+    unique_run_name: bool = False
+    """When ``run_name`` is taken, use ``<run_name>-1``, ``-2``, ... instead of refusing."""
     small_tensor_values: int = Field(default=16, ge=0)
     """Tensors with at most this many elements also get their values in the json."""
     mode: Literal["tensor", "statistics", "md5"] = "tensor"

@@ -88,13 +88,7 @@ class TensorRecord:
 def load_tensor_file(path: Path) -> torch.Tensor:
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                keys = list(f.keys())
-                if len(keys) != 1:
-                    raise RunReadError(f"{path}: expected one tensor, found {len(keys)}")
-                return f.get_tensor(keys[0])
+            return _mmap_safetensors(path)
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RunReadError:
         raise
@@ -103,6 +97,55 @@ def load_tensor_file(path: Path) -> torch.Tensor:
     if not isinstance(obj, torch.Tensor):
         raise RunReadError(f"{path}: holds a {type(obj).__name__}, not a tensor")
     return obj
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None)}
+
+
+def _mmap_safetensors(path: Path) -> torch.Tensor:
+    """The single tensor of a safetensors file, memory-mapped (no copy until it is used)."""
+    import mmap
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise RunReadError(f"cannot read tensor file {path}: truncated header")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or n > 100_000_000:
+            raise RunReadError(f"cannot read tensor file {path}: bad header length {n}")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise RunReadError(f"cannot read tensor file {path}: corrupt header") from None
+        entries = {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else {}
+        if len(entries) != 1:
+            raise RunReadError(f"{path}: expected one tensor, found {len(entries)}")
+        (info,) = entries.values()
+        try:
+            dtype = _ST_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            start, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise RunReadError(f"cannot read tensor file {path}: corrupt header") from None
+        if dtype is None:
+            raise RunReadError(f"{path}: dtype {info.get('dtype')} is not supported by this torch")
+        size = path.stat().st_size
+        if 8 + n + end > size or start > end:
+            raise RunReadError(f"cannot read tensor file {path}: truncated data")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel == 0:
+            return torch.empty(shape, dtype=dtype)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    import warnings as _w
+
+    with _w.catch_warnings():
+        _w.simplefilter("ignore")  # frombuffer warns that the buffer is read-only; we never write to it
+        t = torch.frombuffer(mm, dtype=dtype, count=numel, offset=8 + n + start)
+    return t.view(shape)
 
 
 def _first_line(e: BaseException) -> str:

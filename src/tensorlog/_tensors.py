@@ -124,7 +124,9 @@ def stats_tensor(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     """All statistics of all ``tensors`` stacked into one ``[n, 8]`` float64 tensor.
 
     Computed on the tensors' device so that a caller pays one device-to-host
-    copy per hook call, not one per statistic.
+    copy per hook call, not one per statistic. Four passes over the data
+    (aminmax, mean, std, norm); ``abs_max`` is derived from min and max, and on
+    the CPU the NaN/Inf counts are only counted when the mean is not finite.
     """
     rows = []
     for t in tensors:
@@ -134,23 +136,15 @@ def stats_tensor(tensors: list[torch.Tensor]) -> torch.Tensor | None:
             continue
         x = x.reshape(-1)
         mn, mx = torch.aminmax(x)
+        mean = x.mean()
         std = x.std() if x.numel() > 1 else torch.zeros((), dtype=x.dtype, device=x.device)
-        nan = torch.isnan(x).sum()
-        inf = torch.isinf(x).sum()
-        rows.append(
-            torch.stack(
-                [
-                    mn.double(),
-                    mx.double(),
-                    x.mean().double(),
-                    std.double(),
-                    x.abs().amax().double(),
-                    torch.linalg.vector_norm(x).double(),
-                    nan.double(),
-                    inf.double(),
-                ]
-            )
-        )
+        norm = torch.linalg.vector_norm(x)
+        if x.device.type == "cpu" and math.isfinite(float(mean)):
+            nan = inf = torch.zeros((), dtype=torch.float64)
+        else:
+            nan, inf = torch.isnan(x).sum(), torch.isinf(x).sum()
+        rows.append(torch.stack([mn.double(), mx.double(), mean.double(), std.double(),
+                                 torch.maximum(mn.abs(), mx.abs()).double(), norm.double(), nan.double(), inf.double()]))
     if not rows:
         return None
     return torch.stack(rows)

@@ -17,6 +17,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,7 @@ class CallRecord:
     inputs: list[tuple[str, Any]] = field(default_factory=list)  # (key, TensorSnapshot | description)
     outputs: list[tuple[str | None, Any]] = field(default_factory=list)
     on_cuda: bool = False
+    cuda_device: int | None = None
     ready: Any = None  # CUDA event guarding non-blocking copies
     nbytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -114,6 +116,7 @@ class Writer:
         self.bytes_written = 0
         self.files_written = 0
         self.dropped: list[dict[str, Any]] = []
+        self._linked: dict[int, tuple[Any, Path]] = {}
         self._queue: deque[tuple[Callable[[], None], int]] = deque()
         self._pending = 0
         self._cv = threading.Condition()
@@ -233,7 +236,7 @@ class Writer:
             }
         if rec.structure is not None:
             metas["inputs"]["structure"] = rec.structure
-        self._account(sum(t.numel() * t.element_size() for _, t in payload))
+        self._account(sum(t.numel() * t.element_size() for _, t in payload if not self._is_linked(t)))
         d.mkdir(parents=True, exist_ok=True)
         for path, t in payload:
             self._save_tensor(path, t)
@@ -267,7 +270,30 @@ class Writer:
             payload.append((d / name, host))
         return entry
 
+    def _is_linked(self, t: torch.Tensor) -> bool:
+        prev = self._linked.get(id(t))
+        return prev is not None and prev[0]() is t
+
     def _save_tensor(self, path: Path, t: torch.Tensor) -> None:
+        prev = self._linked.get(id(t))
+        if prev is not None and prev[0]() is t:
+            try:  # the same snapshot under another name (an input that is the previous output)
+                tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+                os.link(prev[1], tmp)
+                os.replace(tmp, path)
+                self.files_written += 1
+                return
+            except OSError:
+                pass
+        self._write_tensor(path, t)
+        if len(self._linked) > 4096:
+            self._linked = {k: v for k, v in self._linked.items() if v[0]() is not None}
+        try:
+            self._linked[id(t)] = (weakref.ref(t), path)
+        except TypeError:
+            pass
+
+    def _write_tensor(self, path: Path, t: torch.Tensor) -> None:
         if self.fmt == "safetensors":
             from safetensors.torch import save
 
