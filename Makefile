@@ -23,6 +23,17 @@ $(VENV)/.vllm: $(VENV)/.base
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
+# Peer tools (msProbe, TorchLens) in a venv of their own: their dependencies (pandas, tensorboard, ...) stay
+# out of the vLLM test venv. The msProbe-reader tests make real dumps with it; the benchmarks compare against them.
+PEERS ?= .venv-peers
+$(PEERS)/.done: pyproject.toml
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q --upgrade pip
+	$(PEERS)/bin/python -m pip install -q $(TORCH_PIN)
+	$(PEERS)/bin/python -m pip install -q mindstudio-probe==26.2.0 torchlens==2.36.1 transformers
+	$(PEERS)/bin/python -m pip install -q -e .
+	touch $@
+
 install: $(VENV)/.base
 install-vllm: $(VENV)/.vllm
 
@@ -30,13 +41,13 @@ demo: $(VENV)/.base
 	$(VENV)/bin/tensorlog demo
 
 # The HTML report test screenshots the page in headless Chromium (Debian's package, installed when root).
-test: $(VENV)/.vllm
+test: $(VENV)/.vllm $(PEERS)/.done
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "note: chromium is not installed; the HTML screenshot test will be skipped"
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.base
-	$(PY) benchmarks/capture_overhead.py
+bench: $(PEERS)/.done
+	$(PEERS)/bin/python benchmarks/capture_overhead.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(PEERS) build src/*.egg-info

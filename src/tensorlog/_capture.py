@@ -140,6 +140,7 @@ class CaptureHandle:
         self._module_handles: list[RemovableHandle] = []
         self._removed = False
         self._lock = threading.RLock()
+        self._stop_lock = threading.Lock()
         self.path: Path = config.run_dir
         self._enabled = config.enabled and Selector(config).rank(self._info.rank)
         self._selector = Selector(config)
@@ -291,7 +292,11 @@ class CaptureHandle:
                 self._end_step()
             assert self._writer is not None
             self._writer.close()
-            self._write_manifest(complete=self._stopped is None)
+            try:
+                self._write_manifest(complete=self._stopped is None)
+            except OSError as e:  # the disk that stopped logging may not take the manifest either
+                if self._stopped is None:
+                    self._stop_logging(f"cannot write run.json: {e}")
 
     close = remove
 
@@ -677,13 +682,14 @@ class CaptureHandle:
         self._stop_logging(reason)
 
     def _stop_logging(self, reason: str) -> None:
-        with self._lock:
+        """Stop for good. Called from hooks and from the writer thread, so it takes no lock that
+        ``remove()`` holds while it waits for the writer; hooks see the flag and return at once, and
+        the next step boundary takes them off."""
+        with self._stop_lock:
             if self._stopped is not None:
                 return
             self._stopped = reason
         warnings.warn(f"tensorlog: logging stopped for run {self.path}: {reason}", RuntimeWarning, stacklevel=2)
-        if not self._removed:
-            self._detach_modules()
         try:
             self._write_manifest(complete=False)
         except OSError:

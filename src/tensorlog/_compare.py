@@ -180,7 +180,7 @@ def _compare_pair(r1: TensorRecord, r2: TensorRecord, step: int, module: str, ra
             return TensorResult(**base, status="shape_mismatch", method="none", note=f"shape {list(a.shape)} vs {list(b.shape)}")
         m = compare_tensors(a, b, rtol=rtol, atol=atol)
         return TensorResult(**base, status="match" if m.allclose else "mismatch", method="tensor", metrics=m, note=note)
-    if r1.checksum and r2.checksum:
+    if r1.checksum and r2.checksum and r1.checksum_algorithm == r2.checksum_algorithm:
         same = r1.checksum == r2.checksum
         return TensorResult(**base, status="match" if same else "mismatch", method="checksum",
                             note="checksums equal (bit-exact)" if same else "checksums differ (not bit-exact)")

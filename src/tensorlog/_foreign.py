@@ -1,5 +1,6 @@
 """Readers for dumps written by other tools, returning the same :class:`Run` objects.
 
+* msProbe (``mindstudio-probe``) dumps: ``dump_path/step<N>/rank<R>/dump.json`` (see ``_msprobe``).
 * The vLLM debug-tensor-dump proposal: ``<folder>/TP<t>_PP<p>_Rank<r>_pid<pid>/Pass<NNNNN>.pt``,
   each a dict of leaf module name -> CPU output tensor (extra outputs of one
   module as ``<name>.1``, ``<name>.2``; the k-th call of a shared module as ``<name>_<k>``).
@@ -105,7 +106,19 @@ def _load_pass_dump(path: Path) -> Run:
                layout="pass-dump", problems=problems)
 
 
-_READERS: list[tuple[Callable[[Path], bool], Callable[[Path], Run]]] = [(_is_pass_dump, _load_pass_dump)]
+def _is_msprobe(path: Path) -> bool:
+    from ._msprobe import is_msprobe_dump
+
+    return is_msprobe_dump(path)
+
+
+def _load_msprobe(path: Path) -> Run:
+    from ._msprobe import load_msprobe_dump
+
+    return load_msprobe_dump(path)
+
+
+_READERS: list[tuple[Callable[[Path], bool], Callable[[Path], Run]]] = [(_is_pass_dump, _load_pass_dump), (_is_msprobe, _load_msprobe)]
 
 
 def detect(path: Path) -> Callable[[Path], Run] | None:

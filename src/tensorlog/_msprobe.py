@@ -39,9 +39,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from . import _layout
 from ._reader import ModuleCall, Run, RunReadError, Step, TensorRecord
@@ -158,7 +159,7 @@ class _Entry:
     done: int  # index in dump.json order = completion order
     seq_start: int = 0
     seq_end: int = 0
-    children: list["_Entry"] = field(default_factory=list)
+    children: list[_Entry] = field(default_factory=list)
 
 
 def _parse_key(key: str) -> tuple[str, str | None, int, bool] | None:
@@ -432,16 +433,16 @@ def _load_rank_dir(step: int, rank: int | None, d: Path, include_backward: bool,
     except RunReadError as e:
         problems.append(str(e))
         return [], skipped
-    for k in ("task", "level", "framework"):
-        if k in doc:
-            info.setdefault(k, doc[k])
+    for name in ("task", "level", "framework"):
+        if name in doc:
+            info.setdefault(name, doc[name])
     parents: dict[str, Any] = {}
     if (d / _CONSTRUCT_FILE).is_file():
         try:
             c = _read_json(d / _CONSTRUCT_FILE)
             parents = c if isinstance(c, dict) else {}
-        except RunReadError as e:
-            problems.append(f"{e} (call nesting unknown: calls kept in completion order)")
+        except RunReadError as err:
+            problems.append(f"{err} (call nesting unknown: calls kept in completion order)")
     forward: list[_Entry] = []
     backward: list[_Entry] = []
     for i, (key, data) in enumerate(doc["data"].items()):
@@ -449,37 +450,47 @@ def _load_rank_dir(step: int, rank: int | None, d: Path, include_backward: bool,
         if parsed is None:
             skipped["parameters_grad" if ".parameters_grad." in key else "unrecognised"] += 1
             continue
-        module, cls, k, is_bw = parsed
+        module, cls, call_index, is_bw = parsed
         if is_bw and not include_backward:
             skipped["backward"] += 1
             continue
-        entry = _Entry(key, module, cls, k, is_bw, data if isinstance(data, dict) else {}, i)
+        entry = _Entry(key, module, cls, call_index, is_bw, data if isinstance(data, dict) else {}, i)
         (backward if is_bw else forward).append(entry)
     order, seq = _nest(forward, parents, 0)
     bw_order, _ = _nest(backward, parents, seq)  # backward runs after the forward of the step
     files = _DataFiles(d / _DATA_DIR)
-    calls = []
-    for pos, e in enumerate(order + bw_order):
-        errors: list[str] = []
-        if e.backward:  # msProbe's backward "input" is the grad arriving at the outputs, "output" the grad produced
-            ins: list[tuple[str | None, Any]] = [(str(i), v) for i, v in enumerate(_leaves(e.data.get("input")))]
-            outs = [(str(i), v) for i, v in enumerate(_leaves(e.data.get("output")))]
-        else:
-            ins = list(_inputs(e.data.get("input_args"), e.data.get("input_kwargs")))
-            outs = _outputs(e.data.get("output"))
-        dirname = _layout.call_dir(e.module, e.call_index) + (".backward" if e.backward else "")
-        extra: dict[str, Any] = {"msprobe_key": e.key}
-        params = e.data.get("parameters")
-        if isinstance(params, dict) and params:
-            extra["parameters"] = {p: _tensor_meta(v) if _is_tensor_leaf(v) else _value_meta(v) for p, v in params.items()}
-        calls.append(ModuleCall(
-            step=step, dirname=dirname, module=e.module, call_index=e.call_index, cls=e.cls,
-            seq_start=e.seq_start, seq_end=e.seq_end, rank=rank, position=pos,
-            inputs=[_record("inputs", k, v, rank, files, errors) for k, v in ins],
-            outputs=[_record("outputs", k, v, rank, files, errors) for k, v in outs],
-            errors=errors, extra=extra,
-        ))
-    return calls, skipped
+    return [_to_call(e, step, rank, pos, files) for pos, e in enumerate(order + bw_order)], skipped
+
+
+def _to_call(e: _Entry, step: int, rank: int | None, position: int, files: _DataFiles) -> ModuleCall:
+    ins: list[tuple[str | None, Any]]
+    outs: list[tuple[str | None, Any]]
+    if e.backward:  # msProbe's backward "input" is the grad arriving at the outputs, "output" the grad produced
+        ins = [(str(i), v) for i, v in enumerate(_leaves(e.data.get("input")))]
+        outs = [(str(i), v) for i, v in enumerate(_leaves(e.data.get("output")))]
+    else:
+        ins = list(_inputs(e.data.get("input_args"), e.data.get("input_kwargs")))
+        outs = _outputs(e.data.get("output"))
+    extra: dict[str, Any] = {"msprobe_key": e.key}
+    params = e.data.get("parameters")
+    if isinstance(params, dict) and params:
+        extra["parameters"] = {p: _tensor_meta(v) if _is_tensor_leaf(v) else _value_meta(v) for p, v in params.items()}
+    errors: list[str] = []
+    return ModuleCall(
+        step=step,
+        dirname=_layout.call_dir(e.module, e.call_index) + (".backward" if e.backward else ""),
+        module=e.module,
+        call_index=e.call_index,
+        cls=e.cls,
+        seq_start=e.seq_start,
+        seq_end=e.seq_end,
+        rank=rank,
+        position=position,
+        inputs=[_record("inputs", k, v, rank, files, errors) for k, v in ins],
+        outputs=[_record("outputs", k, v, rank, files, errors) for k, v in outs],
+        errors=errors,
+        extra=extra,
+    )
 
 
 def _leaves(value: Any) -> list[Any]:

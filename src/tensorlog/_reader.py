@@ -63,6 +63,11 @@ class TensorRecord:
         return c.get("digest") if isinstance(c, dict) else c
 
     @property
+    def checksum_algorithm(self) -> str | None:
+        c = self.meta.get("checksum")
+        return c.get("algorithm") if isinstance(c, dict) else None
+
+    @property
     def has_data(self) -> bool:
         return self.path is not None or "_tensor" in self.meta or "_loader" in self.meta
 

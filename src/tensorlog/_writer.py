@@ -300,7 +300,12 @@ class Writer:
             data = save({"tensor": t})
             atomic_write(path, lambda f: f.write(data))
         else:
-            atomic_write(path, lambda f: torch.save(t, f))
+            # Serialise in memory first: torch's zip writer reports a failed write (EFBIG, ENOSPC)
+            # as a generic RuntimeError, while a plain write raises the OSError that says why.
+            buf = io.BytesIO()
+            torch.save(t, buf)
+            data = buf.getbuffer()
+            atomic_write(path, lambda f: f.write(data))
         self.files_written += 1
 
 
@@ -314,7 +319,7 @@ CHECKSUM_ALGORITHM = "blake2b-128"
 def _checksum(t: torch.Tensor) -> str:
     import hashlib
 
-    t = t.contiguous()
+    t = t.contiguous().reshape(-1)  # 0-dim tensors cannot be viewed as bytes
     data = t.view(torch.uint8) if t.numel() else t
     h = hashlib.blake2b(digest_size=16)
     h.update(str(t.dtype).encode())
