@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=2.0, help="size of each run in GB")
     ap.add_argument("--tensor-mb", type=int, default=64)
     ap.add_argument("--keep", help="reuse/keep runs in this directory")
+    ap.add_argument("--jobs", type=int, help="compare worker processes (default: tensorlog's choice)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--baseline-rss", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -82,9 +83,10 @@ def main() -> None:
         return
     if args.child:
         t0 = time.perf_counter()
-        res = tensorlog.compare(*args.child)
+        res = tensorlog.compare(*args.child, jobs=args.jobs)
         dt = time.perf_counter() - t0
-        print(json.dumps({"seconds": dt, "peak_rss": _peak_rss(), "pairs": res.summary.pairs_compared}))
+        workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        print(json.dumps({"seconds": dt, "peak_rss": _peak_rss(), "worker_rss": workers, "pairs": res.summary.pairs_compared}))
         return
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="tensorlog-cmpbench-"))
     if not (root / "a").exists():
@@ -94,14 +96,16 @@ def main() -> None:
     nbytes, t_read = raw_read([a, b])
     # a fresh process: peak RSS is the compare's own, not the writer's above
     base_rss = json.loads(subprocess.check_output([sys.executable, __file__, "--baseline-rss"]))
-    out = json.loads(subprocess.check_output([sys.executable, __file__, "--child", str(a), str(b)]))
+    jobs = ["--jobs", str(args.jobs)] if args.jobs else []
+    out = json.loads(subprocess.check_output([sys.executable, __file__, "--child", str(a), str(b), *jobs]))
     largest = args.tensor_mb * (1 << 20)
     print(f"# compare throughput: {nbytes / 1e9:.2f} GB of tensors in {out['pairs']} pairs, {os.cpu_count()} cores, torch {torch.__version__}")
     print("| measure | value |\n|---|---:|")
     print(f"| raw read bandwidth (same files, same run) | {nbytes / t_read / 1e9:.2f} GB/s |")
     print(f"| tensorlog compare | {nbytes / out['seconds'] / 1e9:.2f} GB/s ({out['seconds']:.1f} s) |")
     print(f"| compare / raw read | {t_read / out['seconds']:.2f} |")
-    print(f"| peak RSS of compare | {out['peak_rss'] / 2**20:.0f} MiB (python+torch alone: {base_rss / 2**20:.0f} MiB; largest tensor {largest / 2**20:.0f} MiB) |")
+    print(f"| peak RSS of compare | {out['peak_rss'] / 2**20:.0f} MiB main process, {out['worker_rss'] / 2**20:.0f} MiB largest worker "
+          f"(python+torch alone: {base_rss / 2**20:.0f} MiB; largest tensor {largest / 2**20:.0f} MiB) |")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
 

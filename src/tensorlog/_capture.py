@@ -17,6 +17,7 @@ import datetime as _dt
 import os
 import socket
 import threading
+import time
 import warnings
 import weakref
 from collections import defaultdict
@@ -162,6 +163,7 @@ class CaptureHandle:
         self._all_modules: dict[str, weakref.ref[torch.nn.Module]] = {}
         self._hierarchy: dict[str, Any] = {}
         self._streams: dict[int | None, Any] = {}
+        self._manifest_at = 0.0
         self._finished = False
         self._stopped: str | None = None
         self._writer: Writer | None = None
@@ -293,6 +295,8 @@ class CaptureHandle:
             assert self._writer is not None
             self._writer.close()
             try:
+                if self.config.stack:
+                    self._write_stacks()
                 self._write_manifest(complete=self._stopped is None)
             except OSError as e:  # the disk that stopped logging may not take the manifest either
                 if self._stopped is None:
@@ -315,10 +319,14 @@ class CaptureHandle:
     def _root_pre(self, module: torch.nn.Module, args: Any) -> None:
         if self._root_depth == 0 and self._backward and self._root_calls:
             self.step()  # with gradients logged, a step ends when the next forward starts
+        if self._root_depth == 0 and self._writer is not None:
+            self._writer.hold()
         self._root_depth += 1
 
     def _root_post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         self._root_depth -= 1
+        if self._root_depth == 0 and self._writer is not None:
+            self._writer.release()
         if self._root_depth == 0:
             self._root_calls += 1
             if not self._backward:
@@ -345,9 +353,14 @@ class CaptureHandle:
             self._writer.submit(lambda: self._write_calls_file(step, order))
         self._step += 1
         last = self._selector.last_step
-        if self._writer is not None and self._stopped is None and (logged or self._step_info):
-            # Keep run.json current (steps written, per-step info) so a run killed later still says what it holds.
-            done = last is not None and self._step > last
+        done = last is not None and self._step > last
+        now = time.monotonic()
+        if self._writer is not None and self._stopped is None and (logged or self._step_info) and (
+            done or now - self._manifest_at >= 1.0
+        ):
+            # Keep run.json current (steps written, per-step info) so a run killed later still says what
+            # it holds; at most once a second, as rewriting it every step would cost more than the step.
+            self._manifest_at = now
             self._writer.submit(lambda: self._write_manifest(complete=done))
             if self.config.stack:
                 self._writer.submit(self._write_stacks)

@@ -13,6 +13,7 @@ module, not the root whose token-id inputs always match.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
@@ -108,6 +109,15 @@ class Divergence(_Model):
     max_rel: float | None = None
     rel_diff: float | None = None
     tensor: str | None = None
+
+
+class CompareProgress(BaseModel):
+    """What :func:`compare` reports to a ``progress`` callback after each module."""
+
+    modules_done: int = 0
+    modules_total: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
 
 
 class Summary(_Model):
@@ -331,9 +341,10 @@ def compare(
     atol: float = 1e-8,
     steps: Iterable[int] | None = None,
     modules: Iterable[str] | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: "Callable[[CompareProgress], None] | None" = None,
     mapping: "str | Path | MappingSpec | None" = None,
     replay: "ReplayResult | None" = None,
+    jobs: int | None = None,
 ) -> Comparison:
     """Compare two runs and find, per step, the module where they start to differ.
 
@@ -344,7 +355,11 @@ def compare(
             as ``torch.allclose``.
         steps (iterable of int, optional): only these steps.
         modules (iterable of str, optional): only modules matching one of these regexes.
-        progress (callable, optional): called as ``progress(done, total)`` after each module.
+        progress (callable, optional): called with a :class:`CompareProgress` (modules and
+            bytes done and in total) after each module.
+        jobs (int, optional): worker processes; by default 1 for small comparisons and up to
+            4 (one per core) once there are hundreds of MB to read. Each worker holds a few
+            tensors at a time.
         mapping (str | Path | MappingSpec, optional): align the runs first: a preset
             (``"hf-vllm"``), a mapping file, or a spec. By default ``hf-vllm`` when one run
             is from HF transformers and the other from vLLM, and shard reassembly when
@@ -391,17 +406,15 @@ def compare(
             if key not in seen and not (pats and not any(p.search(c.module) for p in pats)):
                 pairs.append((None, c))
         plan.append((s, pairs))
-    total = sum(len(p) for _, p in plan)
-    done = 0
+    sizes = {id(pair): _pair_bytes(pair) for _, pairs in plan for pair in pairs}
+    tracker = CompareProgress(modules_total=sum(len(p) for _, p in plan), bytes_total=sum(sizes.values()))
+    tasks = [(c1, c2, s, rtol, atol, completion) for s, pairs in plan for completion, (c1, c2) in enumerate(pairs)]
+    workers = _workers(jobs, tracker.bytes_total, spec is not None, len(tasks))
+    computed = iter(_run_tasks(tasks, workers, progress, tracker, [sizes[id(pair)] for _, pairs in plan for pair in pairs]))
     all_results: list[ModuleResult] = []
     divergences: list[Divergence] = []
     for s, pairs in plan:
-        results = []
-        for completion, (c1, c2) in enumerate(pairs):
-            results.append(_module_result(c1, c2, s, rtol, atol, completion))
-            done += 1
-            if progress:
-                progress(done, total)
+        results = [next(computed) for _ in pairs]
         index = {c.key: c for pair in pairs for c in pair if c is not None}
         results = _attribute(results, index)
         born = _innermost_born(results)
@@ -444,3 +457,61 @@ def _choose_mapping(r1: Run, r2: Run, mapping: "str | Path | MappingSpec | None"
 
 def _world(run: Run) -> int:
     return int(run.manifest.get("world_size") or 1)
+
+
+PARALLEL_MIN_BYTES = 256 << 20
+
+
+def _pair_bytes(pair: tuple[ModuleCall | None, ModuleCall | None]) -> int:
+    return sum(t.nbytes for c in pair if c is not None for t in c.tensors if t.has_data)
+
+
+def _workers(jobs: int | None, total_bytes: int, aligned: bool, n_tasks: int) -> int:
+    if aligned or n_tasks < 2:
+        return 1  # aligned records share one tensor cache: compared in order
+    if jobs is not None:
+        return max(1, jobs)
+    if total_bytes < PARALLEL_MIN_BYTES:
+        return 1
+    return max(1, min(4, os.cpu_count() or 1, n_tasks))
+
+
+def _task(args: tuple[Any, ...]) -> ModuleResult:
+    c1, c2, s, rtol, atol, completion = args
+    return _module_result(c1, c2, s, rtol, atol, completion)
+
+
+def _run_tasks(tasks: list[tuple[Any, ...]], workers: int, progress: Any, tracker: CompareProgress, sizes: list[int]) -> list[ModuleResult]:
+    """Module pairs compared in order, streamed from disk a few tensors at a time.
+
+    With several workers, pairs run on threads: the metric kernels release the GIL, so threads
+    use the cores without the seconds it takes a worker process to import torch, and torch's own
+    intra-op threads are held at one per worker for the duration.
+    """
+    out: list[ModuleResult] = []
+
+    def tick(i: int) -> None:
+        tracker.modules_done += 1
+        tracker.bytes_done += sizes[i]
+        if progress:
+            progress(tracker)
+
+    if workers <= 1:
+        for i, t in enumerate(tasks):
+            out.append(_task(t))
+            tick(i)
+        return out
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tensorlog-compare") as pool:
+            for i, result in enumerate(pool.map(_task, tasks)):
+                out.append(result)
+                tick(i)
+    finally:
+        torch.set_num_threads(threads)
+    return out

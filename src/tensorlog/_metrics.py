@@ -107,11 +107,11 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float = 1e-5, ato
         hi = min(n, lo + CHUNK_ELEMENTS)
         x = fa[lo:hi].to(torch.float64)
         y = fb[lo:hi].to(torch.float64)
-        finite = torch.isfinite(x) & torch.isfinite(y)
-        all_finite = bool(finite.all())
-        if all_finite:
-            xs, ys = x, y
+        d = (x - y).abs_()
+        if bool(torch.isfinite(d).all()):  # NaN or Inf on either side makes d non-finite
+            xs, ys, n_fin = x, y, hi - lo
         else:
+            finite = torch.isfinite(x) & torch.isfinite(y)
             same = (x == y) | (torch.isnan(x) & torch.isnan(y))
             bad = ~finite & ~same
             nb = int(bad.sum())
@@ -121,8 +121,9 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float = 1e-5, ato
             outside += nb
             zero = torch.zeros((), dtype=torch.float64)
             xs, ys = torch.where(finite, x, zero), torch.where(finite, y, zero)
-        d = (xs - ys).abs_()
-        finite_n += int(finite.sum()) if not all_finite else hi - lo
+            d = (xs - ys).abs_()
+            n_fin = int(finite.sum())
+        finite_n += n_fin
         sxx += float(torch.dot(xs, xs))
         syy += float(torch.dot(ys, ys))
         sxy += float(torch.dot(xs, ys))
@@ -135,8 +136,7 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float = 1e-5, ato
         slack = d - rtol * ay
         min_atol = max(min_atol, float(slack.max()))
         outside += int((slack > atol).sum())
-        denom = torch.maximum(xs.abs(), ay)
-        rel = torch.where(denom > 0, d / denom.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros((), dtype=torch.float64))
+        rel = d / torch.maximum(xs.abs(), ay).clamp_min_(torch.finfo(torch.float64).tiny)  # 0/tiny where both are 0
         max_rel = max(max_rel, float(rel.max()))
         srel += float(rel.sum())
         if abs_all is not None:

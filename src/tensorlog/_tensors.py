@@ -140,14 +140,13 @@ def stats_tensor(tensors: list[torch.Tensor]) -> torch.Tensor | None:
         std = x.std() if x.numel() > 1 else torch.zeros((), dtype=x.dtype, device=x.device)
         norm = torch.linalg.vector_norm(x)
         if x.device.type == "cpu" and math.isfinite(float(mean)):
-            nan = inf = torch.zeros((), dtype=torch.float64)
+            nan = inf = torch.zeros((), dtype=x.dtype)
         else:
-            nan, inf = torch.isnan(x).sum(), torch.isinf(x).sum()
-        rows.append(torch.stack([mn.double(), mx.double(), mean.double(), std.double(),
-                                 torch.maximum(mn.abs(), mx.abs()).double(), norm.double(), nan.double(), inf.double()]))
+            nan, inf = torch.isnan(x).sum().to(x.dtype), torch.isinf(x).sum().to(x.dtype)
+        rows.append(torch.stack([mn, mx, mean, std, torch.maximum(mn.abs(), mx.abs()), norm, nan, inf]))
     if not rows:
         return None
-    return torch.stack(rows)
+    return torch.stack([r.double() for r in rows]) if len({r.dtype for r in rows}) > 1 else torch.stack(rows).double()
 
 
 def stats_row_to_dict(row: list[float]) -> dict[str, Any]:

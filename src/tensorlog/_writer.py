@@ -49,9 +49,32 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
         raise
 
 
-def write_json(path: Path, obj: Any) -> None:
-    data = json.dumps(obj, indent=1, allow_nan=False).encode()
-    atomic_write(path, lambda f: f.write(data))
+def write_bytes_atomic(path: Path | str, data: bytes) -> None:
+    """``atomic_write`` for bytes already in memory, with plain ``os`` calls (the writer's hot loop)."""
+    path = os.fspath(path)
+    head, name = os.path.split(path)
+    tmp = os.path.join(head, f".{name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+
+
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))  # compact: the C encoder, ~10x faster than indent
+
+
+def write_json(path: Path | str, obj: Any) -> None:
+    write_bytes_atomic(path, _ENCODER.encode(obj).encode())
 
 
 @dataclass
@@ -117,11 +140,14 @@ class Writer:
         self.files_written = 0
         self.dropped: list[dict[str, Any]] = []
         self._linked: dict[int, tuple[Any, Path]] = {}
+        self._stats_cache: dict[int, tuple[Any, list[float]]] = {}
         self._queue: deque[tuple[Callable[[], None], int]] = deque()
         self._pending = 0
         self._cv = threading.Condition()
         self._stopped: str | None = None
         self._closing = False
+        self._held = 0
+        self._flushing = 0
         self._thread = threading.Thread(target=self._loop, name="tensorlog-writer", daemon=True)
         self._thread.start()
 
@@ -151,15 +177,35 @@ class Writer:
             self._pending += nbytes
             self._cv.notify_all()
 
+    def hold(self) -> None:
+        """The model is running: stay off the GIL (unless too much is pending).
+
+        The writer is mostly system calls, each of which gives up the GIL and then waits
+        behind the hooks to get it back; writing while the model is idle is much cheaper
+        for both sides than interleaving with it.
+        """
+        with self._cv:
+            self._held += 1
+
+    def release(self) -> None:
+        with self._cv:
+            self._held = max(0, self._held - 1)
+            self._cv.notify_all()
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted so far is on disk (or logging stopped)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
-            while self._queue or self._busy:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._cv.wait(remaining)
+            self._flushing += 1
+            self._cv.notify_all()
+            try:
+                while self._queue or self._busy:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._cv.wait(remaining)
+            finally:
+                self._flushing -= 1
         return True
 
     def close(self) -> None:
@@ -176,7 +222,7 @@ class Writer:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._queue and not self._closing:
+                while not self._closing and (not self._queue or self._waiting_for_idle()):
                     self._cv.wait()
                 if not self._queue:
                     return
@@ -192,6 +238,9 @@ class Writer:
                     self._pending -= nbytes
                     self._busy = False
                     self._cv.notify_all()
+
+    def _waiting_for_idle(self) -> bool:
+        return self._held > 0 and not self._flushing and self._pending * 2 < self.max_pending_bytes
 
     def _stop(self, reason: str) -> None:
         with self._cv:
@@ -237,7 +286,12 @@ class Writer:
         if rec.structure is not None:
             metas["inputs"]["structure"] = rec.structure
         self._account(sum(t.numel() * t.element_size() for _, t in payload if not self._is_linked(t)))
-        d.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            d.mkdir(parents=True, exist_ok=True)
         for path, t in payload:
             self._save_tensor(path, t)
         for kind, meta in metas.items():
@@ -251,8 +305,15 @@ class Writer:
         if snap.stats is not None:
             row = snap.stats.tolist()
         elif host is not None:
-            st = stats_tensor([host])
-            row = st[0].tolist() if st is not None else [float("nan")] * len(STAT_KEYS)
+            cached = self._stats_cache.get(id(host))
+            if cached is not None and cached[0]() is host:  # a shared snapshot: same data, same statistics
+                row = cached[1]
+            else:
+                st = stats_tensor([host])
+                row = st[0].tolist() if st is not None else [float("nan")] * len(STAT_KEYS)
+                if len(self._stats_cache) > 4096:
+                    self._stats_cache = {k: v for k, v in self._stats_cache.items() if v[0]() is not None}
+                self._stats_cache[id(host)] = (weakref.ref(host), row)
         else:
             row = None
         if row is not None:
@@ -304,8 +365,7 @@ class Writer:
             # as a generic RuntimeError, while a plain write raises the OSError that says why.
             buf = io.BytesIO()
             torch.save(t, buf)
-            data = buf.getbuffer()
-            atomic_write(path, lambda f: f.write(data))
+            write_bytes_atomic(path, buf.getbuffer())
         self.files_written += 1
 
 

@@ -81,6 +81,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modules", help="comma-separated regexes of module names to compare (default: all)")
     p.add_argument("--verbose", action="store_true", help="include per-tensor details")
     p.add_argument("--format", choices=["md", "json", "html"], help="report format (default: from --output's suffix, else md)")
+    p.add_argument("--jobs", type=int, help="worker processes (default: 1 for small runs, up to 4 for large ones)")
     p.add_argument("--replay", help="a replay JSON from `tensorlog replay --output`: adds each module's own error")
     p.add_argument("--map", dest="mapping", help="align the runs first: a preset (hf-vllm, identity) or a mapping JSON/YAML file "
                    "(default: hf-vllm when one run is HF and the other vLLM; shard reassembly when world sizes differ)")
@@ -106,7 +107,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     with _progress("comparing") as progress:
         result = compare(args.dir1, args.dir2, rtol=args.rtol, atol=args.atol, steps=_parse_steps(args.steps),
                          modules=modules, progress=progress, mapping=getattr(args, "mapping", None),
-                         replay=_read_replay(getattr(args, "replay", None)))
+                         replay=_read_replay(getattr(args, "replay", None)), jobs=getattr(args, "jobs", None))
     text = render(result, fmt, verbose=args.verbose)
     if args.output:
         try:
@@ -140,17 +141,22 @@ def _format_from_suffix(output: str | None) -> str:
 
 
 @contextlib.contextmanager
-def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar on stderr (only when stderr is a terminal); stdout stays the report's."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+def _progress(label: str) -> Iterator[Callable[[Any], None]]:
+    """A rich progress bar on stderr (only when stderr is a terminal): modules, and bytes read.
+
+    stdout stays the report's alone.
+    """
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     console = _stderr()
-    with Progress(f"[bold]{label}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
-                  transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task(label, total=None)
+    with Progress(f"[bold]{label}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TextColumn("{task.fields[modules]}"), TimeRemainingColumn(), console=console, transient=True,
+                  disable=not console.is_terminal) as bar:
+        task = bar.add_task(label, total=None, modules="")
 
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+        def update(p: Any) -> None:
+            bar.update(task, completed=p.bytes_done, total=p.bytes_total or None,
+                       modules=f"{p.modules_done}/{p.modules_total} modules")
 
         yield update
 
