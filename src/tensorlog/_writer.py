@@ -49,24 +49,74 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
         raise
 
 
-def write_bytes_atomic(path: Path | str, data: bytes) -> None:
+DIRECT_MIN_BYTES = 8 << 20
+_ALIGN = 4096
+_bounce = threading.local()
+
+
+def _write_direct(path: str, data: memoryview) -> bool:
+    """Write through O_DIRECT, bypassing the page cache (much faster for big files on some
+    disks); the unaligned tail is appended normally. False where O_DIRECT is refused (tmpfs)."""
+    import mmap
+
+    aligned = len(data) // _ALIGN * _ALIGN
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    try:
+        buf = getattr(_bounce, "buf", None)
+        if buf is None or len(buf) < aligned:  # page-aligned bounce buffer, reused by this thread
+            buf = _bounce.buf = mmap.mmap(-1, max(aligned, 64 << 20))
+        view = memoryview(buf)
+        done = 0
+        while done < aligned:
+            n = min(aligned - done, len(buf))
+            view[:n] = data[done : done + n]
+            chunk = view[:n]
+            while chunk:
+                chunk = chunk[os.write(fd, chunk):]
+            done += n
+    except OSError as e:
+        os.close(fd)
+        if e.errno == errno.EINVAL:  # the filesystem takes O_DIRECT at open but not at write
+            os.unlink(path)
+            return False
+        raise
+    os.close(fd)
+    if aligned < len(data):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            tail = data[aligned:]
+            while tail:
+                tail = tail[os.write(fd, tail):]
+        finally:
+            os.close(fd)
+    return True
+
+
+def write_bytes_atomic(path: Path | str, data: bytes | memoryview) -> None:
     """``atomic_write`` for bytes already in memory, with plain ``os`` calls (the writer's hot loop)."""
     path = os.fspath(path)
     head, name = os.path.split(path)
     tmp = os.path.join(head, f".{name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    view = memoryview(data).cast("B")
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        if len(view) >= DIRECT_MIN_BYTES and hasattr(os, "O_DIRECT") and _write_direct(tmp, view):
+            os.replace(tmp, path)
+            return
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
     except BaseException:
-        os.close(fd)
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
-    os.close(fd)
     os.replace(tmp, path)
 
 
