@@ -246,7 +246,7 @@ def main() -> None:
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or platform.machine())
     print(f"# capture overhead: model {args.model} ({n_modules} modules), device {args.device} ({dev}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, median of {args.reps}")
-    print(f"| variant | median ms | ratio vs no tool |\n|---|---:|---:|")
+    print("| variant | median ms | ratio vs no tool |\n|---|---:|---:|")
     for name, med, ratio in rows:
         print(f"| {name} | {med * 1e3:.1f} | {ratio:.2f}x |")
 

@@ -27,7 +27,7 @@ def test_demo_runs_offline_and_writes_a_run(tmp_path):
 
 def test_inspect_shows_modules_shapes_and_stats(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU())
-    with tensorlog.capture(model, {"output_dir": str(tmp_path), "run_name": "r"}) as run:
+    with tensorlog.capture(model, {"output_dir": str(tmp_path), "run_name": "r"}):
         model(torch.ones(2, 3))
     r = tl("inspect", tmp_path)  # an output dir that holds exactly one run
     assert r.returncode == 0, r.stderr

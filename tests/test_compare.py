@@ -312,3 +312,17 @@ def test_json_schema_is_documented():
         for name, sub in [("Comparison", schema)] + list(schema.get("$defs", {}).items()):
             for field in sub.get("properties", {}):
                 assert f"`{field}`" in doc, f"{name}.{field} is not documented in docs/compare-json.md"
+
+
+def test_progress_reports_modules_and_bytes_and_jobs_agree(tmp_path):
+    model, x = Net(), torch.randn(64, 8)
+    a = _capture(model, tmp_path, "a", x)
+    with torch.no_grad():
+        model.head.weight.mul_(1.1)
+    b = _capture(model, tmp_path, "b", x)
+    seen = []
+    serial = tensorlog.compare(a, b, progress=lambda p: seen.append((p.modules_done, p.modules_total, p.bytes_done, p.bytes_total)))
+    assert seen[-1][0] == seen[-1][1] == len(serial.modules)
+    assert seen[-1][2] == seen[-1][3] > 0 and [s[2] for s in seen] == sorted(s[2] for s in seen)
+    threaded = tensorlog.compare(a, b, jobs=2)
+    assert threaded.model_dump() == serial.model_dump()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import warnings
 
@@ -12,7 +11,6 @@ import torch
 from torch import nn
 
 import tensorlog
-from tensorlog._demo import TinyLlama
 
 
 def _cap(model, out, name, *inputs, **cfg):

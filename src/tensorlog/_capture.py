@@ -13,6 +13,7 @@ and is recorded in ``run.json``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import socket
@@ -22,7 +23,7 @@ import warnings
 import weakref
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -444,8 +445,7 @@ class CaptureHandle:
 
     def _make_pre(self, name: str, calls: frozenset[int] | None) -> Callable[..., None]:
         def pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            self._busy = True
-            try:
+            with self._guard(f"hook on {name!r}"):
                 k = self._call_counts[name]
                 self._call_counts[name] = k + 1
                 call = _Call(None)
@@ -454,17 +454,12 @@ class CaptureHandle:
                     return
                 entries, structure = flatten_inputs_with_structure(args, kwargs)
                 call.record = self._begin_call(name, type(module).__name__, k, entries, structure)
-            except Exception as e:  # never break the host model
-                self._fault(f"hook on {name!r} raised {type(e).__name__}: {e}")
-            finally:
-                self._busy = False
 
         return pre_hook
 
     def _make_post(self, name: str) -> Callable[..., None]:
         def post_hook(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-            self._busy = True
-            try:
+            with self._guard(f"hook on {name!r}"):
                 stack = self._open.get(name)
                 if not stack:
                     return
@@ -472,12 +467,6 @@ class CaptureHandle:
                 if rec is None or self._stopped is not None:
                     return
                 self._end_call(rec, output)
-            except AnomalyError:
-                raise
-            except Exception as e:
-                self._fault(f"hook on {name!r} raised {type(e).__name__}: {e}")
-            finally:
-                self._busy = False
 
         return post_hook
 
@@ -486,8 +475,7 @@ class CaptureHandle:
         bname = f"{name}.backward"
 
         def backward_hook(module: torch.nn.Module, grad_input: Any, grad_output: Any) -> None:
-            self._busy = True
-            try:
+            with self._guard(f"backward hook on {name!r}"):
                 k = self._call_counts[bname]
                 self._call_counts[bname] = k + 1
                 if (calls is not None and k not in calls) or self._stopped is not None or self._paused:
@@ -495,14 +483,23 @@ class CaptureHandle:
                 rec = self._begin_call(bname, type(module).__name__, k, flatten_outputs(tuple(grad_output)), None)
                 if rec is not None:
                     self._end_call(rec, tuple(grad_input))
-            except AnomalyError:
-                raise
-            except Exception as e:
-                self._fault(f"backward hook on {name!r} raised {type(e).__name__}: {e}")
-            finally:
-                self._busy = False
 
         return backward_hook
+
+    @contextlib.contextmanager
+    def _guard(self, where: str) -> Iterator[None]:
+        """Run capture work inside someone else's model: our own torch calls are not ops to log,
+        and any error stops logging (warned once, recorded in run.json) instead of reaching the model.
+        A requested ``AnomalyError`` is the one exception that goes through."""
+        self._busy = True
+        try:
+            yield
+        except AnomalyError:
+            raise
+        except Exception as e:
+            self._fault(f"{where} raised {type(e).__name__}: {e}")
+        finally:
+            self._busy = False
 
     # -- op level --------------------------------------------------------------------
 
@@ -534,8 +531,7 @@ class CaptureHandle:
     def _run_op(self, func: Callable[..., Any], op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         base = f"{self._module_stack[-1]}.{op}"
         rec = None
-        self._busy = True
-        try:
+        with self._guard(f"op hook on {base!r}"):
             k = self._call_counts[base]
             self._call_counts[base] = k + 1
             calls = self._op_calls.get(base, 0)
@@ -544,22 +540,10 @@ class CaptureHandle:
             if calls is not False and (calls is None or k in calls) and not self._paused and self._stopped is None:
                 entries, structure = flatten_inputs_with_structure(args, kwargs)
                 rec = self._begin_call(f"{base}_{k}", op, 0, entries, structure)
-        except Exception as e:
-            self._fault(f"op hook on {base!r} raised {type(e).__name__}: {e}")
-            rec = None
-        finally:
-            self._busy = False
         out = func(*args, **kwargs)
         if rec is not None:
-            self._busy = True
-            try:
+            with self._guard(f"op hook on {base!r}"):
                 self._end_call(rec, out)
-            except AnomalyError:
-                raise
-            except Exception as e:
-                self._fault(f"op hook on {base!r} raised {type(e).__name__}: {e}")
-            finally:
-                self._busy = False
         return out
 
     # -- anomalies and stacks ------------------------------------------------------------

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _layout
+from ._metrics import _num
 from ._reader import ModuleCall, Run, RunReadError, Step, TensorRecord
 
 __all__ = ["is_msprobe_dump", "load_msprobe_dump"]
@@ -237,14 +238,7 @@ def _json_float(v: Any) -> Any:
 def _stat(v: Any) -> float | None:
     if isinstance(v, bool):  # bool tensors: Max = any(), Min = all()
         return float(v)
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return None
-    return None
+    return _num(v)
 
 
 def _stats(leaf: dict[str, Any]) -> dict[str, Any] | None:

@@ -7,7 +7,6 @@ presentation (ordering, number formatting, plot coordinates).
 from __future__ import annotations
 
 import html
-import json
 import math
 from typing import Callable
 
