@@ -82,7 +82,7 @@ def main() -> None:
         if args.compare:
             dump(root, "b", args.gb, args.tensor_mb, 1e-6)
             bench = Path(__file__).with_name("compare_throughput.py")
-            out = subprocess.check_output([sys.executable, str(bench), "--keep", str(root)], text=True)
+            out = subprocess.check_output([sys.executable, str(bench), "--keep", str(root), "--tensor-mb", str(args.tensor_mb)], text=True)
             print("\n".join(line for line in out.splitlines() if line.startswith("| ") and "measure" not in line and "---" not in line))
     finally:
         shutil.rmtree(root, ignore_errors=True)
