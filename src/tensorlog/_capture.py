@@ -136,7 +136,6 @@ class CaptureHandle:
     ) -> None:
         self.config = config
         self._info = info or RunInfo()
-        self._model_ref = weakref.ref(model)
         self._model_class = f"{type(model).__module__}.{type(model).__qualname__}"
         self._handles: list[RemovableHandle] = []
         self._module_handles: list[RemovableHandle] = []
@@ -144,8 +143,9 @@ class CaptureHandle:
         self._lock = threading.RLock()
         self._stop_lock = threading.Lock()
         self.path: Path = config.run_dir
-        self._enabled = config.enabled and Selector(config).rank(self._info.rank)
         self._selector = Selector(config)
+        self._enabled = config.enabled and self._selector.rank(self._info.rank)
+        self._external_steps = not auto_step
         self._step = 0
         self._root_depth = 0
         self._steps_written: list[int] = []
@@ -235,6 +235,8 @@ class CaptureHandle:
             if not self._enabled or self._removed or self._in_step:
                 return
             self._in_step = True
+            if self._external_steps and self._writer is not None:
+                self._writer.hold()  # the caller's step is the model running: write after it
             self._begin_step()
 
     def end_step(self, info: dict[str, Any] | None = None) -> None:
@@ -267,6 +269,8 @@ class CaptureHandle:
             if not self._enabled or self._removed or not self._in_step:
                 return
             self._in_step = False
+            if self._external_steps and self._writer is not None:
+                self._writer.release()
             if info is not None and self._selector.step(self._step):
                 self._step_info[self._step] = info
             self._end_step()
@@ -292,6 +296,8 @@ class CaptureHandle:
                 return
             if self._in_step:
                 self._in_step = False
+                if self._external_steps and self._writer is not None:
+                    self._writer.release()
                 self._end_step()
             assert self._writer is not None
             self._writer.close()
