@@ -326,3 +326,16 @@ def test_progress_reports_modules_and_bytes_and_jobs_agree(tmp_path):
     assert seen[-1][2] == seen[-1][3] > 0 and [s[2] for s in seen] == sorted(s[2] for s in seen)
     threaded = tensorlog.compare(a, b, jobs=2)
     assert threaded.model_dump() == serial.model_dump()
+
+
+def test_safetensors_runs_load_and_compare_with_pt_runs(tmp_path):
+    model, x = Net(), torch.randn(3, 8)
+    pt = _capture(model, tmp_path, "pt", x)
+    st = _capture(model, tmp_path, "st", x, format="safetensors")
+    files = sorted(p.name for p in (st / "step_0" / "head").iterdir())
+    assert files == ["inputs.json", "inputs_0_cpu.safetensors", "outputs.json", "outputs_cpu.safetensors"]
+    t = tensorlog.load_run(st).steps[0].call("head").outputs[0].load()
+    assert torch.equal(t, torch.load(pt / "step_0" / "head" / "outputs_cpu.pt"))
+    assert tensorlog.compare(pt, st).exit_code == 0
+    r = cli("--dir1", pt, "--dir2", st, "--map", "no-such-mapping")
+    assert r.returncode == 2 and "neither a preset" in r.stderr
