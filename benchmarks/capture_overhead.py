@@ -87,16 +87,16 @@ def tensorlog_variant(**cfg: Any) -> Variant:
 
 
 @contextmanager
-def torch_save_hooks(model, inputs, out):
-    """The naive peer: a forward hook per module calling torch.save on its output."""
-    handles = []
-    for n, m in model.named_modules():
-        if n:
-            def hook(mod, args, output, n=n):
-                t = output[0] if isinstance(output, tuple) else output
-                if isinstance(t, torch.Tensor):
-                    torch.save(t.detach().cpu().clone(), out / f"{n}.pt")
-            handles.append(m.register_forward_hook(hook))
+def _output_hooks(model, inputs, on_output: Callable[[str, torch.Tensor], None]) -> Iterator[Callable[[], None]]:
+    """A forward hook on every module passing its (first) tensor output to ``on_output``: the naive peers."""
+    def make(name: str):
+        def hook(mod, args, output):
+            t = output[0] if isinstance(output, tuple) else output
+            if isinstance(t, torch.Tensor):
+                on_output(name, t)
+        return hook
+
+    handles = [m.register_forward_hook(make(n)) for n, m in model.named_modules() if n]
     try:
         yield lambda: run_forward(model, inputs)
     finally:
@@ -104,23 +104,20 @@ def torch_save_hooks(model, inputs, out):
             h.remove()
 
 
-@contextmanager
+def torch_save_hooks(model, inputs, out):
+    """The naive peer: torch.save of each module's output."""
+    return _output_hooks(model, inputs, lambda n, t: torch.save(t.detach().cpu().clone(), out / f"{n}.pt"))
+
+
 def stats_list_hooks(model, inputs, out):
     """The other naive peer: max/min/mean/norm of each output into a Python list."""
     stats: list[list[float]] = []
-    handles = []
-    for n, m in model.named_modules():
-        if n:
-            def hook(mod, args, output):
-                t = output[0] if isinstance(output, tuple) else output
-                if isinstance(t, torch.Tensor) and t.is_floating_point():
-                    stats.append([t.max().item(), t.min().item(), t.mean().item(), t.norm().item()])
-            handles.append(m.register_forward_hook(hook))
-    try:
-        yield lambda: run_forward(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+
+    def record(n: str, t: torch.Tensor) -> None:
+        if t.is_floating_point():
+            stats.append([t.max().item(), t.min().item(), t.mean().item(), t.norm().item()])
+
+    return _output_hooks(model, inputs, record)
 
 
 OURS: dict[str, Variant] = {

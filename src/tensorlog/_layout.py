@@ -31,7 +31,6 @@ __all__ = [
 ]
 
 STEP_PREFIX = "step_"
-RUN_FILE = "run.json"
 _UNSAFE = re.compile(r"[/\\\x00-\x1f]")
 _MAX_NAME = 180
 

@@ -203,7 +203,7 @@ def _walk(value: Any, prefix: str) -> Iterator[tuple[str, Any]]:
 
 
 def _inputs(args: Any, kwargs: Any) -> list[tuple[str, Any]]:
-    """Positionals numbered in flattened order, keyword inputs by name: as ``_tensors.flatten_inputs``."""
+    """Positionals numbered in flattened order, keyword inputs by name: as ``_tensors.flatten_inputs_with_structure``."""
     out: list[tuple[str, Any]] = []
     i = 0
     for a in args if isinstance(args, list) else []:

@@ -14,9 +14,7 @@ import torch
 
 from ._config import LogConfig, split_call_index
 
-__all__ = ["Selector", "ALL_CALLS"]
-
-ALL_CALLS: frozenset[int] | None = None
+__all__ = ["Selector"]
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["flatten_inputs", "flatten_outputs", "tensor_stats", "describe_value", "STAT_KEYS"]
+__all__ = ["flatten_inputs_with_structure", "flatten_outputs", "stats_tensor", "describe_value", "STAT_KEYS"]
 
 STAT_KEYS = ("min", "max", "mean", "std", "abs_max", "l2_norm", "nan_count", "inf_count")
 
@@ -30,11 +30,6 @@ def _walk(value: Any, prefix: str, depth: int) -> Iterator[tuple[str, Any]]:
             yield from _walk(v, f"{prefix}.{k}", depth + 1)
     else:
         yield prefix, value
-
-
-def flatten_inputs(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> list[tuple[str, Any]]:
-    """``[(key, value)]`` with keys ``"0"``, ``"1"``, ... for flattened positionals, then kwarg names."""
-    return flatten_inputs_with_structure(args, kwargs)[0]
 
 
 def flatten_inputs_with_structure(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
@@ -157,13 +152,6 @@ def stats_row_to_dict(row: list[float]) -> dict[str, Any]:
         else:
             out[key] = v if math.isfinite(v) else repr(v)
     return out
-
-
-def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
-    """Statistics of one tensor as a json-safe dict (``nan``/``inf`` as strings)."""
-    st = stats_tensor([t])
-    assert st is not None
-    return stats_row_to_dict(st[0].tolist())
 
 
 def small_values(t: torch.Tensor) -> Any:

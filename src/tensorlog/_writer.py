@@ -16,7 +16,6 @@ import json
 import os
 import threading
 import time
-import warnings
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
@@ -445,7 +444,3 @@ def _describe_fault(e: BaseException) -> str:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return f"disk full or file too large: {e}"
     return f"{type(e).__name__}: {e}"
-
-
-def warn_once(message: str) -> None:
-    warnings.warn(f"tensorlog: {message}", RuntimeWarning, stacklevel=3)
