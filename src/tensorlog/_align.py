@@ -26,6 +26,7 @@ import functools
 import json
 import re
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -185,11 +186,28 @@ def _split_sizes(rule: SplitRule, width: int, dims: dict[str, Any], tp: int) -> 
     raise ValueError(f"qkv width {width} fits neither {total} nor a 1/{tp} shard of it")
 
 
+@dataclass
 class _Entry:
-    """One (module, tensor) of a virtual call: per-rank loaders and the rules that made it."""
+    """One (module, tensor) of a virtual call: per-rank loaders and the rules that made it.
 
-    def __init__(self, kind: str, key: str | None, ranks: list[_Loader], rules: list[str]) -> None:
-        self.kind, self.key, self.ranks, self.rules = kind, key, ranks, rules
+    ``base_name`` (the tensor's name without a rank suffix) and ``records`` are set when every
+    tensor of a call is compared; a module's primary output alone has neither.
+    """
+
+    kind: str
+    key: str | None
+    ranks: list[_Loader]
+    rules: list[str]
+    base_name: str | None = None
+    records: list[TensorRecord] = field(default_factory=list)
+
+    @property
+    def ident(self) -> str:
+        return self.base_name or "primary"
+
+    @property
+    def tensor_name(self) -> str:
+        return self.base_name or "outputs"
 
 
 def _module_entries(call_group: list[ModuleCall], spec: MappingSpec, dims: dict[str, Any], tp: int, cache: _Cache) -> dict[str, list[_Entry]]:
@@ -213,10 +231,7 @@ def _module_entries(call_group: list[ModuleCall], spec: MappingSpec, dims: dict[
             for t in c.tensors:
                 by_key.setdefault((t.kind, t.key, _strip_rank(t.name)), []).append(t)
         for (kind, key, base), recs in by_key.items():
-            e = _Entry(kind, key, [loader(r) for r in recs], list(rules))
-            e.base_name = base  # type: ignore[attr-defined]
-            e.records = recs  # type: ignore[attr-defined]
-            out.append(e)
+            out.append(_Entry(kind, key, [loader(r) for r in recs], list(rules), base_name=base, records=recs))
         return {name: out}
 
     per_rank = [_primary(c) for c in call_group]
@@ -225,7 +240,10 @@ def _module_entries(call_group: list[ModuleCall], spec: MappingSpec, dims: dict[
     for rule in spec.combine:
         if re.search(rule.pattern, ref.dirname) and len(per_rank[0]) > 1:
             def summed(recs: list[TensorRecord]) -> _Loader:
-                return lambda: functools.reduce(torch.add, [cache.get(id(r), r.load).double() for r in recs]).to(recs[0].load().dtype)
+                def load() -> torch.Tensor:
+                    parts = [cache.get(id(r), r.load) for r in recs]
+                    return functools.reduce(torch.add, [p.double() for p in parts]).to(parts[0].dtype)
+                return load
             return {name: [_Entry("outputs", None, [summed(recs) for recs in per_rank], rules + [f"sum of {len(per_rank[0])} outputs"])]}
     for rule in spec.split:
         if re.search(rule.pattern, ref.dirname):
@@ -382,7 +400,7 @@ def align_runs(run1: Run, run2: Run, spec: MappingSpec) -> tuple[Run, Run, list[
     for s, rows in c2.items():
         for name, _, entries in rows:
             for e in entries:
-                index2.setdefault((name, e.kind, _entry_id(e)), []).append((s, e))
+                index2.setdefault((name, e.kind, e.ident), []).append((s, e))
 
     steps1: dict[int, Step] = {}
     steps2: dict[int, Step] = {}
@@ -392,11 +410,11 @@ def align_runs(run1: Run, run2: Run, spec: MappingSpec) -> tuple[Run, Run, list[
             v1 = ModuleCall(step=s, dirname=name, module=name, cls=src.cls, seq_start=src.seq_start, seq_end=src.seq_end, position=src.position)
             v2 = ModuleCall(step=s, dirname=name, module=name, cls=src.cls, seq_start=src.seq_start, seq_end=src.seq_end, position=src.position)
             for e in entries:
-                matches = index2.get((name, e.kind, _entry_id(e)), [])
+                matches = index2.get((name, e.kind, e.ident), [])
                 if not by_tokens:
                     matches = [(s2, e2) for s2, e2 in matches if s2 == s]
                 if not matches:
-                    v1.outputs.append(_virtual(e, name, _tensor_name(e), lambda e=e: _merge_ranks([f() for f in e.ranks], None, shard_rule(name))[0], e.rules))
+                    v1.outputs.append(_virtual(e, name, e.tensor_name, lambda e=e: _merge_ranks([f() for f in e.ranks], None, shard_rule(name))[0], e.rules))
                     continue
                 make = _token_pair if by_tokens else _step_pair
                 rec1, rec2 = make(e, matches, name, s, info1, info2, key1, key2, shard_rule(name))
@@ -414,23 +432,15 @@ def align_runs(run1: Run, run2: Run, spec: MappingSpec) -> tuple[Run, Run, list[
             if name not in names1 and s in steps2:
                 v = ModuleCall(step=s, dirname=name, module=name, cls=src.cls, position=10**6 + src.position)
                 for e in entries:
-                    getattr(v, e.kind).append(_virtual(e, name, _tensor_name(e), lambda e=e: e.ranks[0](), e.rules))
+                    getattr(v, e.kind).append(_virtual(e, name, e.tensor_name, lambda e=e: e.ranks[0](), e.rules))
                 steps2[s].calls.append(v)
     v1 = Run(path=run1.path, manifest=run1.manifest, steps=steps1, layout=run1.layout, problems=run1.problems)
     v2 = Run(path=run2.path, manifest=run2.manifest, steps=steps2, layout=run2.layout, problems=run2.problems)
     return v1, v2, notes
 
 
-def _entry_id(e: _Entry) -> str:
-    return getattr(e, "base_name", None) or "primary"
-
-
-def _tensor_name(e: _Entry) -> str:
-    return getattr(e, "base_name", None) or "outputs"
-
-
 def _virtual(e: _Entry, module: str, name: str, load: _Loader, rules: list[str], extra: dict[str, Any] | None = None) -> TensorRecord:
-    first = getattr(e, "records", [None])[0]
+    first = e.records[0] if e.records else None
     meta: dict[str, Any] = {"kind": "tensor", "_loader": load, "mapping": "; ".join(rules) or None}
     if first is not None:
         meta.update({k: v for k, v in first.meta.items() if k in ("kind", "type", "value", "class")})
@@ -456,14 +466,14 @@ def _step_pair(e1: _Entry, matches: list[tuple[int, _Entry]], name: str, step: i
                     rec.meta["mapping"] = "; ".join(filter(None, [rec.meta.get("mapping"), how]))
         return state["t"]
 
-    r1 = _virtual(e1, name, _tensor_name(e1), lambda: both()[0], e1.rules, _shape_meta(e1))
-    r2 = _virtual(e2, name, _tensor_name(e1), lambda: both()[1], e2.rules, _shape_meta(e2))
+    r1 = _virtual(e1, name, e1.tensor_name, lambda: both()[0], e1.rules, _shape_meta(e1))
+    r2 = _virtual(e2, name, e1.tensor_name, lambda: both()[1], e2.rules, _shape_meta(e2))
     return r1, r2
 
 
 def _shape_meta(e: _Entry) -> dict[str, Any]:
-    recs = getattr(e, "records", None)
-    if recs and len(recs) == 1:
+    recs = e.records
+    if len(recs) == 1:
         return {k: recs[0].meta.get(k) for k in ("shape", "dtype") if recs[0].meta.get(k) is not None}
     return {}
 
@@ -497,6 +507,6 @@ def _token_pair(e1: _Entry, matches: list[tuple[int, _Entry]], name: str, step: 
         state["missing"] = len(rows1) - len(common)
         return state["t"]
 
-    r1 = _virtual(e1, name, _tensor_name(e1), lambda: both()[0], e1.rules)
-    r2 = _virtual(matches[0][1], name, _tensor_name(e1), lambda: both()[1], matches[0][1].rules + ["rows gathered by (request, position)"])
+    r1 = _virtual(e1, name, e1.tensor_name, lambda: both()[0], e1.rules)
+    r2 = _virtual(matches[0][1], name, e1.tensor_name, lambda: both()[1], matches[0][1].rules + ["rows gathered by (request, position)"])
     return r1, r2

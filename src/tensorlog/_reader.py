@@ -75,7 +75,7 @@ class TensorRecord:
     def nbytes(self) -> int:
         numel = self.meta.get("numel") or 0
         try:
-            return numel * torch.empty((), dtype=_dtype(self.dtype)).element_size()
+            return numel * _dtype(self.dtype).itemsize
         except (TypeError, ValueError, RuntimeError):
             return numel * 4
 
