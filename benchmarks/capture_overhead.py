@@ -46,7 +46,7 @@ def build(kind: str, device: str) -> tuple[torch.nn.Module, dict[str, Any]]:
         model = LlamaForCausalLM(cfg).eval().to(device)
         ids = torch.randint(0, 2000, (1, 128), generator=torch.Generator().manual_seed(0)).to(device)
         return model, {"input_ids": ids, "use_cache": False}
-    from tensorlog._demo import TinyLlama, TinyLlamaConfig
+    from tensorlog.demo.model import TinyLlama, TinyLlamaConfig
 
     cfg = TinyLlamaConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2752, num_hidden_layers=8,
                           num_attention_heads=16, num_key_value_heads=4)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import tensorlog
-from tensorlog._demo import TinyLlama
+from tensorlog.demo.model import TinyLlama
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import tensorlog
-from tensorlog import _metrics
-from tensorlog._metrics import compare_tensors
+from tensorlog.compare import metrics as _metrics
+from tensorlog.compare.metrics import compare_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 

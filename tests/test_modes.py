@@ -65,7 +65,7 @@ def test_md5_mode_checksums_are_equal_for_equal_tensors_and_differ_after_one_ulp
     assert diff.exit_code == 1 and not diff.first_divergence  # the input itself differs: nothing is born inside
     assert {m.module: m.verdict for m in diff.modules}["fc1"] == "inherited"
     assert any(t.note == "checksums differ (not bit-exact)" for m in diff.modules for t in m.tensors)
-    from tensorlog._report import headline
+    from tensorlog.report.compare import headline
 
     assert "the inputs of `fc1` (step 0), the first logged module to see it, already differ" in headline(diff)
 

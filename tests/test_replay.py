@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tensorlog
-from tensorlog._demo import TinyLlama
+from tensorlog.demo.model import TinyLlama
 
 
 def _capture(model, out, name, ids):
@@ -43,7 +43,7 @@ def test_replay_isolates_the_perturbed_module_despite_upstream_noise(tmp_path):
     with_replay = tensorlog.compare(a, b, replay=result)
     rows = {m.module: m for m in with_replay.modules}
     assert rows["model.layers.2.mlp"].added_share == top.share
-    from tensorlog._report import headline, render_markdown
+    from tensorlog.report.compare import headline, render_markdown
 
     assert "`model.layers.2.mlp` adds" in headline(with_replay)
     assert "added error (isolated)" in render_markdown(with_replay)

@@ -7,12 +7,12 @@ Example:
     >>> tensorlog.load_run(run.path)
 """
 
-from ._capture import AnomalyError, CaptureHandle, capture
-from ._debugger import Debugger
-from ._compare import Comparison, compare
-from ._config import ConfigError, LogConfig, load_config
-from ._reader import Run, RunReadError, load_run
-from ._replay import ReplayResult, replay
+from .capture.handle import AnomalyError, CaptureHandle, capture
+from .capture.debugger import Debugger
+from .compare.engine import Comparison, compare
+from .config import ConfigError, LogConfig, load_config
+from .formats.tensorlog import Run, RunReadError, load_run
+from .compare.replay import ReplayResult, replay
 
 __version__ = "0.1.0"
 

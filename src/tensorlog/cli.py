@@ -42,8 +42,8 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from ._reader import load_run
-    from ._render import render_run
+    from .formats.tensorlog import load_run
+    from .report.inspect import render_run
 
     run = load_run(args.run)
     render_run(run, _stdout(), steps=_parse_steps(args.steps), modules=_parse_list(args.modules))
@@ -62,7 +62,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ._demo_cli import run_demo, run_vllm_demo
+    from .demo.commands import run_demo, run_vllm_demo
 
     return (run_vllm_demo if args.engine == "vllm" else run_demo)(args.output_dir, _stdout())
 
@@ -94,8 +94,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ._compare import compare
-    from ._report import render
+    from .compare.engine import compare
+    from .report.compare import render
 
     fmt = args.format or _format_from_suffix(args.output)
     modules = _parse_list(args.modules)
@@ -114,7 +114,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             Path(args.output).write_text(text, encoding="utf-8")
         except OSError as e:
             raise _UsageError(f"cannot write report to {args.output}: {e.strerror or e}") from None
-        from ._report import headline
+        from .report.compare import headline
 
         _stderr().print(f"{headline(result)}\nreport written to {args.output}", markup=False, highlight=False)
     else:
@@ -127,7 +127,7 @@ def _read_replay(path: str | None) -> "Any":
         return None
     from pydantic import ValidationError
 
-    from ._replay import ReplayResult
+    from .compare.replay import ReplayResult
 
     try:
         return ReplayResult.model_validate_json(Path(path).read_text(encoding="utf-8"))
@@ -208,7 +208,7 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from ._replay import replay
+    from .compare.replay import replay
     from .integrations.transformers import load_causal_lm
 
     model = load_causal_lm(args.model, dtype=args.dtype)
@@ -218,7 +218,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             Path(args.output).write_text(result.model_dump_json(indent=1), encoding="utf-8")
         except OSError as e:
             raise _UsageError(f"cannot write {args.output}: {e.strerror or e}") from None
-    from ._report import render_replay
+    from .report.compare import render_replay
 
     _stdout().print(render_replay(result), markup=False, highlight=False)
     return EXIT_OK
@@ -240,7 +240,7 @@ def _add_vllm(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_vllm(args: argparse.Namespace) -> int:
-    from .integrations.vllm import launch
+    from .integrations.vllm.plugin import launch
 
     return launch(args.vllm_command, args.args)
 
@@ -296,8 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a subcommand, turning the library's errors into one line on stderr and exit code 2."""
-    from ._config import ConfigError
-    from ._reader import RunReadError
+    from .config import ConfigError
+    from .formats.tensorlog import RunReadError
 
     try:
         return int(func(args))

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from .._capture import CaptureHandle, capture
-from .._config import ConfigError, ConfigLike, load_config
+from ..capture.handle import CaptureHandle, capture
+from ..config import ConfigError, ConfigLike, load_config
 
 __all__ = ["capture_generate", "attach_step_info", "run_facts"]
 
@@ -24,7 +24,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def run_facts(model: Any) -> dict[str, Any]:
-    from .vllm import model_dims
+    from .vllm.plugin import model_dims
 
     facts: dict[str, Any] = {"framework": "transformers"}
     try:
@@ -128,7 +128,7 @@ def capture_generate(
 def _record_model_path(run_dir: Path, model: str) -> None:
     import json
 
-    from .._writer import write_json
+    from ..storage.writer import write_json
 
     manifest_path = run_dir / "run.json"
     data = json.loads(manifest_path.read_text())

@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 import torch
 
-from . import _layout
-from ._tensors import STAT_KEYS, small_values, stats_row_to_dict, stats_tensor
+from ..schema import names as _layout
+from ..capture.flatten import STAT_KEYS, small_values, stats_row_to_dict, stats_tensor
 
 __all__ = ["Writer", "CallRecord", "TensorSnapshot", "RunStopped", "atomic_write"]
 

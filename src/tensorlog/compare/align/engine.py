@@ -33,8 +33,8 @@ from typing import Any, Callable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ._config import ConfigError
-from ._reader import ModuleCall, Run, Step, TensorRecord
+from ...config import ConfigError
+from ...formats.tensorlog import ModuleCall, Run, Step, TensorRecord
 
 __all__ = ["MappingSpec", "PRESETS", "load_mapping", "align_runs", "detect_preset"]
 

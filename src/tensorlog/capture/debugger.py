@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from ._capture import CaptureHandle
-from ._config import ConfigError, ConfigLike, load_config
+from .handle import CaptureHandle
+from ..config import ConfigError, ConfigLike, load_config
 
 __all__ = ["Debugger"]
 

@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _layout
-from ._metrics import _num
-from ._reader import ModuleCall, Run, RunReadError, Step, TensorRecord
+from ..schema import names as _layout
+from ..compare.metrics import _num
+from .tensorlog import ModuleCall, Run, RunReadError, Step, TensorRecord
 
 __all__ = ["is_msprobe_dump", "load_msprobe_dump"]
 

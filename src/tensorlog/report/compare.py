@@ -10,8 +10,8 @@ import html
 import math
 from typing import Callable
 
-from ._compare import Comparison, ModuleResult, TensorResult
-from ._replay import ReplayResult
+from ..compare.engine import Comparison, ModuleResult, TensorResult
+from ..compare.replay import ReplayResult
 
 __all__ = ["render", "render_markdown", "render_json", "render_html", "FORMATS", "headline"]
 

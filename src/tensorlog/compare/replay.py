@@ -15,9 +15,9 @@ from typing import Any, Iterable
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ._metrics import TensorMetrics, compare_tensors
-from ._reader import ModuleCall, Run, RunReadError, TensorRecord, load_run
-from ._tensors import flatten_outputs
+from .metrics import TensorMetrics, compare_tensors
+from ..formats.tensorlog import ModuleCall, Run, RunReadError, TensorRecord, load_run
+from ..capture.flatten import flatten_outputs
 
 __all__ = ["replay", "ReplayResult", "ReplayedModule", "relative_error"]
 

@@ -20,10 +20,10 @@ from typing import Any, Callable, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ._align import MappingSpec, align_runs, detect_preset, load_mapping
-from ._metrics import TensorMetrics, compare_stats, compare_tensors
-from ._reader import ModuleCall, Run, RunReadError, TensorRecord, load_run
-from ._replay import ReplayResult
+from .align.engine import MappingSpec, align_runs, detect_preset, load_mapping
+from .metrics import TensorMetrics, compare_stats, compare_tensors
+from ..formats.tensorlog import ModuleCall, Run, RunReadError, TensorRecord, load_run
+from .replay import ReplayResult
 
 __all__ = ["compare", "Comparison", "ModuleResult", "TensorResult", "Divergence", "SCHEMA_VERSION"]
 

@@ -12,7 +12,7 @@ from typing import Iterable
 
 import torch
 
-from ._config import LogConfig, split_call_index
+from ..config import LogConfig, split_call_index
 
 __all__ = ["Selector"]
 

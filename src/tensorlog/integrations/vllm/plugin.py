@@ -37,9 +37,9 @@ from typing import Any, Callable
 
 import torch
 
-from .._capture import CaptureHandle, RunInfo
-from .._config import ConfigError, LogConfig, load_config
-from .._writer import atomic_write
+from ...capture.handle import CaptureHandle, RunInfo
+from ...config import ConfigError, LogConfig, load_config
+from ...storage.writer import atomic_write
 
 __all__ = ["register", "resolve_config", "VLLM_OUTPUT_DIR", "PassDumpConfig"]
 

@@ -1,4 +1,4 @@
-"""``python -m tensorlog.integrations.vllm_demo MODEL OUTPUT_DIR RUN_NAME IDS MAX_TOKENS``: one vLLM capture.
+"""``python -m tensorlog.demo.vllm_child MODEL OUTPUT_DIR RUN_NAME IDS MAX_TOKENS``: one vLLM capture.
 
 Run in its own process by ``tensorlog demo --engine vllm``: vLLM keeps
 process-wide state and its engine wants a ``__main__`` guard.

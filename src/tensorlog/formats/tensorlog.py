@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import torch
 
-from . import _layout
+from ..schema import names as _layout
 
 __all__ = ["load_run", "Run", "Step", "ModuleCall", "TensorRecord", "RunReadError"]
 
@@ -262,7 +262,7 @@ def resolve_run_dir(path: str | Path) -> Path:
 
 
 def _is_run_dir(p: Path) -> bool:
-    from . import _foreign
+    from . import passdump as _foreign
 
     try:
         names = [c.name for c in p.iterdir()]
@@ -289,7 +289,7 @@ def load_run(path: str | Path) -> Run:
         >>> [c.dirname for c in run.steps[0].calls][:3]
         ['model.embed_tokens', 'model.layers.0', 'model.layers.0.input_layernorm']
     """
-    from . import _foreign
+    from . import passdump as _foreign
 
     p = resolve_run_dir(path)
     foreign = _foreign.detect(p)

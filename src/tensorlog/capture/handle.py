@@ -28,11 +28,11 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from . import _layout
-from ._config import ConfigLike, LogConfig, load_config
-from ._selection import Selector
-from ._tensors import TensorMeta, describe_value, flatten_inputs_with_structure, flatten_outputs, stats_tensor
-from ._writer import CallRecord, TensorSnapshot, Writer, write_json
+from ..schema import names as _layout
+from ..config import ConfigLike, LogConfig, load_config
+from .selection import Selector
+from .flatten import TensorMeta, describe_value, flatten_inputs_with_structure, flatten_outputs, stats_tensor
+from ..storage.writer import CallRecord, TensorSnapshot, Writer, write_json
 
 __all__ = ["capture", "CaptureHandle", "RunInfo", "AnomalyError"]
 
@@ -382,7 +382,7 @@ class CaptureHandle:
         d = self.path / _layout.step_dir(step)
         d.mkdir(parents=True, exist_ok=True)
         data = "".join(f"{name}\n" for name in order).encode()
-        from ._writer import atomic_write
+        from ..storage.writer import atomic_write
 
         atomic_write(d / _layout.calls_file(self._info.file_rank), lambda f: f.write(data))
         self._steps_written.append(step)
@@ -702,7 +702,7 @@ class CaptureHandle:
         """Claim the run directory: the manifest is created exclusively, so two processes given the
         same run name cannot both write into it (the second is refused, or with
         ``unique_run_name`` gets ``<name>-1``, ``<name>-2``, ...)."""
-        from ._config import ConfigError
+        from ..config import ConfigError
 
         base, n = self.path, 0
         while True:
@@ -723,7 +723,7 @@ class CaptureHandle:
                 raise ConfigError(f"cannot create output directory {self.path}: {e.strerror or e}") from None
 
     def _write_manifest(self, *, complete: bool) -> None:
-        from . import __version__
+        from .. import __version__
 
         w = self._writer
         manifest = {
@@ -860,7 +860,7 @@ def capture(model: torch.nn.Module, config: ConfigLike | None = None, /, **overr
     if overrides:
         cfg = load_config({**cfg.model_dump(exclude_unset=True), **overrides})
     if type(model).__module__.startswith("transformers."):
-        from .integrations.transformers import attach_step_info, run_facts
+        from ..integrations.transformers import attach_step_info, run_facts
 
         handle = CaptureHandle(model, cfg, info=RunInfo(**run_facts(model)))
         attach_step_info(handle, model)

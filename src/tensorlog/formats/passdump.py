@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._reader import ModuleCall, Run, RunReadError, Step, TensorRecord
+from .tensorlog import ModuleCall, Run, RunReadError, Step, TensorRecord
 
 __all__ = ["detect"]
 
@@ -107,13 +107,13 @@ def _load_pass_dump(path: Path) -> Run:
 
 
 def _is_msprobe(path: Path) -> bool:
-    from ._msprobe import is_msprobe_dump
+    from .msprobe import is_msprobe_dump
 
     return is_msprobe_dump(path)
 
 
 def _load_msprobe(path: Path) -> Run:
-    from ._msprobe import load_msprobe_dump
+    from .msprobe import load_msprobe_dump
 
     return load_msprobe_dump(path)
 
