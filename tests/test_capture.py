@@ -70,9 +70,10 @@ def test_reference_config_file_example_gives_reference_layout(hf_llama, prompt, 
     assert set(calls) == EXPECTED_MODULES
     manifest = json.loads((run.path / "run.json").read_text())
     assert manifest["complete"] is True
-    assert manifest["steps_written"] == [0, 1]
+    assert manifest["steps_written"] == [[0, 1]]  # ranges: an all-day run stays small
     assert manifest["config"]["module_call_match"] == REFERENCE_PATTERNS
     assert manifest["model_class"].endswith("LlamaForCausalLM")
+    assert tensorlog.load_run(run.path).manifest.steps_done() == [0, 1]
 
 
 def test_saved_tensors_equal_what_an_independent_hook_sees(hf_llama, prompt, out_dir):
@@ -92,15 +93,17 @@ def test_saved_tensors_equal_what_an_independent_hook_sees(hf_llama, prompt, out
     finally:
         for h in handles:
             h.remove()
+    step = tensorlog.load_run(run.path).steps[0]
     for name in names:
         d = run.path / "step_0" / name
         assert torch.equal(torch.load(d / "inputs_0_cpu.pt"), seen[name][0])
         assert torch.equal(torch.load(d / "outputs_cpu.pt"), seen[name][1])
-        meta = json.loads((d / "outputs.json").read_text())["outputs"][0]
+        out = step.call(name).outputs[0]
         t = seen[name][1]
-        assert meta["shape"] == list(t.shape) and meta["dtype"] == "torch.float32"
-        assert meta["stats"]["max"] == pytest.approx(t.max().item())
-        assert meta["stats"]["l2_norm"] == pytest.approx(t.norm().item(), rel=1e-5)
+        assert out.shape == tuple(t.shape) and out.dtype == "torch.float32"
+        assert out.stats["max"] == pytest.approx(t.max().item())
+        assert out.stats["std"] == pytest.approx(t.std().item(), rel=1e-5)
+        assert out.stats["l2_norm"] == pytest.approx(t.norm().item(), rel=1e-5)
 
 
 def test_capture_does_not_change_outputs_and_removes_its_hooks(hf_llama, prompt, out_dir):
@@ -158,22 +161,27 @@ def test_dict_tuple_kwargs_and_non_tensor_values(out_dir):
     with torch.no_grad(), tensorlog.capture(model, {"output_dir": str(out_dir), "module_call_match": "head"}) as run:
         model(torch.randn(2, 4))
     d = run.path / "step_0" / "head"
-    assert sorted(p.name for p in d.glob("*.pt")) == ["inputs_0_cpu.pt", "outputs_pair.0_cpu.pt", "outputs_y_cpu.pt"]
-    inputs = json.loads((d / "inputs.json").read_text())["inputs"]
-    by_name = {e["name"]: e for e in inputs}
-    assert by_name["scale"] == {"name": "scale", "kind": "value", "type": "float", "value": 2.0}
-    assert by_name["tag"]["value"] == "t"
-    outputs = {e["name"]: e for e in json.loads((d / "outputs.json").read_text())["outputs"]}
-    assert outputs["pair.1"]["type"] == "NoneType"
+    # the reference's names: dict keys and tuple positions join with "_"; keyword tensors are named after the keyword
+    assert sorted(p.name for p in d.glob("*.pt")) == ["inputs_0_cpu.pt", "outputs_pair_0_cpu.pt", "outputs_y_cpu.pt"]
+    # the reference's json: the positional inputs' structure only
+    assert json.loads((d / "inputs.json").read_text()) == {"type": "tuple", "items": [
+        {"type": "tensor", "shape": [2, 4], "dtype": "torch.float32", "numel": 8}]}
+    outputs_doc = json.loads((d / "outputs.json").read_text())
+    assert outputs_doc["type"] == "dict" and outputs_doc["items"]["pair"]["items"][1] is None
+    call = tensorlog.load_run(run.path).steps[0].call("head")
+    by_key = {t.key: t for t in call.inputs}
+    assert by_key["scale"].entry.value.model_dump() == {"type": "float", "value": 2.0, "class_name": None}
+    assert by_key["tag"].entry.value.value == "t"
+    assert {t.key: t for t in call.outputs}["pair_1"].entry.value.type == "NoneType"
 
 
 def test_small_tensors_carry_their_values_in_json(out_dir):
     lin = nn.Sequential(nn.Linear(2, 3))
     with torch.no_grad(), tensorlog.capture(lin, {"output_dir": str(out_dir)}) as run:
         y = lin(torch.tensor([[1.0, 2.0]]))
-    meta = json.loads((run.path / "step_0" / "0" / "outputs.json").read_text())["outputs"][0]
-    assert meta["values"] == y.tolist()  # float32 -> python float is exact
-    assert meta["numel"] == 3 and meta["contiguous"] is True and meta["stride"] == [3, 1]
+    out = tensorlog.load_run(run.path).steps[0].call("0").outputs[0]
+    assert out.entry.values == y.tolist()  # float32 -> python float is exact
+    assert out.entry.numel == 3 and out.entry.stride == [3, 1]
 
 
 def test_step_selection_under_generate(hf_llama, prompt, out_dir):
@@ -181,8 +189,7 @@ def test_step_selection_under_generate(hf_llama, prompt, out_dir):
     with torch.no_grad(), tensorlog.capture(hf_llama, cfg) as run:
         hf_llama.generate(prompt, max_new_tokens=5, do_sample=False)
     assert _dirs(run.path) == {"step_1", "step_3"}
-    manifest = json.loads((run.path / "run.json").read_text())
-    assert manifest["steps_written"] == [1, 3]
+    assert tensorlog.load_run(run.path).manifest.steps_done() == [1, 3]
 
 
 def test_hooks_are_attached_only_during_selected_steps(hf_llama, prompt, out_dir):
@@ -204,9 +211,11 @@ def test_max_tensor_size_keeps_metadata_but_no_file(out_dir):
         model(torch.randn(1, 8))
     d0 = run.path / "step_0" / "0"
     assert sorted(p.name for p in d0.glob("*.pt")) == ["inputs_0_cpu.pt"]  # 8 elements kept, 64 skipped
-    out = json.loads((d0 / "outputs.json").read_text())["outputs"][0]
-    assert out["skipped"] == "max_tensor_size" and "file" not in out
-    assert out["shape"] == [1, 64] and "stats" in out
+    out = tensorlog.load_run(run.path).steps[0].call("0").outputs[0]
+    assert out.entry.skipped == "max_tensor_size" and out.source is None
+    assert out.shape == (1, 64) and out.stats is not None
+    # a single output's sidecar would be called outputs.json, the reference's own structure file: it stays intact
+    assert json.loads((d0 / "outputs.json").read_text())["type"] == "tensor"
 
 
 def test_device_names_that_match_nothing_log_nothing(hf_llama, prompt, out_dir):

@@ -170,13 +170,13 @@ def test_steps_modules_output_and_verbose_flags(tmp_path):
     r = cli("--dir1", a, "--dir2", b, "--modules", "^block,^head$", "--output", out, "--steps", "0")
     assert r.returncode == 1 and r.stdout == ""
     data = json.loads(out.read_text())
-    assert data["schema_version"] == 1 and data["type"] == "comparison"
+    assert data["schema_version"] == 2 and data["type"] == "comparison"
     assert {m["module"] for m in data["modules"]} == {"block1", "block1.0", "block1.1", "block2", "block2.0", "block2.1", "head"}
     assert data["first_divergence"][0]["module"] == "head"
     r = cli("--dir1", a, "--dir2", b, "--modules", "block", "--steps", "0")
     assert r.returncode == 0  # only blocks compared: they match
     r = cli("--dir1", a, "--dir2", b, "--steps", "5")
-    assert r.returncode == 0 and "steps: none" in r.stdout
+    assert r.returncode == 2 and "steps: none" in r.stdout and "NOTHING COMPARED" in r.stdout  # never "all 0 match"
     quiet = cli("--dir1", a, "--dir2", b).stdout
     loud = cli("--dir1", a, "--dir2", b, "--verbose").stdout
     assert "outputs_cpu" not in quiet and "outputs_cpu" in loud and "min atol to pass" in loud
@@ -188,12 +188,13 @@ def test_reference_command_lines_run_unchanged(tmp_path):
     run1 = _capture(model, tmp_path, "run1", x, log_step_ids=[])
     run2 = _capture(model, tmp_path, "run2", x, log_step_ids=[])
     r = cli("--dir1", run1, "--dir2", run2, tool=True)
-    assert r.returncode == 0 and r.stdout.startswith("# tensorlog comparison")
+    assert r.returncode == 0 and r.stdout.startswith("# Intermediate Logging Comparison Report")
     report = tmp_path / "comparison_report.md"
     r = cli("--dir1", run1, "--dir2", run2, "--steps", "0,1", "--modules", ".*attention.*,.*mlp.*",
             "--rtol", "1e-4", "--atol", "1e-7", "--output", report, tool=True)
     assert r.returncode == 0, r.stderr
-    assert "rtol=0.0001, atol=1e-07" in report.read_text()
+    text = report.read_text()
+    assert "- Relative tolerance (rtol): 0.0001" in text and "- Absolute tolerance (atol): 1e-07" in text
 
 
 def test_one_side_only_shape_and_dtype_mismatches_are_reported(tmp_path):

@@ -81,13 +81,50 @@ def test_rank_ranges_expand():
     assert load_config({"ranks": [0, "2-4"]}).ranks == [0, 2, 3, 4]
 
 
-def test_output_dir_that_cannot_be_created(tmp_path):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("")
+@pytest.mark.parametrize("where", ["under_a_file", "is_a_file"])
+def test_an_unusable_output_dir_is_one_warning_and_the_model_runs(tmp_path, where):
     import torch
 
-    with pytest.raises(ConfigError, match="cannot create output directory"):
-        tensorlog.capture(torch.nn.Linear(1, 1), {"output_dir": str(blocker / "sub")})
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = str(blocker / "sub") if where == "under_a_file" else str(tmp_path)
+    cfg = {"output_dir": out, "run_name": "a_file"} if where == "is_a_file" else {"output_dir": out}
+    model = torch.nn.Linear(2, 2)
+    x = torch.randn(1, 2)
+    with pytest.warns(RuntimeWarning, match="not logging this run") as seen:
+        with tensorlog.capture(model, cfg) as run:
+            assert torch.equal(model(x), torch.nn.functional.linear(x, model.weight, model.bias))
+    assert len(seen) == 1 and not run.enabled and run.stopped_reason
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"output_dir": ""}, "is empty"),
+    ({"output_dir": "/"}, "root directory"),
+    ({"output_dir": "/tmp/a\x00b"}, "NUL"),
+    ({"module_call_match": "(a+)+$"}, "exponential"),
+    ({"module_call_match": ["ok", "(x|xy)*z"]}, "alternation"),
+])
+def test_unsafe_paths_and_patterns_are_refused_in_one_line(bad, needle):
+    with pytest.raises(ConfigError, match=needle) as e:
+        load_config(bad)
+    assert "\n" not in str(e.value)
+
+
+def test_the_reference_patterns_with_lookaheads_are_accepted():
+    cfg = load_config({"module_call_match": ["layers\\.0\\.(?!.*rotary_emb).*", "rotary_emb:0", "(foo|bar)+", "(\\w+\\.)?x"]})
+    assert len(cfg.module_call_match) == 4
+
+
+def test_a_config_nested_100k_deep_is_one_line_error():
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config("{" + '"a":' * 1 + "[" * 100_000 + "]" * 100_000 + "}")
+
+
+def test_with_overrides_keeps_the_run_name():
+    cfg = load_config({})
+    assert cfg.with_overrides(log_step_ids=[3]).run_name == cfg.run_name
+    assert cfg.with_overrides(run_name="x").run_name == "x"
 
 
 _json = st.recursive(

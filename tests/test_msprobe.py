@@ -36,7 +36,7 @@ def test_msprobe_dumps_load_as_runs(dumps, name, first):
         assert [c.dirname for c in calls] == ["seq", "seq.0", "seq.1", "seq.2", "block", "block.proj", "block.proj_1", "block.norm", "head"]
     if name.startswith("tensor"):
         t = run.steps[0].call("block.proj_1").outputs[0]
-        assert t.path is not None and t.load().shape == (3, 8)
+        assert t.source is not None and t.load().shape == (3, 8)
     else:
         assert all(t.stats for c in calls for t in c.tensors if t.is_tensor)
 

@@ -43,9 +43,9 @@ def test_replay_isolates_the_perturbed_module_despite_upstream_noise(tmp_path):
     with_replay = tensorlog.compare(a, b, replay=result)
     rows = {m.module: m for m in with_replay.modules}
     assert rows["model.layers.2.mlp"].added_share == top.share
-    from tensorlog.report.compare import headline, render_markdown
+    from tensorlog.report import headline, render_markdown
 
-    assert "`model.layers.2.mlp` adds" in headline(with_replay)
+    assert "Replay: `model.layers.2.mlp` adds" in headline(with_replay)
     assert "added error (isolated)" in render_markdown(with_replay)
 
 
@@ -68,9 +68,71 @@ def test_replay_cli_on_hf_decoder_layers(tmp_path):
         assert r.returncode == 0, r.stderr
     r = tl("replay", "--model", tmp_path / "b", "--run", tmp_path / "runs" / "a", "--modules", r"layers\.\d+$", "--output", tmp_path / "replay.json")
     assert r.returncode == 0, r.stderr
-    assert "`model.layers.1` adds 100% of the error by itself" in r.stdout
+    assert "`model.layers.1` adds the most error beyond its precision floor" in r.stdout and "100% of the total" in r.stdout
     data = json.loads((tmp_path / "replay.json").read_text())
     assert [m["status"] for m in data["modules"]] == ["ok", "ok", "ok"]
+    assert "self-replay reproduced run A on 3 module call(s)" in data["self_check"]  # model A, from run.json
     r = tl("compare", "--dir1", tmp_path / "runs" / "a", "--dir2", tmp_path / "runs" / "b", "--replay", tmp_path / "replay.json")
     assert r.returncode == 1 and "added error (isolated)" in r.stdout
     assert "First divergence: step 0: `model.layers.1.self_attn.o_proj`" in r.stdout
+
+
+def _hf_llama(seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def fp32_run(tmp_path_factory):
+    """Run A: a float32 tiny HF Llama, 8 prompt tokens then 2 decode steps, every step logged."""
+    model_a = _hf_llama()
+    out = tmp_path_factory.mktemp("replay")
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
+    with torch.no_grad(), tensorlog.capture(model_a, {"output_dir": str(out), "run_name": "a", "log_step_ids": []}) as run:
+        model_a.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    return model_a, run.path
+
+
+def test_a_self_replay_is_exact_on_every_step_prefill_and_decode(fp32_run):
+    # 0.1 replayed decode steps without their KV cache: layer 0 showed an error of 1.84 against itself
+    model_a, run_a = fp32_run
+    res = tensorlog.replay(model_a, run_a, model_a=model_a, modules=[r"layers\.\d+$", r"self_attn$"])
+    assert {m.step for m in res.modules} == {0, 1, 2}
+    assert all(m.status == "ok" for m in res.modules), [(m.step, m.module, m.note) for m in res.modules if m.status != "ok"]
+    assert max(m.isolated_error for m in res.modules) == 0.0 and max(m.self_error for m in res.modules) == 0.0
+    assert "self-replay reproduced run A on 24 module call(s)" in res.self_check
+
+
+def _bf16(model_a, defect: bool):
+    model_b = copy.deepcopy(model_a).to(torch.bfloat16)
+    if defect:  # relative noise 1e-2 on one layer's down_proj: 1e-3 of relative L2 where bf16 adds ~4e-3 everywhere
+        w = model_b.model.layers[2].mlp.down_proj.weight
+        with torch.no_grad():
+            w.add_((torch.randn(w.shape, generator=torch.Generator().manual_seed(1)) * w.float().abs().mean() * 1e-2).to(w.dtype))
+    return model_b
+
+
+@pytest.mark.parametrize("level, culprit", [(r"layers\.\d+$", "model.layers.2"), (r"layers\.\d+\.mlp$", "model.layers.2.mlp"),
+                                            (r"down_proj$", "model.layers.2.mlp.down_proj")])
+def test_a_defect_stands_out_above_the_bf16_noise_floor_at_every_level(fp32_run, level, culprit):
+    model_a, run_a = fp32_run
+    res = tensorlog.replay(_bf16(model_a, defect=True), run_a, model_a=model_a, modules=[level])
+    for step in (0, 1, 2):
+        top = res.top(step)
+        assert top.module == culprit and top.stands_out, [(m.module, m.isolated_error, m.floor_error, m.excess) for m in res.ranked(step)]
+        others = [m for m in res.ranked(step) if m.module != culprit]
+        assert not any(m.stands_out for m in others)
+        assert top.floor_error > 0 and top.excess > 0  # bf16 alone adds error in every module; the defect adds more
+
+
+def test_without_a_defect_no_module_stands_out(fp32_run):
+    model_a, run_a = fp32_run
+    res = tensorlog.replay(_bf16(model_a, defect=False), run_a, model_a=model_a, modules=[r"layers\.\d+$"])
+    assert res.ranked() and not any(m.stands_out for m in res.ranked())
+    assert all(m.isolated_error > 0 for m in res.ranked())  # bf16 differs from fp32 everywhere: it is all floor
+    from tensorlog.report.replay import replay_headline
+
+    assert replay_headline(res).startswith("No module adds error beyond its precision floor")

@@ -7,29 +7,37 @@ Example:
     >>> tensorlog.load_run(run.path)
 """
 
-from .capture.handle import AnomalyError, CaptureHandle, capture
-from .capture.debugger import Debugger
-from .compare.engine import Comparison, compare
-from .config import ConfigError, LogConfig, load_config
-from .formats.tensorlog import Run, RunReadError, load_run
-from .compare.replay import ReplayResult, replay
+from .api import capture, replay
+from .capture import CaptureHandle, Debugger
+from .compare import Comparison, compare
+from .compare.replay import ReplayResult
+from .config import LogConfig, load_config
+from .errors import (
+    AlignmentError, AnomalyError, ConfigError, DependencyError, GraftError, RunReadError, TensorlogError, UsageError,
+)
+from .formats import Run, load_run
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "capture",
     "CaptureHandle",
     "Debugger",
-    "AnomalyError",
     "LogConfig",
     "load_config",
-    "ConfigError",
     "load_run",
     "Run",
-    "RunReadError",
     "compare",
+    "Comparison",
     "replay",
     "ReplayResult",
-    "Comparison",
+    "TensorlogError",
+    "ConfigError",
+    "UsageError",
+    "RunReadError",
+    "AlignmentError",
+    "AnomalyError",
+    "GraftError",
+    "DependencyError",
     "__version__",
 ]

@@ -2,23 +2,38 @@
 
 Each subcommand parses its flags, calls the library, and turns the result
 into an exit code: 0 success, 1 a comparison found a mismatch, 2 bad usage or
-unreadable data (with a one-line message on stderr, never a traceback).
+unreadable data, with one line on stderr, never a traceback. Runs are named
+the same way everywhere: positionally (``tensorlog compare RUN1 RUN2``);
+``compare`` also takes the reference's ``--dir1`` / ``--dir2``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 from rich.console import Console
 
-__all__ = ["main"]
+from .errors import TensorlogError
+
+__all__ = ["main", "compare_il_main"]
 
 EXIT_OK, EXIT_MISMATCH, EXIT_ERROR = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A command-line mistake: reported in one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``tensorlog: error: ...``) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        _stderr().print(f"tensorlog: error: {self.prog}: {message}", style="red", markup=False, highlight=False)
+        raise SystemExit(EXIT_ERROR)
 
 
 def _stdout() -> Console:
@@ -30,30 +45,64 @@ def _stderr() -> Console:
     return Console(stderr=True, soft_wrap=True)
 
 
+# -- argument types and shared options -------------------------------------------------------
+
+
+def regex_list(text: str) -> list[str]:
+    """Comma-separated regexes, each checked now (compiles, and cannot take exponential time)."""
+    from .config import compile_pattern
+
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    for p in items:
+        try:
+            compile_pattern(p)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return items
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated integers, got {text!r}") from None
+
+
+def _parents() -> dict[str, argparse.ArgumentParser]:
+    """Options that several subcommands share, each defined once."""
+    tol = _Parser(add_help=False)
+    tol.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance (default: 1e-5)")
+    tol.add_argument("--atol", type=float, default=1e-8, help="absolute tolerance (default: 1e-8)")
+    sel = _Parser(add_help=False)
+    sel.add_argument("--steps", type=int_list, help="comma-separated steps (default: all)")
+    sel.add_argument("--modules", type=regex_list, help="comma-separated regexes of module names (default: all)")
+    model = _Parser(add_help=False)
+    model.add_argument("--model", required=True, help="an HF checkpoint directory (or a hub id where the network allows)")
+    model.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    return {"tol": tol, "select": sel, "model": model}
+
+
 # -- inspect ------------------------------------------------------------------------
 
 
-def _add_inspect(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="show the steps, modules and tensors of a run")
+def _add_inspect(sub: argparse._SubParsersAction, parents: dict[str, argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("inspect", help="show the steps, modules and tensors of a run", parents=[parents["select"]])
     p.add_argument("run", help="run directory (or an output dir holding exactly one run)")
-    p.add_argument("--steps", help="comma-separated steps to show (default: all)")
-    p.add_argument("--modules", help="comma-separated regexes of module names to show")
     p.set_defaults(func=_cmd_inspect)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .formats.tensorlog import load_run
+    from .formats import load_run
     from .report.inspect import render_run
 
-    run = load_run(args.run)
-    render_run(run, _stdout(), steps=_parse_steps(args.steps), modules=_parse_list(args.modules))
+    render_run(load_run(args.run), _stdout(), steps=args.steps, modules=args.modules)
     return EXIT_OK
 
 
 # -- demo ---------------------------------------------------------------------------
 
 
-def _add_demo(sub: argparse._SubParsersAction) -> None:
+def _add_demo(sub: argparse._SubParsersAction, parents: dict[str, argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="capture a tiny built-in model and show the result (offline)")
     p.add_argument("--output-dir", default=None, help="where to write the demo runs (default: a fresh temp dir)")
     p.add_argument("--engine", choices=["torch", "vllm"], default="torch",
@@ -70,59 +119,58 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # -- compare ------------------------------------------------------------------------
 
 
-def add_compare_arguments(p: argparse.ArgumentParser) -> None:
-    """The reference's ``compare_il.py`` flags, with its defaults, plus ``--format``."""
-    p.add_argument("--dir1", required=True, help="first run (or an output dir holding exactly one run)")
-    p.add_argument("--dir2", required=True, help="second run")
+def _add_compare(sub: argparse._SubParsersAction, parents: dict[str, argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("compare", help="compare two runs and name the module where they diverge",
+                       parents=[parents["tol"], parents["select"]])
+    p.add_argument("runs", nargs="*", metavar="RUN", help="the two runs (or give them as --dir1 and --dir2)")
+    p.add_argument("--dir1", help="first run (the reference's flag)")
+    p.add_argument("--dir2", help="second run")
     p.add_argument("--output", help="write the report to this file (default: stdout)")
-    p.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance (default: 1e-5)")
-    p.add_argument("--atol", type=float, default=1e-8, help="absolute tolerance (default: 1e-8)")
-    p.add_argument("--steps", help="comma-separated steps to compare (default: all)")
-    p.add_argument("--modules", help="comma-separated regexes of module names to compare (default: all)")
     p.add_argument("--verbose", action="store_true", help="include per-tensor details")
     p.add_argument("--format", choices=["md", "json", "html"], help="report format (default: from --output's suffix, else md)")
-    p.add_argument("--jobs", type=int, help="worker processes (default: 1 for small runs, up to 4 for large ones)")
+    p.add_argument("--jobs", type=int, help="worker threads (default: 1 for small runs, up to 4 for large ones)")
     p.add_argument("--replay", help="a replay JSON from `tensorlog replay --output`: adds each module's own error")
     p.add_argument("--map", dest="mapping", help="align the runs first: a preset (hf-vllm, identity) or a mapping JSON/YAML file "
                    "(default: hf-vllm when one run is HF and the other vLLM; shard reassembly when world sizes differ)")
+    p.set_defaults(func=_cmd_compare)
 
 
-def _add_compare(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="compare two runs and name the module where they diverge")
-    add_compare_arguments(p)
-    p.set_defaults(func=cmd_compare)
+def _two_runs(args: argparse.Namespace) -> tuple[str, str]:
+    runs = list(args.runs)
+    if args.dir1 or args.dir2:
+        if runs or not (args.dir1 and args.dir2):
+            raise UsageError("give the two runs either as RUN1 RUN2 or as --dir1 RUN1 --dir2 RUN2")
+        return args.dir1, args.dir2
+    if len(runs) != 2:
+        raise UsageError(f"compare takes two runs, got {len(runs)}")
+    return runs[0], runs[1]
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare.engine import compare
-    from .report.compare import render
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+    from .config import ConfigError
+    from .report import headline, render
 
+    dir1, dir2 = _two_runs(args)
     fmt = args.format or _format_from_suffix(args.output)
-    modules = _parse_list(args.modules)
-    for pattern in modules or []:
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise _UsageError(f"--modules: regex {pattern!r} does not compile: {e}") from None
-    with _progress("comparing") as progress:
-        result = compare(args.dir1, args.dir2, rtol=args.rtol, atol=args.atol, steps=_parse_steps(args.steps),
-                         modules=modules, progress=progress, mapping=getattr(args, "mapping", None),
-                         replay=_read_replay(getattr(args, "replay", None)), jobs=getattr(args, "jobs", None))
+    try:
+        with _progress("comparing") as progress:
+            result = compare(dir1, dir2, rtol=args.rtol, atol=args.atol, steps=args.steps, modules=args.modules,
+                             progress=progress, mapping=args.mapping, replay=_read_replay(args.replay), jobs=args.jobs)
+    except ConfigError as e:
+        if args.mapping:
+            raise UsageError(f"--map: {e}") from None
+        raise
     text = render(result, fmt, verbose=args.verbose)
     if args.output:
-        try:
-            Path(args.output).write_text(text, encoding="utf-8")
-        except OSError as e:
-            raise _UsageError(f"cannot write report to {args.output}: {e.strerror or e}") from None
-        from .report.compare import headline
-
+        _write(args.output, text)
         _stderr().print(f"{headline(result)}\nreport written to {args.output}", markup=False, highlight=False)
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(_printable(text))
     return result.exit_code
 
 
-def _read_replay(path: str | None) -> "Any":
+def _read_replay(path: str | None) -> Any:
     if not path:
         return None
     from pydantic import ValidationError
@@ -132,12 +180,24 @@ def _read_replay(path: str | None) -> "Any":
     try:
         return ReplayResult.model_validate_json(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValidationError, ValueError) as e:
-        raise _UsageError(f"--replay: cannot read {path}: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"--replay: cannot read {path}: {str(e).splitlines()[0]}") from None
 
 
 def _format_from_suffix(output: str | None) -> str:
     suffix = Path(output).suffix.lower() if output else ""
     return {".json": "json", ".html": "html", ".htm": "html"}.get(suffix, "md")
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8", errors="backslashreplace")
+    except OSError as e:
+        raise UsageError(f"cannot write the report to {path}: {e.strerror or e}") from None
+
+
+def _printable(text: str) -> str:
+    """Bytes of a file name that were not UTF-8 print as escapes, whatever the terminal's encoding."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @contextlib.contextmanager
@@ -161,15 +221,59 @@ def _progress(label: str) -> Iterator[Callable[[Any], None]]:
         yield update
 
 
+# -- tools/compare_il.py: the reference's script -------------------------------------------------
+
+
+def compare_il_main(argv: Sequence[str] | None = None) -> int:
+    """``tools/compare_il.py``: the reference script's flags, report and exit code (0, also on a mismatch).
+
+    tensorlog's findings follow the reference report in one added section. Files
+    that cannot be read safely make the exit code 2 (the reference prints an error
+    and counts a mismatch).
+    """
+    parser = _Parser(prog="compare_il.py", description="Compare intermediate logging outputs from two different runs.")
+    parser.add_argument("--dir1", required=True, help="First intermediate logging directory")
+    parser.add_argument("--dir2", required=True, help="Second intermediate logging directory")
+    parser.add_argument("--output", help="Output file for the report (default: stdout)")
+    parser.add_argument("--rtol", type=float, default=1e-5, help="Relative tolerance for tensor comparison (default: 1e-5)")
+    parser.add_argument("--atol", type=float, default=1e-8, help="Absolute tolerance for tensor comparison (default: 1e-8)")
+    parser.add_argument("--steps", help="Comma-separated list of steps to compare (default: all)")
+    parser.add_argument("--modules", type=regex_list, help="Comma-separated list of module name patterns to compare (default: all)")
+    parser.add_argument("--verbose", action="store_true", help="Include detailed information about each tensor")
+    return run_command(_cmd_compare_il, parser.parse_args(argv))
+
+
+def _cmd_compare_il(args: argparse.Namespace) -> int:
+    from .compare import compare
+    from .compare.reference import reference_compare
+    from .report.reference import render_reference
+
+    steps = [s.strip() for s in args.steps.split(",")] if args.steps else None
+    for d in (args.dir1, args.dir2):
+        if not Path(d).is_dir():
+            raise UsageError(f"not a directory: {d}")
+    report = reference_compare(args.dir1, args.dir2, rtol=args.rtol, atol=args.atol, steps=steps, modules=args.modules)
+    try:
+        numeric = [int(s) for s in steps] if steps and all(s.isdigit() for s in steps) else None
+        findings = compare(args.dir1, args.dir2, rtol=args.rtol, atol=args.atol, modules=args.modules, steps=numeric)
+    except TensorlogError:
+        findings = None  # not a run tensorlog reads: the reference report stands on its own
+    text = render_reference(report, verbose=args.verbose, findings=findings)
+    if args.output:
+        _write(args.output, text)
+    else:
+        print(_printable(text))
+    return EXIT_ERROR if report.unreadable else EXIT_OK
+
+
 # -- capture (HF transformers) ---------------------------------------------------------
 
 
-def _add_capture(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("capture", help="greedy-decode with an HF transformers model under capture")
-    p.add_argument("--model", required=True, help="local checkpoint directory (or a hub id where the network allows)")
-    p.add_argument("--input-ids", required=True, help="prompt token ids, e.g. 1,2,3; several equal-length prompts: 1,2,3;4,5,6")
+def _add_capture(sub: argparse._SubParsersAction, parents: dict[str, argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("capture", help="greedy-decode with an HF transformers model under capture", parents=[parents["model"]])
+    p.add_argument("--input-ids", required=True, type=_prompts,
+                   help="prompt token ids, e.g. 1,2,3; several equal-length prompts: 1,2,3;4,5,6")
     p.add_argument("--max-new-tokens", type=int, default=1, help="decode steps after the prefill (default: 1)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--config", help="LogConfig as a JSON file or inline JSON (default: every module, step 0)")
     p.add_argument("--output-dir", help="overrides the config's output_dir")
@@ -177,49 +281,48 @@ def _add_capture(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_capture)
 
 
+def _prompts(text: str) -> list[list[int]]:
+    try:
+        return [[int(t) for t in row.split(",") if t.strip()] for row in text.split(";")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated integers (prompts separated by ';'), got {text!r}") from None
+
+
 def _cmd_capture(args: argparse.Namespace) -> int:
     from .integrations.transformers import capture_generate
 
-    try:
-        ids = [[int(t) for t in row.split(",") if t.strip()] for row in args.input_ids.split(";")]
-    except ValueError:
-        raise _UsageError(f"--input-ids takes comma-separated integers, got {args.input_ids!r}") from None
     overrides = {k: v for k, v in (("output_dir", args.output_dir), ("run_name", args.run_name)) if v}
-    path, seq = capture_generate(args.model, ids, args.config, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
-                                 device=args.device, **overrides)
-    _stdout().print(f"run written to {path}\ngenerated: {seq[:, len(ids[0]):].tolist()}", markup=False, highlight=False)
+    path, seq = capture_generate(args.model, args.input_ids, args.config, max_new_tokens=args.max_new_tokens,
+                                 dtype=args.dtype, device=args.device, **overrides)
+    _stdout().print(f"run written to {path}\ngenerated: {seq[:, len(args.input_ids[0]):].tolist()}", markup=False,
+                    highlight=False)
     return EXIT_OK
 
 
 # -- replay -----------------------------------------------------------------------------
 
 
-def _add_replay(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("replay", help="re-run modules of model B on the inputs run A recorded: the error each adds by itself")
-    p.add_argument("--model", required=True, help="model B: an HF checkpoint directory (as for `tensorlog capture`)")
-    p.add_argument("--run", required=True, help="run A (tensor mode, with inputs and outputs)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--modules", help="comma-separated regexes of modules to replay (default: all recorded)")
-    p.add_argument("--steps", help="comma-separated steps (default: all)")
-    p.add_argument("--rtol", type=float, default=1e-5)
-    p.add_argument("--atol", type=float, default=1e-8)
+def _add_replay(sub: argparse._SubParsersAction, parents: dict[str, argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("replay", help="re-run modules of model B on the inputs run A recorded: the error each adds by itself",
+                       parents=[parents["model"], parents["tol"], parents["select"]])
+    p.add_argument("run", nargs="?", help="run A (tensor mode, with inputs and outputs)")
+    p.add_argument("--run", dest="run_flag", help=argparse.SUPPRESS)  # 0.1's spelling
     p.add_argument("--output", help="write the replay as JSON (for `tensorlog compare --replay`)")
     p.set_defaults(func=_cmd_replay)
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from .compare.replay import replay
+    from .api import replay
     from .integrations.transformers import load_causal_lm
+    from .report.replay import render_replay
 
+    run = args.run or args.run_flag
+    if not run:
+        raise UsageError("replay needs the run to replay on: tensorlog replay RUN --model MODEL")
     model = load_causal_lm(args.model, dtype=args.dtype)
-    result = replay(model, args.run, modules=_parse_list(args.modules), steps=_parse_steps(args.steps), rtol=args.rtol, atol=args.atol)
+    result = replay(model, run, modules=args.modules, steps=args.steps, rtol=args.rtol, atol=args.atol)
     if args.output:
-        try:
-            Path(args.output).write_text(result.model_dump_json(indent=1), encoding="utf-8")
-        except OSError as e:
-            raise _UsageError(f"cannot write {args.output}: {e.strerror or e}") from None
-    from .report.compare import render_replay
-
+        _write(args.output, result.model_dump_json(indent=1))
     _stdout().print(render_replay(result), markup=False, highlight=False)
     return EXIT_OK
 
@@ -227,12 +330,13 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 # -- vllm -----------------------------------------------------------------------------
 
 
-def _add_vllm(sub: argparse._SubParsersAction) -> None:
+def _add_vllm(sub: argparse._SubParsersAction, parents: dict[str, argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "vllm",
         help="run `vllm serve ...` or a vLLM script with --intermediate-log-config[-path]",
-        description="Strips --intermediate-log-config JSON / --intermediate-log-config-path FILE, hands the "
-        "config to every vLLM process, and runs vLLM's own CLI (e.g. `serve MODEL ...`) or `run SCRIPT.py ...` unchanged.",
+        description="Strips --intermediate-log-config JSON / --intermediate-log-config-path FILE, checks the config and "
+        "its output directory, hands the config to every vLLM process, and runs vLLM's own CLI (e.g. `serve MODEL ...`) "
+        "or `run SCRIPT.py ...` unchanged.",
     )
     p.add_argument("vllm_command", metavar="serve|run|...", help="a vLLM CLI command, or `run` for a Python script")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for vLLM or the script")
@@ -240,54 +344,35 @@ def _add_vllm(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_vllm(args: argparse.Namespace) -> int:
-    from .integrations.vllm.plugin import launch
+    from .integrations.vllm.launcher import launch
 
     return launch(args.vllm_command, args.args)
 
 
 # -- plumbing -----------------------------------------------------------------------
 
-
-def _parse_list(text: str | None) -> list[str] | None:
-    if not text:
-        return None
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _parse_steps(text: str | None) -> list[int] | None:
-    items = _parse_list(text)
-    if items is None:
-        return None
-    try:
-        return [int(t) for t in items]
-    except ValueError:
-        raise _UsageError(f"--steps takes comma-separated integers, got {text!r}") from None
-
-
-class _UsageError(Exception):
-    pass
-
-
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_capture, _add_inspect, _add_compare, _add_replay, _add_demo, _add_vllm]
+_COMMANDS = [_add_capture, _add_inspect, _add_compare, _add_replay, _add_demo, _add_vllm]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
-    parser = argparse.ArgumentParser(
-        prog="tensorlog",
-        description="Capture intermediate tensors of PyTorch/vLLM models and find where two runs diverge.",
-    )
+    parser = _Parser(prog="tensorlog",
+                     description="Capture intermediate tensors of PyTorch/vLLM models and find where two runs diverge.")
     parser.add_argument("--version", action="version", version=f"tensorlog {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parents = _parents()
     for add in _COMMANDS:
-        add(sub)
+        add(sub, parents)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already reported in one line
+        return int(e.code or 0)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_ERROR
@@ -296,13 +381,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a subcommand, turning the library's errors into one line on stderr and exit code 2."""
-    from .config import ConfigError
-    from .formats.tensorlog import RunReadError
+    from .report.text import clean
 
     try:
         return int(func(args))
-    except (ConfigError, RunReadError, _UsageError) as e:
-        _stderr().print(f"tensorlog: error: {e}", style="red", markup=False, highlight=False)
+    except (TensorlogError, UsageError) as e:
+        _stderr().print(f"tensorlog: error: {clean(e)}", style="red", markup=False, highlight=False)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

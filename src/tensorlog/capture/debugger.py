@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from ..config import ConfigLike, load_config
+from ..errors import UsageError
 from .handle import CaptureHandle
-from ..config import ConfigError, ConfigLike, load_config
 
 __all__ = ["Debugger"]
 
@@ -41,15 +42,13 @@ class Debugger:
 
     def __init__(self, config: ConfigLike | None = None, /, **overrides: Any) -> None:
         cfg = load_config(config if config is not None else {})
-        if overrides:
-            cfg = load_config({**cfg.model_dump(exclude_unset=True), **overrides})
-        self.config = cfg
+        self.config = cfg.with_overrides(**overrides) if overrides else cfg
         self._handle: CaptureHandle | None = None
         self._model_id: int | None = None
 
     @property
     def path(self) -> Path:
-        return self.config.run_dir
+        return self._handle.path if self._handle is not None else self.config.run_dir
 
     @property
     def handle(self) -> CaptureHandle | None:
@@ -59,11 +58,11 @@ class Debugger:
         """Begin (or resume) logging; the first call needs the model and registers nothing else twice."""
         if self._handle is None:
             if model is None:
-                raise ConfigError("Debugger.start() needs the model on its first call: dbg.start(model)")
-            self._handle = CaptureHandle(model, self.config, auto_step=False, open_first_step=False)
+                raise UsageError("Debugger.start() needs the model on its first call: dbg.start(model)")
+            self._handle = CaptureHandle(model, self.config, auto_step=False)
             self._model_id = id(model)
         elif model is not None and id(model) != self._model_id:
-            raise ConfigError("Debugger.start() got a different model than on its first call; use one Debugger per model")
+            raise UsageError("Debugger.start() got a different model than on its first call; use one Debugger per model")
         self._handle.begin_step()
         self._handle.resume()
 
@@ -73,13 +72,13 @@ class Debugger:
             self._handle.pause()
 
     def step(self) -> None:
-        """End the current step; the next ``start()`` opens the next one."""
+        """End the current step (its files are on disk when this returns); the next ``start()`` opens the next one."""
         if self._handle is not None:
             self._handle.end_step()
 
     @property
     def enabled(self) -> bool:
-        return self._handle is not None and not self._handle._paused
+        return self._handle is not None and not self._handle.paused
 
     @enabled.setter
     def enabled(self, on: bool) -> None:

@@ -14,12 +14,12 @@ import torch
 from rich.console import Console
 from rich.markdown import Markdown
 
-from ..capture.handle import capture
-from ..compare.engine import compare
+from ..api import capture
+from ..compare import compare
 from .model import TinyLlama
-from ..formats.tensorlog import load_run
+from ..formats import load_run
 from ..report.inspect import render_run
-from ..report.compare import render_markdown
+from ..report import render_markdown
 
 __all__ = ["run_demo", "DEMO_CONFIG", "PERTURBED"]
 
@@ -43,9 +43,9 @@ def run_vllm_demo(output_dir: str | None, console: Console) -> int:
         import transformers
         import vllm  # noqa: F401
     except ImportError as e:
-        from ..config import ConfigError
+        from ..errors import DependencyError
 
-        raise ConfigError(f"demo --engine vllm needs {e.name}: pip install 'tensorlog[vllm]'") from None
+        raise DependencyError(f"demo --engine vllm needs {e.name}: pip install 'tensorlog[vllm]'") from None
     from ..integrations.transformers import capture_generate
 
     out = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="tensorlog-demo-"))

@@ -1,1 +1,83 @@
+"""Readers: every layout tensorlog knows, turned into the same :class:`Run` objects.
 
+One module per format: :mod:`.tensorlog` (tensorlog's layouts and the reference
+logger's dumps), :mod:`.passdump` (vLLM's debug-tensor-dump proposal),
+:mod:`.msprobe` (msProbe dumps). A new foreign format is one more module here
+and one more line in :data:`_READERS`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from ..errors import RunReadError
+from .model import ModuleCall, Run, Step, TensorRecord
+from .msprobe import is_msprobe_dump, load_msprobe_dump
+from .passdump import is_pass_dump, load_pass_dump
+from .safeio import Listing
+from .tensorlog import is_tensorlog_run, load_tensorlog_run
+
+__all__ = ["load_run", "resolve_run_dir", "Run", "Step", "ModuleCall", "TensorRecord"]
+
+_READERS: list[tuple[str, Callable[[Path, Listing], bool], Callable[[Path, Listing], Run]]] = [
+    ("pass-dump", is_pass_dump, load_pass_dump),
+    ("msprobe", lambda p, _: is_msprobe_dump(p), lambda p, _: load_msprobe_dump(p)),
+    ("tensorlog", lambda p, listing: is_tensorlog_run(listing), load_tensorlog_run),
+]
+
+
+def _reader(p: Path, listing: Listing) -> Callable[[Path, Listing], Run] | None:
+    for _, test, load in _READERS:
+        if test(p, listing):
+            return load
+    return None
+
+
+def resolve_run_dir(path: str | Path) -> tuple[Path, Listing]:
+    """A run directory itself, or an output dir that holds exactly one run."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise RunReadError(f"no such directory: {p}")
+    if not p.is_dir():
+        raise RunReadError(f"not a directory: {p}")
+    listing = Listing(p)
+    if _reader(p, listing) is not None:
+        return p, listing
+    runs = []
+    for name, d in sorted(listing.dirs.items()):
+        sub = Listing(d)
+        if _reader(d, sub) is not None:
+            runs.append((d, sub))
+    if len(runs) == 1:
+        return runs[0]
+    if not runs:
+        raise RunReadError(f"{p} is not a tensorlog run (no run.json, step_N/, Pass or msProbe files) and holds no run")
+    listed = ", ".join(r.name for r, _ in runs[:5]) + (" ..." if len(runs) > 5 else "")
+    raise RunReadError(f"{p} holds {len(runs)} runs ({listed}); pass one of them")
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run: tensorlog's layouts, a reference (vLLM) dump, a ``Pass00000.pt`` dump, or an msProbe dump.
+
+    Args:
+        path (str | Path): the run directory, or an output directory that
+            holds exactly one run.
+
+    Returns:
+        Run: steps, module calls in execution order, lazily loaded tensors.
+        Files that cannot be read are listed in ``run.problems`` and on the
+        calls they belong to; they never make loading fail.
+
+    Raises:
+        RunReadError: the path is missing, is not a run, or holds several.
+
+    Example:
+        >>> run = tensorlog.load_run("/tmp/tensorlog/baseline")
+        >>> [c.dirname for c in run.steps[0].calls][:3]
+        ['model.embed_tokens', 'model.layers.0', 'model.layers.0.input_layernorm']
+    """
+    p, listing = resolve_run_dir(path)
+    loader = _reader(p, listing)
+    assert loader is not None
+    return loader(p, listing)

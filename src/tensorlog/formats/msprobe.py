@@ -36,7 +36,6 @@ Nothing here unpickles: json is parsed, tensors load lazily through
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterator
@@ -44,9 +43,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from ..schema import names as _layout
-from ..compare.metrics import _num
-from .tensorlog import ModuleCall, Run, RunReadError, Step, TensorRecord
+from ..errors import RunReadError
+from ..schema.records import RunManifest, TensorEntry
+from .model import FileSource, ModuleCall, Run, Step, TensorRecord
+from .safeio import INDEX_JSON, Listing, first_error, read_json
 
 __all__ = ["is_msprobe_dump", "load_msprobe_dump"]
 
@@ -105,11 +108,20 @@ def _dump_dirs(path: Path) -> list[tuple[int, str | None, Path]]:
 
 def _looks_like_dump_json(f: Path) -> bool:
     """A cheap sniff of the first bytes: msProbe writes ``"task"`` first and ``"data"`` last."""
+    import os
+
+    from ..storage.tensorfile import open_regular
+
     try:
-        with f.open("rb") as fh:
-            head = fh.read(512)
+        fd = open_regular(f)
+    except RunReadError:
+        return False
+    try:
+        head = os.read(fd, 512)
     except OSError:
         return False
+    finally:
+        os.close(fd)
     return head.lstrip().startswith(b"{") and any(k in head for k in (b'"task"', b'"framework"', b'"data"'))
 
 
@@ -186,53 +198,59 @@ def _is_leaf(v: Any) -> bool:
     return not isinstance(v, (list, dict)) or (isinstance(v, dict) and (isinstance(v.get("type"), str) or not v))
 
 
-def _walk(value: Any, prefix: str) -> Iterator[tuple[str, Any]]:
-    """Leaves of a nested msProbe structure with tensorlog's ``<prefix>.<i>`` / ``<prefix>.<key>`` keys."""
+def _walk(value: Any, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """Leaves of a nested msProbe structure, with tensorlog's (the reference's) paths: ``(i, j)``, ``(i, key)``."""
     if isinstance(value, dict) and value.get("type") == "torch.Size" and isinstance(value.get("value"), list):
         # tensorlog walks a torch.Size like any tuple: one int per element.
         for i, v in enumerate(value["value"]):
-            yield f"{prefix}.{i}", {"type": "int", "value": v}
+            yield (*path, str(i)), {"type": "int", "value": v}
     elif _is_leaf(value):
-        yield prefix, value
+        yield path, value
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            yield from _walk(v, f"{prefix}.{i}")
+            yield from _walk(v, (*path, str(i)))
     else:
         for k, v in value.items():
-            yield from _walk(v, f"{prefix}.{k}")
+            yield from _walk(v, (*path, str(k)))
 
 
-def _inputs(args: Any, kwargs: Any) -> list[tuple[str, Any]]:
-    """Positionals numbered in flattened order, keyword inputs by name: as ``_tensors.flatten_inputs_with_structure``."""
-    out: list[tuple[str, Any]] = []
-    i = 0
-    for a in args if isinstance(args, list) else []:
-        for _, v in _walk(a, ""):
-            out.append((str(i), v))
-            i += 1
+def _inputs(args: Any, kwargs: Any) -> list[tuple[tuple[str, ...], Any]]:
+    """Positional inputs by position and nesting, keyword inputs by name: as tensorlog names them."""
+    out: list[tuple[tuple[str, ...], Any]] = []
+    for i, a in enumerate(args if isinstance(args, list) else []):
+        out.extend(_walk(a, (str(i),)))
     for k, v in (kwargs if isinstance(kwargs, dict) else {}).items():
-        out.extend(_walk(v, str(k)))
+        out.extend(_walk(v, (str(k),)))
     return out
 
 
-def _outputs(output: Any) -> list[tuple[str | None, Any]]:
-    """msProbe always lists outputs; a list of one leaf is tensorlog's single output (key None).
+def _outputs(output: Any) -> list[tuple[tuple[str, ...], Any]]:
+    """msProbe always lists outputs; a list of one leaf is tensorlog's single output (path ``()``).
 
     A module that returns a 1-tuple therefore reads as a single output.
     A dict (or ModelOutput / namedtuple, which msProbe turns into dicts) keys by field.
     """
     if not isinstance(output, list):
-        return [] if output is None else [(None, output)]
+        return [] if output is None else [((), output)]
     if len(output) == 1 and isinstance(output[0], dict) and not _is_leaf(output[0]):
-        return [(k, v) for key, item in output[0].items() for k, v in _walk(item, str(key))]
+        return [x for key, item in output[0].items() for x in _walk(item, (str(key),))]
     if len(output) == 1 and _is_leaf(output[0]):
-        return [(None, output[0])]
-    return [(k, v) for i, item in enumerate(output) for k, v in _walk(item, str(i))]
+        return [((), output[0])]
+    return [x for i, item in enumerate(output) for x in _walk(item, (str(i),))]
 
 
-def _json_float(v: Any) -> Any:
-    """Non-finite floats as tensorlog writes them (``"nan"``, ``"inf"``)."""
-    return v if not isinstance(v, float) or math.isfinite(v) else repr(v)
+def _num(v: Any) -> float | None:
+    """A number as msProbe writes it: a JSON number, or a string such as ``"nan"`` / ``"inf"``."""
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return None
+    return None
 
 
 def _stat(v: Any) -> float | None:
@@ -264,7 +282,7 @@ def _stats(leaf: dict[str, Any]) -> dict[str, Any] | None:
     for k in ("nan_count", "inf_count"):  # not written by msProbe 26 for PyTorch; kept if a release adds them
         if isinstance(leaf.get(k), int) and not isinstance(leaf.get(k), bool):
             out[k] = leaf[k]
-    return {k: _json_float(v) for k, v in out.items()} or None
+    return out or None
 
 
 def _checksum(leaf: dict[str, Any]) -> dict[str, Any] | None:
@@ -283,79 +301,86 @@ def _checksum(leaf: dict[str, Any]) -> dict[str, Any] | None:
     return {"algorithm": algorithm, "digest": v}
 
 
-def _value_meta(leaf: Any) -> dict[str, Any]:
+def _value_desc(leaf: Any) -> dict[str, Any]:
     """A Python value as tensorlog records it. JSON null is None, or a type msProbe does not describe."""
     if leaf is None:
-        return {"kind": "value", "type": "NoneType", "value": None}
+        return {"type": "NoneType", "value": None}
     if not isinstance(leaf, dict):  # a bare field inside a described object (P2POp's "peer")
-        return {"kind": "value", "type": type(leaf).__name__, "value": _json_float(leaf)}
+        return {"type": type(leaf).__name__, "value": _plain(leaf)}
     if not leaf:
-        return {"kind": "value", "type": "unknown", "value": None}
+        return {"type": "unknown", "value": None}
     t = str(leaf.get("type"))
-    meta: dict[str, Any] = {"kind": "value", "type": _VALUE_TYPES.get(t, t), "value": _json_float(leaf.get("value"))}
-    return meta
+    return {"type": _VALUE_TYPES.get(t, t), "value": _plain(leaf.get("value"))}
+
+
+def _plain(v: Any) -> Any:
+    return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)[:200]
 
 
 def _is_tensor_leaf(leaf: Any) -> bool:
     return isinstance(leaf, dict) and "dtype" in leaf and "shape" in leaf and leaf.get("type") != "torch.Size"
 
 
-def _tensor_meta(leaf: dict[str, Any]) -> dict[str, Any]:
+def _tensor_fields(leaf: dict[str, Any]) -> dict[str, Any]:
     shape = leaf.get("shape")
-    shape = [int(s) for s in shape] if isinstance(shape, list) and all(isinstance(s, int) for s in shape) else None
-    meta: dict[str, Any] = {
-        "kind": "tensor",
-        "shape": shape,
-        "dtype": leaf.get("dtype"),
-        "device": _DEVICE,
+    ok = isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+    shape = shape if ok else None
+    dtype = leaf.get("dtype")
+    fields: dict[str, Any] = {
+        "shape": shape, "dtype": dtype if isinstance(dtype, str) else None, "device": _DEVICE,
         "numel": math.prod(shape) if shape is not None else None,
+        "stats": _stats(leaf), "checksum": _checksum(leaf),
     }
-    stats = _stats(leaf)
-    if stats:
-        meta["stats"] = stats
-    checksum = _checksum(leaf)
-    if checksum:
-        meta["checksum"] = checksum
-    if "requires_grad" in leaf:
-        meta["requires_grad"] = leaf["requires_grad"]
-    meta["msprobe"] = {k: v for k, v in leaf.items() if k in ("type", "data_name")}
-    return meta
+    return fields
 
 
 class _DataFiles:
-    """The files of one ``dump_tensor_data`` dir, listed once; names are checked to stay inside it."""
+    """The files of one ``dump_tensor_data`` dir, listed once (links refused); names must stay inside it."""
 
     def __init__(self, d: Path) -> None:
         self.dir = d
-        try:
-            self.names = {f.name for f in d.iterdir()} if d.is_dir() else set()
-        except OSError:
-            self.names = set()
+        self.listing = Listing(d) if d.is_dir() and not d.is_symlink() else None
+        self.refused = ([f"refusing {d}: a symbolic link"] if d.is_symlink() else []) + (self.listing.refused if self.listing else [])
 
     def resolve(self, name: Any) -> tuple[Path | None, str | None]:
         """``(path, why not)`` for a ``data_name``."""
         if not isinstance(name, str) or _layout.safe_name(name) != name:
-            return None, f"unusable data_name {name!r}"
-        if name not in self.names:
+            return None, f"unusable data_name {str(name)[:80]!r}"
+        if self.listing is None or name not in self.listing.files:
             return None, f"tensor file {name} is missing from {self.dir}"
         if not name.endswith(".pt"):  # numpy arrays are saved as .npy, which torch.load cannot read
             return None, f"{name} is not a torch file"
-        return self.dir / name, None
+        return self.listing.files[name], None
 
 
-def _record(kind: str, key: str | None, leaf: Any, rank: int | None, files: _DataFiles, errors: list[str]) -> TensorRecord:
+def _record(kind: str, path: tuple[str, ...], leaf: Any, rank: int | None, files: _DataFiles, errors: list[str]) -> TensorRecord:
+    key = "_".join(path) if path else None
+    stem = _layout.tensor_stem(kind, path)
     if not _is_tensor_leaf(leaf):
-        name = _layout.tensor_file(kind, key, "value", rank, "x")[:-2]
-        return TensorRecord(name=name, kind=kind, key=key, meta=_value_meta(leaf))
-    meta = _tensor_meta(leaf)
-    path = None
+        name = f"{stem}_value" + ("" if rank is None else f"_rank{rank}")
+        entry = TensorEntry.model_validate({"name": name, "kind": kind, "key": key, "path": list(path), "tensor": False,
+                                            "value": _value_desc(leaf)})
+        return TensorRecord(entry=entry)
+    name = _layout.tensor_file(stem, _DEVICE, rank, "x")[:-2]
+    fields = {"name": name, "kind": kind, "key": key, "path": list(path), **_tensor_fields(leaf)}
+    source, error = None, None
+    if fields["shape"] is None or fields["dtype"] is None:
+        error = f"msProbe entry {name}: shape {str(leaf.get('shape'))[:40]!r} or dtype {str(leaf.get('dtype'))[:40]!r} is not valid"
+        errors.append(error)
     if "data_name" in leaf:
-        path, why = files.resolve(leaf["data_name"])
+        found, why = files.resolve(leaf["data_name"])
         if why:
-            meta["skipped"] = why
+            fields["skipped"] = why
             errors.append(why)
-    name = _layout.tensor_file(kind, key, _DEVICE, rank, "x")[:-2]
-    return TensorRecord(name=name, kind=kind, key=key, meta=meta, path=path)
+        elif found is not None:
+            source = FileSource(found)
+    try:
+        entry = TensorEntry.model_validate(fields)
+    except ValidationError as e:
+        error = f"msProbe entry {name}: {first_error(e)}"
+        errors.append(error)
+        entry = TensorEntry(name=name, kind=kind, key=key, path=list(path))  # type: ignore[arg-type]
+    return TensorRecord(entry=entry, source=source if error is None else None, error=error)
 
 
 # --------------------------------------------------------------------------- order
@@ -409,11 +434,7 @@ def _nest(entries: list[_Entry], parents: dict[str, Any], seq0: int) -> tuple[li
 
 
 def _read_json(f: Path) -> Any:
-    try:
-        return json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise RunReadError(f"cannot read {f}: {type(e).__name__}: {first}") from None
+    return read_json(f, INDEX_JSON)
 
 
 def _load_rank_dir(step: int, rank: int | None, d: Path, include_backward: bool, problems: list[str],
@@ -440,6 +461,9 @@ def _load_rank_dir(step: int, rank: int | None, d: Path, include_backward: bool,
     forward: list[_Entry] = []
     backward: list[_Entry] = []
     for i, (key, data) in enumerate(doc["data"].items()):
+        if not isinstance(data, dict):
+            problems.append(f"{d / _DUMP_FILE}: entry {key[:80]!r} is a {type(data).__name__}, not an object")
+            continue
         parsed = _parse_key(key)
         if parsed is None:
             skipped["parameters_grad" if ".parameters_grad." in key else "unrecognised"] += 1
@@ -453,22 +477,23 @@ def _load_rank_dir(step: int, rank: int | None, d: Path, include_backward: bool,
     order, seq = _nest(forward, parents, 0)
     bw_order, _ = _nest(backward, parents, seq)  # backward runs after the forward of the step
     files = _DataFiles(d / _DATA_DIR)
+    problems.extend(files.refused)
     return [_to_call(e, step, rank, pos, files) for pos, e in enumerate(order + bw_order)], skipped
 
 
 def _to_call(e: _Entry, step: int, rank: int | None, position: int, files: _DataFiles) -> ModuleCall:
-    ins: list[tuple[str | None, Any]]
-    outs: list[tuple[str | None, Any]]
+    ins: list[tuple[tuple[str, ...], Any]]
+    outs: list[tuple[tuple[str, ...], Any]]
     if e.backward:  # msProbe's backward "input" is the grad arriving at the outputs, "output" the grad produced
-        ins = [(str(i), v) for i, v in enumerate(_leaves(e.data.get("input")))]
-        outs = [(str(i), v) for i, v in enumerate(_leaves(e.data.get("output")))]
+        ins = [((str(i),), v) for i, v in enumerate(_leaves(e.data.get("input")))]
+        outs = [((str(i),), v) for i, v in enumerate(_leaves(e.data.get("output")))]
     else:
         ins = list(_inputs(e.data.get("input_args"), e.data.get("input_kwargs")))
         outs = _outputs(e.data.get("output"))
     extra: dict[str, Any] = {"msprobe_key": e.key}
     params = e.data.get("parameters")
     if isinstance(params, dict) and params:
-        extra["parameters"] = {p: _tensor_meta(v) if _is_tensor_leaf(v) else _value_meta(v) for p, v in params.items()}
+        extra["parameters"] = {p: _tensor_fields(v) if _is_tensor_leaf(v) else _value_desc(v) for p, v in params.items()}
     errors: list[str] = []
     return ModuleCall(
         step=step,
@@ -488,7 +513,7 @@ def _to_call(e: _Entry, step: int, rank: int | None, position: int, files: _Data
 
 
 def _leaves(value: Any) -> list[Any]:
-    return [v for _, v in _walk(value, "")] if isinstance(value, list) else []
+    return [v for _, v in _walk(value, ())] if isinstance(value, list) else []
 
 
 def load_msprobe_dump(path: Path, *, include_backward: bool = False) -> Run:
@@ -513,7 +538,7 @@ def load_msprobe_dump(path: Path, *, include_backward: bool = False) -> Run:
     steps: dict[int, Step] = {}
     for step, rank_name, d in dirs:
         rank = ranks.get(rank_name) if rank_name is not None else None
-        if not (d / _DUMP_FILE).is_file():
+        if not (d / _DUMP_FILE).is_file() or (d / _DUMP_FILE).is_symlink():
             problems.append(f"{d}: no {_DUMP_FILE} (dump cut short?)")
             continue
         calls, skipped = _load_rank_dir(step, rank, d, include_backward, problems, info)
@@ -524,14 +549,12 @@ def load_msprobe_dump(path: Path, *, include_backward: bool = False) -> Run:
             s.extra["skipped_entries"][k] = s.extra["skipped_entries"].get(k, 0) + v
     for s in steps.values():  # by rank (None first), each rank in start order, like tensorlog runs
         s.calls.sort(key=lambda c: (-1 if c.rank is None else c.rank, c.position))
-    manifest: dict[str, Any] = {
-        "layout": "msprobe",
-        "complete": not problems,
-        **info,
+    manifest = RunManifest.model_validate({
+        "layout": "msprobe", "layout_version": 0, "complete": not problems,
+        "msprobe": {k: v for k, v in info.items() if isinstance(v, str)},
         "world_size": max(1, len(ranks)),
         "ranks": {r: {"dir": n, **({"pid": int(n[4:])} if n.startswith("proc") and n[4:].isdigit() else {})}
                   for n, r in sorted(ranks.items()) if r is not None},
-    }
-    if problems:
-        manifest["incomplete_reason"] = "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else "")
+        "incomplete_reason": ("; ".join(problems[:3]) + (" ..." if len(problems) > 3 else "")) if problems else None,
+    })
     return Run(path=path, manifest=manifest, steps=dict(sorted(steps.items())), layout="msprobe", problems=problems)

@@ -1,48 +1,50 @@
-"""Readers for dumps written by other tools, returning the same :class:`Run` objects.
+"""Reader of the vLLM debug-tensor-dump proposal's layout (written by tensorlog's vLLM plugin too).
 
-* msProbe (``mindstudio-probe``) dumps: ``dump_path/step<N>/rank<R>/dump.json`` (see ``_msprobe``).
-* The vLLM debug-tensor-dump proposal: ``<folder>/TP<t>_PP<p>_Rank<r>_pid<pid>/Pass<NNNNN>.pt``,
-  each a dict of leaf module name -> CPU output tensor (extra outputs of one
-  module as ``<name>.1``, ``<name>.2``; the k-th call of a shared module as ``<name>_<k>``).
-
-Each reader has a cheap ``detect`` test on the directory.
+``<folder>/TP<t>_PP<p>_Rank<r>_pid<pid>/Pass<NNNNN>.pt``, each a dict of leaf
+module name -> CPU output tensor for one forward pass; extra outputs of one
+module are ``<name>.1``, ``<name>.2``; the k-th call of a shared module within
+a pass is ``<name>_<k>``.
 """
 
 from __future__ import annotations
 
-import re
+import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from .tensorlog import ModuleCall, Run, RunReadError, Step, TensorRecord
+from ..errors import RunReadError
+from ..schema import names
+from ..schema.records import RunManifest, TensorEntry
+from ..storage import stats as _stats
+from ..storage.tensorfile import check_dense, load_error_text, open_regular
+from .model import MemorySource, ModuleCall, Run, Step, TensorRecord
+from .safeio import Listing
 
-__all__ = ["detect"]
-
-_RANK_DIR = re.compile(r"^TP(\d+)_PP(\d+)_Rank(\d+)_pid(\d+)$")
-_PASS_FILE = re.compile(r"^Pass(\d+)\.pt$")
+__all__ = ["is_pass_dump", "load_pass_dump"]
 
 
-def _pass_rank_dirs(path: Path) -> list[Path]:
-    if _RANK_DIR.match(path.name) and any(_PASS_FILE.match(f.name) for f in path.iterdir()):
+def _rank_dirs(path: Path, listing: Listing) -> list[Path]:
+    if names.PASS_RANK_DIR_RE.match(path.name) and any(names.PASS_FILE_RE.match(n) for n in listing.files):
         return [path]
+    return [d for n, d in sorted(listing.dirs.items()) if names.PASS_RANK_DIR_RE.match(n)]
+
+
+def is_pass_dump(path: Path, listing: Listing) -> bool:
+    return bool(_rank_dirs(path, listing)) and not any(names.RUN_FILE_RE.match(n) for n in listing.files)
+
+
+def _load_pass_file(path: Path) -> dict[Any, Any]:
+    import os
+
+    os.close(open_regular(path))
     try:
-        return sorted(d for d in path.iterdir() if d.is_dir() and _RANK_DIR.match(d.name))
-    except OSError:
-        return []
-
-
-def _is_pass_dump(path: Path) -> bool:
-    return bool(_pass_rank_dirs(path)) and not (path / "run.json").exists()
-
-
-def _load_pass_file(path: Path) -> dict[str, Any]:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise RunReadError(f"cannot read {path}: {type(e).__name__}: {first}") from None
+        raise RunReadError(f"cannot read {path}: {type(e).__name__}: {load_error_text(e)}") from None
     if not isinstance(data, dict):
         raise RunReadError(f"{path}: expected a dict of module name -> tensor, found {type(data).__name__}")
     return data
@@ -56,74 +58,72 @@ def _split_key(key: str, keys: set[str]) -> tuple[str, int | None]:
     return key, None
 
 
-def _load_pass_dump(path: Path) -> Run:
-    rank_dirs = _pass_rank_dirs(path)
+def _entry(name: str, key: str | None, t: torch.Tensor) -> TensorEntry:
+    st = _stats.host_stats(t)
+    return TensorEntry.model_validate({
+        "name": name, "kind": "outputs", "key": key, "path": [key] if key else [], "shape": list(t.shape),
+        "dtype": str(t.dtype), "device": "cpu", "numel": t.numel(),
+        "stats": dict(zip(("min", "max", "mean", "std", "abs_max", "l2_norm"), st[:6])) | {
+            "nan_count": int(st[6]), "inf_count": int(st[7])} if st else None,
+    })
+
+
+def load_pass_dump(path: Path, listing: Listing) -> Run:
+    rank_dirs = _rank_dirs(path, listing)
     multi = len(rank_dirs) > 1
     steps: dict[int, list[ModuleCall]] = {}
-    problems: list[str] = []
-    ranks = {}
+    problems: list[str] = list(listing.refused)
+    ranks: dict[int, dict[str, Any]] = {}
     for d in rank_dirs:
-        tp, pp, rank, pid = (int(x) for x in _RANK_DIR.match(d.name).groups())  # type: ignore[union-attr]
+        m = names.PASS_RANK_DIR_RE.match(d.name)
+        assert m is not None
+        tp, pp, rank, pid = (int(x) for x in m.groups())
         ranks[rank] = {"tp_rank": tp, "pp_rank": pp, "pid": pid, "dir": d.name}
-        for f in sorted(d.iterdir()):
-            m = _PASS_FILE.match(f.name)
-            if not m:
+        sub = listing if d == path else Listing(d)
+        problems.extend(sub.refused if d != path else [])
+        for fname, f in sorted(sub.files.items()):
+            fm = names.PASS_FILE_RE.match(fname)
+            if not fm:
                 continue
+            step = int(fm.group(1))
             try:
                 data = _load_pass_file(f)
             except RunReadError as e:
                 problems.append(str(e))
                 continue
-            calls: dict[str, ModuleCall] = {}
             r = rank if multi else None
             tag = "cpu" if r is None else f"cpu_rank{r}"
-            keys = set(data)
+            calls: dict[str, ModuleCall] = {}
+            keys = {k for k in data if isinstance(k, str)}
             for key, tensor in data.items():
+                if not isinstance(key, str):
+                    problems.append(f"{f}: a key of type {type(key).__name__} ({str(key)[:40]!r}); module names are strings")
+                    continue
                 base, idx = _split_key(key, keys)
                 call = calls.get(base)
                 if call is None:
-                    call = calls[base] = ModuleCall(step=int(m.group(1)), dirname=base, module=base, rank=r, position=len(calls))
+                    call = calls[base] = ModuleCall(step=step, dirname=names.safe_name(base), module=base, rank=r,
+                                                    position=len(calls))
                     call.seq_end = call.position  # dict order = completion order (forward hooks)
                 if not isinstance(tensor, torch.Tensor):
                     call.errors.append(f"{f}: {key!r} is a {type(tensor).__name__}, not a tensor")
                     continue
-                call.outputs.append(
-                    TensorRecord(
-                        name=f"outputs_{tag}" if idx is None else f"outputs_{idx}_{tag}",
-                        kind="outputs",
-                        key=None if idx is None else str(idx),
-                        meta={"kind": "tensor", "shape": list(tensor.shape), "dtype": str(tensor.dtype), "device": "cpu",
-                              "numel": tensor.numel(), "_tensor": tensor},
-                    )
-                )
+                try:
+                    check_dense(tensor, f"{f} [{key!r}]")
+                except RunReadError as e:
+                    call.errors.append(str(e))
+                    continue
+                k = None if idx is None else str(idx)
+                call.outputs.append(TensorRecord(entry=_entry("outputs_" + (f"{k}_" if k else "") + tag, k, tensor),
+                                                 source=MemorySource(tensor)))
             for call in calls.values():  # "<name>" is output 0 when "<name>.1" exists
                 if len(call.outputs) > 1 and call.outputs[0].key is None:
                     first = call.outputs[0]
-                    call.outputs[0] = TensorRecord(name=f"outputs_0_{tag}", kind="outputs", key="0", meta=first.meta)
-            steps.setdefault(int(m.group(1)), []).extend(calls.values())
-    manifest = {"layout": "vllm-debug-tensor-dump", "complete": True, "ranks": ranks, "world_size": len(rank_dirs)}
+                    entry = first.entry.model_copy(update={"name": f"outputs_0_{tag}", "key": "0", "path": ["0"]})
+                    call.outputs[0] = first.with_(entry=entry)
+            steps.setdefault(step, []).extend(calls.values())
+    manifest = RunManifest.model_validate({"layout_version": 0, "complete": not problems, "world_size": len(rank_dirs) or 1,
+                                           "incomplete_reason": "; ".join(problems[:3]) or None, "ranks": ranks,
+                                           "layout": "vllm-debug-tensor-dump"})
     return Run(path=path, manifest=manifest, steps={i: Step(index=i, calls=c) for i, c in sorted(steps.items())},
                layout="pass-dump", problems=problems)
-
-
-def _is_msprobe(path: Path) -> bool:
-    from .msprobe import is_msprobe_dump
-
-    return is_msprobe_dump(path)
-
-
-def _load_msprobe(path: Path) -> Run:
-    from .msprobe import load_msprobe_dump
-
-    return load_msprobe_dump(path)
-
-
-_READERS: list[tuple[Callable[[Path], bool], Callable[[Path], Run]]] = [(_is_pass_dump, _load_pass_dump), (_is_msprobe, _load_msprobe)]
-
-
-def detect(path: Path) -> Callable[[Path], Run] | None:
-    """The loader for a foreign dump at ``path``, or None when it is not one."""
-    for test, loader in _READERS:
-        if test(path):
-            return loader
-    return None

@@ -1,428 +1,411 @@
-"""Reading runs back: the only code that knows the on-disk layouts.
+"""Reader of tensorlog runs (both layouts, and tensorlog 0.1's) and of the reference logger's own dumps.
 
-``load_run`` turns a run directory into plain objects (run -> steps -> module
-calls -> tensors) with lazy tensor loading. Nothing on disk is unpickled
-beyond tensors (``torch.load(weights_only=True)``, or safetensors). A file that
-cannot be read is reported on the object that owns it (``ModuleCall.errors``)
-instead of failing the whole run, so a run cut short by a crash still loads.
+A step is read from its index (``tensorlog_index.json``, written when the step
+finished) when there is one. Without it (a reference dump, a step cut short by
+a crash, a tensorlog 0.1 run) the module directories themselves are read:
+tensor files by name, and the per-call json files for what they say.
+Unreadable or refused files are reported on what they belong to (the call, or
+the run's ``problems``), never raised, so a damaged run still loads.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass, field
+import socket
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import torch
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from ..schema import names as _layout
+from ..errors import RunReadError
+from ..schema import names
+from ..schema.records import CallEntry, Checksum, ModuleNode, RunManifest, Stats, StepIndex, StepInfo, TensorEntry, ValueDesc
+from ..storage.atomic import sweep_temps
+from ..storage.tensorfile import read_limited, read_safetensors_header
+from .model import FileSource, ModuleCall, PackedSource, Run, Step, TensorRecord
+from .safeio import INDEX_JSON, SMALL_JSON, Listing, first_error, read_json, read_model
 
-__all__ = ["load_run", "Run", "Step", "ModuleCall", "TensorRecord", "RunReadError"]
+__all__ = ["is_tensorlog_run", "load_tensorlog_run"]
 
-
-class RunReadError(ValueError):
-    """The path is not a run, or a run file cannot be read."""
-
-
-@dataclass(frozen=True)
-class TensorRecord:
-    """One logged tensor (or non-tensor value) of a module call.
-
-    ``name`` is the pairing key within its call, the tensor file's name
-    without extension (``inputs_0_cuda_0``, ``outputs_cpu``).
-    """
-
-    name: str
-    kind: str  # "inputs" | "outputs"
-    key: str | None  # "0", "hidden_states", None for a single output
-    meta: dict[str, Any]
-    path: Path | None = None
-
-    @property
-    def is_tensor(self) -> bool:
-        return self.meta.get("kind", "tensor") == "tensor"
-
-    @property
-    def shape(self) -> tuple[int, ...] | None:
-        s = self.meta.get("shape")
-        return tuple(s) if s is not None else None
-
-    @property
-    def dtype(self) -> str | None:
-        return self.meta.get("dtype")
-
-    @property
-    def stats(self) -> dict[str, Any] | None:
-        return self.meta.get("stats")
-
-    @property
-    def checksum(self) -> str | None:
-        c = self.meta.get("checksum")
-        return c.get("digest") if isinstance(c, dict) else c
-
-    @property
-    def checksum_algorithm(self) -> str | None:
-        c = self.meta.get("checksum")
-        return c.get("algorithm") if isinstance(c, dict) else None
-
-    @property
-    def has_data(self) -> bool:
-        return self.path is not None or "_tensor" in self.meta or "_loader" in self.meta
-
-    @property
-    def nbytes(self) -> int:
-        numel = self.meta.get("numel") or 0
-        try:
-            return numel * _dtype(self.dtype).itemsize
-        except (TypeError, ValueError, RuntimeError):
-            return numel * 4
-
-    def load(self) -> torch.Tensor:
-        """Read the tensor from disk (memory-mapped where the format allows)."""
-        if "_tensor" in self.meta:
-            return self.meta["_tensor"]
-        if "_loader" in self.meta:  # a tensor derived by alignment (split, summed, reassembled, gathered)
-            return self.meta["_loader"]()
-        if self.path is None:
-            raise RunReadError(f"{self.name}: no tensor data was saved ({self.meta.get('skipped') or 'statistics only'})")
-        return load_tensor_file(self.path)
+_DEVICE_TAIL = re.compile(r"^(?P<rest>.*?)_?(?P<dev>cpu|meta|mps|(?:cuda|xpu|hpu|npu|privateuseone)(?:_\d+)?)(?:_rank(?P<rank>\d+))?$")
 
 
-def load_tensor_file(path: Path) -> torch.Tensor:
-    try:
-        if path.suffix == ".safetensors":
-            return _mmap_safetensors(path)
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RunReadError:
-        raise
-    except Exception as e:  # truncated, corrupted, or not a tensor file at all
-        raise RunReadError(f"cannot read tensor file {path}: {type(e).__name__}: {_first_line(e)}") from None
-    if not isinstance(obj, torch.Tensor):
-        raise RunReadError(f"{path}: holds a {type(obj).__name__}, not a tensor")
-    return obj
+def is_tensorlog_run(listing: Listing) -> bool:
+    return any(names.RUN_FILE_RE.match(n) for n in listing.files) or any(names.STEP_DIR_RE.match(n) for n in listing.dirs)
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None)}
+def load_tensorlog_run(p: Path, listing: Listing) -> Run:
+    problems: list[str] = list(listing.refused)
+    manifest = _read_manifests(p, listing, problems)
+    if manifest.host == socket.gethostname():
+        sweep_temps(p)  # temporary files of writers that died; only their own host can tell
+    legacy_info = _legacy_step_info(manifest)
+    steps: dict[int, Step] = {}
+    for name, d in sorted(listing.dirs.items()):
+        m = names.STEP_DIR_RE.match(name)
+        if m:
+            index = int(m.group(1))
+            steps[index] = _load_step(index, d, manifest, problems, legacy_info.get(index))
+    incomplete = [f"step {s.index}: {s.incomplete_reason}" for s in steps.values() if not s.complete]
+    if incomplete and manifest.complete:
+        manifest = manifest.model_copy(update={"complete": False, "incomplete_reason": "; ".join(incomplete[:3])})
+    return Run(path=p, manifest=manifest, steps=dict(sorted(steps.items())), problems=problems,
+               modules=_module_tree(listing, problems))
 
 
-def _mmap_safetensors(path: Path) -> torch.Tensor:
-    """The single tensor of a safetensors file, memory-mapped (no copy until it is used)."""
-    import mmap
-
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise RunReadError(f"cannot read tensor file {path}: truncated header")
-        n = int.from_bytes(head, "little")
-        if n <= 0 or n > 100_000_000:
-            raise RunReadError(f"cannot read tensor file {path}: bad header length {n}")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise RunReadError(f"cannot read tensor file {path}: corrupt header") from None
-        entries = {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else {}
-        if len(entries) != 1:
-            raise RunReadError(f"{path}: expected one tensor, found {len(entries)}")
-        (info,) = entries.values()
-        try:
-            dtype = _ST_DTYPES[info["dtype"]]
-            shape = [int(d) for d in info["shape"]]
-            start, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise RunReadError(f"cannot read tensor file {path}: corrupt header") from None
-        if dtype is None:
-            raise RunReadError(f"{path}: dtype {info.get('dtype')} is not supported by this torch")
-        size = path.stat().st_size
-        if 8 + n + end > size or start > end:
-            raise RunReadError(f"cannot read tensor file {path}: truncated data")
-        numel = 1
-        for d in shape:
-            numel *= d
-        if numel == 0:
-            return torch.empty(shape, dtype=dtype)
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    import warnings as _w
-
-    with _w.catch_warnings():
-        _w.simplefilter("ignore")  # frombuffer warns that the buffer is read-only; we never write to it
-        t = torch.frombuffer(mm, dtype=dtype, count=numel, offset=8 + n + start)
-    return t.view(shape)
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:200]
-
-
-def _dtype(name: str | None) -> torch.dtype:
-    if not name or not name.startswith("torch."):
-        raise ValueError(name)
-    dt = getattr(torch, name.removeprefix("torch."), None)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(name)
-    return dt
-
-
-@dataclass
-class ModuleCall:
-    """One logged call of one module in one step (on one rank)."""
-
-    step: int
-    dirname: str
-    module: str
-    call_index: int = 0
-    cls: str | None = None
-    seq_start: int | None = None
-    seq_end: int | None = None
-    rank: int | None = None
-    position: int = 0  # index in the step's start order
-    inputs: list[TensorRecord] = field(default_factory=list)
-    outputs: list[TensorRecord] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def tensors(self) -> list[TensorRecord]:
-        return self.inputs + self.outputs
-
-    @property
-    def key(self) -> tuple[int | None, str]:
-        return (self.rank, self.dirname)
-
-
-@dataclass
-class Step:
-    index: int
-    calls: list[ModuleCall]  # in the order the calls started
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def by_completion(self) -> list[ModuleCall]:
-        """Calls in the order they finished: children before their parents."""
-        return sorted(self.calls, key=lambda c: (c.rank or 0, c.seq_end if c.seq_end is not None else 1 << 60, c.position))
-
-    def call(self, dirname: str, rank: int | None = None) -> ModuleCall | None:
-        for c in self.calls:
-            if c.dirname == dirname and c.rank == rank:
-                return c
+def _module_tree(listing: Listing, problems: list[str]) -> dict[str, str] | None:
+    f = next((listing.files[n] for n in sorted(listing.files) if names.MODULES_FILE_RE.match(n)), None)
+    if f is None:
         return None
-
-
-@dataclass
-class Run:
-    """A run read from disk. ``steps`` maps step index to :class:`Step`."""
-
-    path: Path
-    manifest: dict[str, Any]
-    steps: dict[int, Step]
-    layout: str = "tensorlog"
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.manifest.get("complete"))
-
-    @property
-    def incomplete_reason(self) -> str | None:
-        return None if self.complete else self.manifest.get("incomplete_reason", "no manifest")
-
-    def calls(self) -> Iterator[ModuleCall]:
-        for s in sorted(self.steps):
-            yield from self.steps[s].calls
-
-    def __repr__(self) -> str:
-        n = sum(len(s.calls) for s in self.steps.values())
-        return f"<tensorlog Run {self.path} ({self.layout}): {len(self.steps)} steps, {n} module calls>"
-
-
-_STEP_RE = re.compile(rf"^{_layout.STEP_PREFIX}(\d+)$")
-_META_RE = re.compile(r"^(inputs|outputs)(?:\.rank(\d+))?\.json$")
-_CALLS_RE = re.compile(r"^module_calls(?:\.rank(\d+))?\.txt$")
-_TENSOR_FILE_RE = re.compile(r"^(inputs|outputs)(?:_(.*))?\.(pt|safetensors)$")
-
-
-def resolve_run_dir(path: str | Path) -> Path:
-    """A run directory itself, or an output dir that holds exactly one run."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise RunReadError(f"no such directory: {p}")
-    if not p.is_dir():
-        raise RunReadError(f"not a directory: {p}")
-    if _is_run_dir(p):
-        return p
-    runs = sorted(c for c in p.iterdir() if c.is_dir() and _is_run_dir(c))
-    if len(runs) == 1:
-        return runs[0]
-    if not runs:
-        raise RunReadError(f"{p} is not a tensorlog run (no run.json, step_N/ or Pass files) and holds no run")
-    listing = ", ".join(r.name for r in runs[:5]) + (" ..." if len(runs) > 5 else "")
-    raise RunReadError(f"{p} holds {len(runs)} runs ({listing}); pass one of them")
-
-
-def _is_run_dir(p: Path) -> bool:
-    from . import passdump as _foreign
-
     try:
-        names = [c.name for c in p.iterdir()]
-    except OSError:
-        return False
-    return any(n == "run.json" or _layout.RUN_FILE_RE.match(n) or _STEP_RE.match(n) for n in names) or _foreign.detect(p) is not None
+        tree = TypeAdapter(dict[str, ModuleNode]).validate_json(read_limited(f, SMALL_JSON))
+    except (RunReadError, ValidationError) as e:
+        problems.append(f"cannot read {f}: {first_error(e) if isinstance(e, ValidationError) else e}")
+        return None
+    return {name: node.class_ for name, node in tree.items()}
 
 
-def load_run(path: str | Path) -> Run:
-    """Read a run: a tensorlog run, a PR-style ``Pass00000.pt`` dump, or an msProbe dump.
-
-    Args:
-        path (str | Path): the run directory, or an output directory that
-            holds exactly one run.
-
-    Returns:
-        Run: steps, module calls in execution order, lazily loaded tensors.
-
-    Raises:
-        RunReadError: the path is missing, is not a run, or holds several.
-
-    Example:
-        >>> run = tensorlog.load_run("/tmp/tensorlog/baseline")
-        >>> [c.dirname for c in run.steps[0].calls][:3]
-        ['model.embed_tokens', 'model.layers.0', 'model.layers.0.input_layernorm']
-    """
-    from . import passdump as _foreign
-
-    p = resolve_run_dir(path)
-    foreign = _foreign.detect(p)
-    if foreign is not None:
-        return foreign(p)
-    return _load_tensorlog_run(p)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunReadError(f"cannot read {path}: {type(e).__name__}: {_first_line(e)}") from None
-
-
-def _load_tensorlog_run(p: Path) -> Run:
-    problems: list[str] = []
-    manifest: dict[str, Any] = {}
-    rank_manifests: dict[int, dict[str, Any]] = {}
-    for f in sorted(p.iterdir()):
-        m = _layout.RUN_FILE_RE.match(f.name)
+def _read_manifests(p: Path, listing: Listing, problems: list[str]) -> RunManifest:
+    main: RunManifest | None = None
+    by_rank: dict[int, RunManifest] = {}
+    for name, f in sorted(listing.files.items()):
+        m = names.RUN_FILE_RE.match(name)
         if not m:
             continue
         try:
-            data = _read_json(f)
-            if not isinstance(data, dict):
-                raise RunReadError(f"{f}: not a JSON object")
+            data = read_model(f, RunManifest)
         except RunReadError as e:
             problems.append(str(e))
             continue
         if m.group(1) is None:
-            manifest = data
+            main = data
         else:
-            rank_manifests[int(m.group(1))] = data
-    if rank_manifests:
-        first = rank_manifests[min(rank_manifests)]
-        manifest = {**first, **manifest}
-        manifest["ranks"] = {r: {k: m.get(k) for k in ("complete", "incomplete_reason", "pid", "host", "steps_written")} for r, m in sorted(rank_manifests.items())}
-        manifest["complete"] = all(m.get("complete") for m in rank_manifests.values())
-        if not manifest["complete"]:
-            bad = [f"rank {r}: {m.get('incomplete_reason')}" for r, m in sorted(rank_manifests.items()) if not m.get("complete")]
-            manifest["incomplete_reason"] = "; ".join(bad)
-    if not manifest:
-        manifest = {"complete": False, "incomplete_reason": "run.json missing"}
-    steps: dict[int, Step] = {}
-    for d in sorted(p.iterdir()):
-        m = _STEP_RE.match(d.name)
-        if m and d.is_dir():
-            steps[int(m.group(1))] = _load_step(int(m.group(1)), d, problems)
-    return Run(path=p, manifest=manifest, steps=dict(sorted(steps.items())), problems=problems)
+            by_rank[int(m.group(1))] = data
+    if by_rank:
+        first = by_rank[min(by_rank)]
+        base = main or first
+        bad = [f"rank {r}: {m.incomplete_reason}" for r, m in sorted(by_rank.items()) if not m.complete]
+        ranks = {r: {"complete": m.complete, "incomplete_reason": m.incomplete_reason, "pid": m.pid, "host": m.host,
+                     "steps_written": m.steps_done(), "node": m.node.model_dump() if m.node else None}
+                 for r, m in sorted(by_rank.items())}
+        return base.model_copy(update={
+            "complete": not bad and (main is None or main.complete), "incomplete_reason": "; ".join(bad) or None,
+            "world_size": base.world_size or len(by_rank), "ranks": ranks,
+        })
+    if main is not None:
+        return main
+    has_run_file = any(names.RUN_FILE_RE.match(n) for n in listing.files)
+    reason = "run.json unreadable" if has_run_file else "no run.json (a reference dump, or a run that never started cleanly)"
+    return RunManifest(complete=not has_run_file, incomplete_reason=None if not has_run_file else reason, layout_version=0,
+                       tensorlog_version="")
 
 
-def _load_step(index: int, d: Path, problems: list[str]) -> Step:
-    orders: dict[int | None, list[str]] = {}
-    for f in d.iterdir():
-        m = _CALLS_RE.match(f.name)
+def _legacy_step_info(manifest: RunManifest) -> dict[int, StepInfo]:
+    """tensorlog 0.1 kept each step's request layout in run.json."""
+    steps = (manifest.model_extra or {}).get("steps")
+    out: dict[int, StepInfo] = {}
+    if isinstance(steps, dict):
+        for k, v in steps.items():
+            try:
+                out[int(k)] = StepInfo.model_validate(v)
+            except (ValueError, ValidationError):
+                continue
+    return out
+
+
+def _load_step(index: int, d: Path, manifest: RunManifest, problems: list[str], legacy: StepInfo | None) -> Step:
+    listing = Listing(d)
+    problems.extend(listing.refused)
+    indexes: dict[int | None, StepIndex] = {}
+    for name, f in listing.files.items():
+        m = names.INDEX_FILE_RE.match(name)
         if m:
             rank = int(m.group(1)) if m.group(1) is not None else None
             try:
-                orders[rank] = [line for line in f.read_text(encoding="utf-8").splitlines() if line]
-            except (OSError, UnicodeDecodeError) as e:
-                problems.append(f"cannot read {f}: {e}")
+                indexes[rank] = read_model(f, StepIndex, INDEX_JSON)
+            except RunReadError as e:
+                problems.append(str(e))
     calls: list[ModuleCall] = []
-    for sub in sorted(d.iterdir()):
-        if sub.is_dir() and not sub.name.startswith("."):
-            calls.extend(_load_call_dir(index, sub))
+    step = Step(index=index, calls=calls, info=legacy)
+    indexed_ranks = set(indexes)
+    for rank, idx in sorted(indexes.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
+        calls.extend(_calls_from_index(index, d, listing, idx, problems))
+        if idx.info is not None:
+            step.info = idx.info if rank in (None, 0) or step.info is None else step.info
+        if not idx.complete:
+            step.complete, step.incomplete_reason = False, idx.incomplete_reason or "cut short"
+    scanned = _calls_from_dirs(index, d, listing, indexed_ranks, problems)
+    if scanned and manifest.layout_version >= 2:
+        ranks = sorted({c.rank for c in scanned}, key=lambda r: -1 if r is None else r)
+        step.complete = False
+        step.incomplete_reason = "cut short before its index was written" + (
+            f" (rank {', '.join(map(str, ranks))})" if ranks != [None] else "")
+    calls.extend(scanned)
+    return step
+
+
+def _safe_relative(rel: str, listing: Listing) -> tuple[str, str] | None:
+    """``<dirname>/<file>`` inside the step, or None for anything else (an absolute path, ``..``, a link)."""
+    parts = rel.split("/")
+    if len(parts) != 2 or any(names.safe_name(x) != x for x in parts):
+        return None
+    if parts[0] not in listing.dirs:
+        return None
+    return parts[0], parts[1]
+
+
+def _calls_from_index(step: int, d: Path, listing: Listing, idx: StepIndex, problems: list[str]) -> list[ModuleCall]:
+    packed: tuple[Path, dict[str, Any], int] | None = None
+    out: list[ModuleCall] = []
+    dirs: dict[str, Listing] = {}
+    for pos, c in enumerate(idx.calls):
+        call = _call(step, c, idx.rank, pos)
+        sub = None
+        if c.dirname in listing.dirs:
+            sub = dirs.get(c.dirname)
+            if sub is None:
+                sub = dirs[c.dirname] = Listing(listing.dirs[c.dirname])
+                call.errors.extend(sub.refused)  # a link or special file among the call's files: refused
+        for e in c.tensors:
+            source, error = None, None
+            if e.file is not None:
+                where = _safe_relative(e.file, listing)
+                if where is None or sub is None or where[0] != c.dirname or where[1] not in sub.files:
+                    error = f"{d}: file {e.file!r} named by the index is missing, or refused (outside the call's directory, or a link)"
+                else:
+                    source = FileSource(d / where[0] / where[1])
+            elif e.packed is not None:
+                if packed is None or packed[0].name != e.packed.file:
+                    packed = _packed_header(d, listing, e.packed.file, problems)
+                if packed is None:
+                    error = f"{d}: packed file {e.packed.file!r} is missing or unreadable"
+                else:
+                    source = PackedSource(packed[0], e.packed.key, packed[1], packed[2])
+            rec = TensorRecord(entry=e, source=source, error=error)
+            if error:
+                call.errors.append(error)
+            _add(call, rec)
+        out.append(call)
+    return out
+
+
+def _packed_header(d: Path, listing: Listing, name: str, problems: list[str]) -> tuple[Path, dict[str, Any], int] | None:
+    f = listing.files.get(name)
+    if f is None:
+        return None
+    try:
+        header, start = read_safetensors_header(f, INDEX_JSON)
+    except RunReadError as e:
+        problems.append(str(e))
+        return None
+    return f, header, start
+
+
+def _call(step: int, c: CallEntry, rank: int | None, pos: int) -> ModuleCall:
+    return ModuleCall(step=step, dirname=c.dirname, module=c.module, call_index=c.call_index, cls=c.class_name or None,
+                      seq_start=c.seq_start, seq_end=c.seq_end, rank=rank, position=pos,
+                      structure=c.structure.model_dump() if c.structure is not None else None,
+                      extra={"backward": c.backward, "grafted": c.grafted} if (c.backward or c.grafted) else {})
+
+
+def _add(call: ModuleCall, rec: TensorRecord) -> None:
+    {"inputs": call.inputs, "outputs": call.outputs, "post_fwd_inputs": call.post_fwd_inputs}[rec.kind].append(rec)
+
+
+# -- without an index: module directories as they lie ---------------------------------------
+
+
+def _calls_from_dirs(step: int, d: Path, listing: Listing, skip_ranks: set[int | None], problems: list[str]) -> list[ModuleCall]:
+    orders: dict[int | None, list[str]] = {}
+    for name, f in listing.files.items():
+        m = names.CALLS_FILE_RE.match(name)
+        if m:
+            rank = int(m.group(1)) if m.group(1) is not None else None
+            if rank in skip_ranks:
+                continue
+            try:
+                orders[rank] = [ln for ln in read_limited(f, 64 << 20).decode("utf-8", "replace").splitlines() if ln]
+            except RunReadError as e:
+                problems.append(str(e))
+    calls: list[ModuleCall] = []
+    for name, sub in sorted(listing.dirs.items()):
+        calls.extend(_load_call_dir(step, sub, skip_ranks, problems))
     ranks = sorted({c.rank for c in calls}, key=lambda r: -1 if r is None else r)
     ordered: list[ModuleCall] = []
     for rank in ranks:
         mine = [c for c in calls if c.rank == rank]
         order = orders.get(rank)
         if order is not None:
-            pos = {name: i for i, name in enumerate(order)}
+            pos = {n: i for i, n in enumerate(order)}
             mine.sort(key=lambda c: (pos.get(c.dirname, len(pos)), c.seq_start if c.seq_start is not None else 0))
-        else:  # step cut short before module_calls.txt: start sequence numbers give the order
+        else:
             mine.sort(key=lambda c: (c.seq_start if c.seq_start is not None else 1 << 60, c.dirname))
         for i, c in enumerate(mine):
             c.position = i
         ordered.extend(mine)
-    return Step(index=index, calls=ordered)
+    return ordered
 
 
-def _load_call_dir(step: int, d: Path) -> list[ModuleCall]:
-    """One ModuleCall per rank found in a module directory."""
+class _LegacyEntry(BaseModel):
+    """A tensor or value entry of tensorlog 0.1's per-call json (lax: it wrote NaN as the string "nan")."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str | None = None
+    kind: str = "tensor"
+    file: str | None = None
+    shape: list[int] | None = None
+    dtype: str | None = None
+    device: str | None = None
+    stride: list[int] | None = None
+    numel: int | None = None
+    stats: dict[str, float | int | str | None] | None = None
+    values: Any = None
+    checksum: dict[str, str] | str | None = None
+    skipped: str | None = None
+    parameter: bool = False
+    type: str | None = None
+    value: Any = None
+
+
+class _LegacyCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    module: str
+    call_index: int = 0
+    seq_start: int | None = None
+    seq_end: int | None = None
+    inputs: list[_LegacyEntry] | None = None
+    outputs: list[_LegacyEntry] | None = None
+    structure: dict[str, Any] | None = None
+
+
+def _load_call_dir(step: int, d: Path, skip_ranks: set[int | None], problems: list[str]) -> list[ModuleCall]:
+    """One ModuleCall per rank found in a module directory that no index describes."""
+    listing = Listing(d)
     by_rank: dict[int | None, ModuleCall] = {}
     referenced: set[str] = set()
-    for f in sorted(d.iterdir()):
-        m = _META_RE.match(f.name)
+
+    def call_for(rank: int | None) -> ModuleCall:
+        c = by_rank.get(rank)
+        if c is None:
+            c = by_rank[rank] = ModuleCall(step=step, dirname=d.name, module=d.name, rank=rank)
+        return c
+
+    for err in listing.refused:
+        call_for(None).errors.append(err)
+    for name, f in sorted(listing.files.items()):
+        m = names.REF_META_RE.match(name)
         if not m:
             continue
-        kind = m.group(1)
-        rank = int(m.group(2)) if m.group(2) is not None else None
-        call = by_rank.get(rank)
+        kind, rank = m.group(1), (int(m.group(2)) if m.group(2) is not None else None)
+        if rank in skip_ranks:
+            continue
         try:
-            meta = _read_json(f)
-            if not isinstance(meta, dict):
-                raise RunReadError(f"cannot read {f}: not a JSON object")
+            doc = read_json(f)
         except RunReadError as e:
-            if call is None:
-                call = by_rank[rank] = ModuleCall(step=step, dirname=d.name, module=d.name, rank=rank)
-            call.errors.append(str(e))
+            call_for(rank).errors.append(str(e))
             continue
-        if call is None:
-            call = by_rank[rank] = ModuleCall(step=step, dirname=d.name, module=d.name, rank=rank)
-        call.module = str(meta.get("module", call.module))
-        call.cls = meta.get("class", call.cls)
-        call.call_index = int(meta.get("call_index", call.call_index) or 0)
-        call.seq_start = meta.get("seq_start", call.seq_start)
-        call.seq_end = meta.get("seq_end", call.seq_end)
-        for k, v in meta.items():
-            if k not in ("module", "class", "call_index", "seq_start", "seq_end", "step", "rank", "inputs", "outputs"):
-                call.extra[k] = v
-        records = []
-        for e in meta.get(kind) or []:
-            if not isinstance(e, dict):
+        if isinstance(doc, dict) and "module" in doc and isinstance(doc.get(kind), list):
+            try:
+                legacy = _LegacyCall.model_validate(doc)
+            except ValidationError as e:
+                call_for(rank).errors.append(f"cannot read {f}: {first_error(e)}")
                 continue
-            fname = e.get("file")
-            path = None
-            if isinstance(fname, str) and _layout.safe_name(fname) == fname:
-                path = d / fname
-                referenced.add(fname)
-            key = e.get("name")
-            name = Path(fname).stem if isinstance(fname, str) else _layout.tensor_file(kind, key, str(e.get("device", "value")), rank, "x")[:-2]
-            records.append(TensorRecord(name=name, kind=kind, key=key, meta=e, path=path))
-        setattr(call, kind, records)
-    # Tensor files the json does not list: a reference-style dump, or a json lost to a crash.
-    for f in sorted(d.iterdir()):
-        m = _TENSOR_FILE_RE.match(f.name)
-        if not m or f.name in referenced:
+            _apply_legacy(call_for(rank), kind, legacy, doc, d, listing, referenced, rank)
+        elif kind == "outputs" and isinstance(doc, dict) and "skipped" in doc and "type" not in doc:
+            pass  # the reference's sidecar for a single output over max_tensor_size
+        elif not (isinstance(doc, dict) and isinstance(doc.get("type"), str)) and doc is not None:
+            call_for(rank).errors.append(f"cannot read {f}: neither the reference's structure nor tensorlog's record")
+    for name, f in sorted(listing.files.items()):
+        m = names.TENSOR_FILE_RE.match(name)
+        if not m or name in referenced:
             continue
-        rank_m = re.search(r"_rank(\d+)$", f.stem)
-        rank = int(rank_m.group(1)) if rank_m else None
-        call = by_rank.setdefault(rank, ModuleCall(step=step, dirname=d.name, module=d.name, rank=rank))
-        rec = TensorRecord(name=f.stem, kind=m.group(1), key=None, meta={"kind": "tensor"}, path=f)
-        getattr(call, m.group(1)).append(rec)
+        kind = m.group(1)
+        stem = name.rsplit(".", 1)[0]
+        tail = _DEVICE_TAIL.match(stem[len(kind):].lstrip("_")) if len(stem) > len(kind) else None
+        rank = int(tail.group("rank")) if tail and tail.group("rank") else None
+        if rank in skip_ranks:
+            continue
+        key = (tail.group("rest") or None) if tail else None
+        device = tail.group("dev").replace("_", ":", 1) if tail and "_" in tail.group("dev") else (tail.group("dev") if tail else None)
+        entry = TensorEntry.model_construct(name=stem, kind=kind, key=key, path=key.split("_") if key else [], tensor=True,
+                                            device=device, shape=None, dtype=None, stride=None, numel=None, stats=None,
+                                            values=None, checksum=None, skipped=None, file=None, packed=None,
+                                            parameter=False, value=None)
+        _add(call_for(rank), TensorRecord(entry=entry, source=FileSource(f)))
     return list(by_rank.values())
+
+
+def _apply_legacy(call: ModuleCall, kind: str, legacy: _LegacyCall, doc: dict[str, Any], d: Path, listing: Listing,
+                  referenced: set[str], rank: int | None) -> None:
+    call.module = legacy.module
+    call.call_index = legacy.call_index
+    call.cls = doc.get("class") if isinstance(doc.get("class"), str) else call.cls
+    call.seq_start = legacy.seq_start if legacy.seq_start is not None else call.seq_start
+    call.seq_end = legacy.seq_end if legacy.seq_end is not None else call.seq_end
+    if kind == "inputs" and legacy.structure is not None:
+        call.structure = _legacy_structure(legacy.structure)
+    for e in getattr(legacy, kind) or []:
+        source, error = None, None
+        if e.file is not None:
+            if names.safe_name(e.file) != e.file or e.file not in listing.files:
+                error = f"{d}: tensor file {e.file!r} is missing or refused"
+            else:
+                source = FileSource(listing.files[e.file])
+                referenced.add(e.file)
+        key = e.name
+        stem_key = key.replace(".", "_") if key else None
+        if e.file:
+            name = e.file.rsplit(".", 1)[0]
+        else:
+            name = names.tensor_file(names.tensor_stem(kind, tuple(stem_key.split("_")) if stem_key else ()),
+                                     "value" if e.kind == "value" else (e.device or "cpu"), rank, "x")[:-2]
+        entry = TensorEntry.model_construct(
+            name=name, kind=kind, key=stem_key, path=key.split(".") if key else [], tensor=e.kind != "value",
+            shape=e.shape, dtype=e.dtype, device=e.device, stride=e.stride, numel=e.numel, stats=_legacy_stats(e.stats),
+            values=e.values, checksum=_legacy_checksum(e.checksum), skipped=e.skipped, file=None, packed=None,
+            parameter=e.parameter,
+            value=ValueDesc.model_construct(type=e.type or "unknown", value=e.value if isinstance(e.value, (str, int, float, bool)) or e.value is None else str(e.value), cls=None)
+            if e.kind == "value" else None)
+        rec = TensorRecord(entry=entry, source=source, error=error)
+        if error:
+            call.errors.append(error)
+        _add(call, rec)
+
+
+def _legacy_structure(s: dict[str, Any]) -> dict[str, Any]:
+    """0.1 keyed leaves ``0``, ``1``, ``hidden_states.0``; the index keys them ``0``, ``hidden_states_0``."""
+
+    def conv(node: Any) -> Any:
+        if isinstance(node, list):
+            return [conv(x) for x in node]
+        if isinstance(node, dict):
+            return {k: conv(v) for k, v in node.items()}
+        return str(node).replace(".", "_")
+
+    return {"args": conv(s.get("args", [])), "kwargs": conv(s.get("kwargs", {})), "tuples": ["*"]}  # 0.1 rebuilt tuples
+
+
+def _legacy_stats(stats: dict[str, Any] | None) -> Stats | None:
+    if not stats:
+        return None
+    out: dict[str, Any] = {}
+    for k, v in stats.items():
+        if k.endswith("_count"):
+            out[k] = int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0
+        else:
+            try:
+                out[k] = float(v) if v is not None else None
+            except (TypeError, ValueError):
+                out[k] = None
+    try:
+        return Stats.model_validate(out)
+    except ValidationError:
+        return None
+
+
+def _legacy_checksum(c: Any) -> Checksum | None:
+    if isinstance(c, dict) and isinstance(c.get("digest"), str):
+        return Checksum(algorithm=str(c.get("algorithm") or "unknown"), digest=c["digest"])
+    if isinstance(c, str):
+        return Checksum(algorithm="unknown", digest=c)
+    return None

@@ -15,17 +15,18 @@ from typing import Any
 
 import torch
 
-from ..capture.handle import CaptureHandle, capture
-from ..config import ConfigError, ConfigLike, load_config
+from ..capture import CaptureHandle, RunInfo, start_capture
+from ..config import ConfigLike, load_config
+from ..errors import DependencyError, UsageError
+from .model_facts import model_dims
 
-__all__ = ["capture_generate", "attach_step_info", "run_facts"]
+__all__ = ["capture_generate", "run_facts", "step_layout", "load_causal_lm", "DTYPES"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def run_facts(model: Any) -> dict[str, Any]:
-    from .vllm.plugin import model_dims
-
+def run_facts(model: Any, model_path: str | None = None) -> dict[str, Any]:
+    """What ``run.json`` records about an HF model (framework, sizes, dtype)."""
     facts: dict[str, Any] = {"framework": "transformers"}
     try:
         import transformers
@@ -37,39 +38,28 @@ def run_facts(model: Any) -> dict[str, Any]:
     if cfg is not None:
         facts["model_dims"] = model_dims(cfg)
         facts["architectures"] = list(getattr(cfg, "architectures", None) or [type(model).__name__])
-        facts["model_path"] = getattr(cfg, "_name_or_path", None) or None
+        facts["model_path"] = model_path or getattr(cfg, "_name_or_path", None) or None
     param = next(iter(model.parameters()), None)
     if param is not None:
         facts["dtype"] = str(param.dtype)
     return facts
 
 
-def attach_step_info(handle: CaptureHandle, model: torch.nn.Module) -> None:
-    """Record each step's request layout from the root call's ``input_ids`` / ``cache_position``."""
-    if not handle.enabled:
-        return
-
-    def pre(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        try:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-                return
-            batch, n = ids.shape
-            pos = kwargs.get("position_ids")
-            if isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.numel():
-                starts = [int(v) for v in pos[:, 0]]
-            else:
-                cache_pos = kwargs.get("cache_position")
-                start = int(cache_pos[0]) if isinstance(cache_pos, torch.Tensor) and cache_pos.numel() else 0
-                starts = [start] * batch
-            handle.annotate_step(
-                {"req_ids": [str(i) for i in range(batch)], "num_tokens": [int(n)] * batch,
-                 "start_positions": starts, "total_tokens": int(batch * n), "layout": "batch_major"}
-            )
-        except Exception:  # facts for alignment only; never break the model
-            pass
-
-    handle._handles.append(model.register_forward_pre_hook(pre, with_kwargs=True))
+def step_layout(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The request layout of one ``forward`` from its ``input_ids`` and ``position_ids`` / ``cache_position``."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        return None
+    batch, n = ids.shape
+    pos = kwargs.get("position_ids")
+    if isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.numel():
+        starts = [int(v) for v in pos[:, 0]]
+    else:
+        cache_pos = kwargs.get("cache_position")
+        start = int(cache_pos[0]) if isinstance(cache_pos, torch.Tensor) and cache_pos.numel() else 0
+        starts = [start] * batch
+    return {"req_ids": [str(i) for i in range(batch)], "num_tokens": [int(n)] * batch, "start_positions": starts,
+            "total_tokens": int(batch * n), "layout": "batch_major"}
 
 
 def load_causal_lm(model: str, *, dtype: str = "float32", device: str = "cpu") -> torch.nn.Module:
@@ -77,13 +67,13 @@ def load_causal_lm(model: str, *, dtype: str = "float32", device: str = "cpu") -
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
-        raise ConfigError("transformers is not installed: pip install 'tensorlog[transformers]'") from None
-    if dtype not in _DTYPES:
-        raise ConfigError(f"--dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise DependencyError("transformers is not installed: pip install 'tensorlog[transformers]'") from None
+    if dtype not in DTYPES:
+        raise UsageError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     try:
-        m = AutoModelForCausalLM.from_pretrained(model, dtype=_DTYPES[dtype])
+        m = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype])
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
     return m.to(device).eval()
 
 
@@ -111,26 +101,37 @@ def capture_generate(
         >>> path, seq = capture_generate("/models/tiny", [[1, 2, 3]], {"log_step_ids": [0, 1]}, max_new_tokens=2)
     """
     if not input_ids or len({len(r) for r in input_ids}) != 1 or not input_ids[0]:
-        raise ConfigError("input ids: give one or more prompts of equal, non-zero length (e.g. 1,2,3 or 1,2,3;4,5,6)")
+        raise UsageError("input ids: give one or more prompts of equal, non-zero length (e.g. 1,2,3 or 1,2,3;4,5,6)")
     cfg = load_config(config if config is not None else {})
-    m = load_causal_lm(model, dtype=dtype, device=device) if isinstance(model, (str, Path)) else model
-    if isinstance(model, (str, Path)):
-        overrides.setdefault("run_name", cfg.run_name)
+    path = str(model) if isinstance(model, (str, Path)) else None
+    m = load_causal_lm(str(model), dtype=dtype, device=device) if path is not None else model
+    assert isinstance(m, torch.nn.Module)
     ids = torch.tensor(input_ids, device=device)
-    with torch.no_grad(), capture(m, cfg, **overrides) as run:
+    handle: CaptureHandle = start_capture(m, cfg, info=RunInfo(facts=run_facts(m, path)), step_info=step_layout, **overrides)
+    with torch.no_grad(), handle:
         out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=getattr(m.config, "pad_token_id", None) or 0)
-    if isinstance(model, (str, Path)):
-        _record_model_path(run.path, str(model))
-    return run.path, out
+    return handle.path, out
 
 
-def _record_model_path(run_dir: Path, model: str) -> None:
-    import json
 
-    from ..storage.writer import write_json
+def replay_states() -> dict[str, Any]:
+    """The state HF modules carry across steps, rebuilt by replay: a fresh ``DynamicCache`` per module."""
+    try:
+        from transformers.cache_utils import DynamicCache
+    except ImportError:
+        return {}
+    return {f"{DynamicCache.__module__}.{DynamicCache.__qualname__}": DynamicCache}
 
-    manifest_path = run_dir / "run.json"
-    data = json.loads(manifest_path.read_text())
-    data["model_path"] = model
-    write_json(manifest_path, data)
+
+def model_a_of(run: Any) -> torch.nn.Module | None:
+    """Model A of an HF run, from the checkpoint and dtype its ``run.json`` names, when that checkpoint is here."""
+    extra = run.manifest.model_extra or {}
+    path = extra.get("model_path")
+    if not isinstance(path, str) or not Path(path).is_dir():
+        return None
+    dtype = str(extra.get("dtype") or "torch.float32").removeprefix("torch.")
+    try:
+        return load_causal_lm(path, dtype=dtype if dtype in DTYPES else "float32")
+    except (UsageError, DependencyError):
+        return None

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..formats.tensorlog import Run
+from ..config import compile_pattern
+from ..formats import Run
+from .text import clean
 
 __all__ = ["render_run", "fmt_num"]
 
@@ -24,16 +25,22 @@ def fmt_num(v: Any) -> str:
     return f"{v:.4g}"
 
 
+def _t(x: object) -> str:
+    """Text from disk, safe for rich markup and any terminal."""
+    return escape(clean(x))
+
+
 def render_run(run: Run, console: Console, *, steps: list[int] | None = None, modules: list[str] | None = None) -> None:
     m = run.manifest
     status = "complete" if run.complete else f"INCOMPLETE ({run.incomplete_reason})"
-    console.print(f"[bold]{escape(str(run.path))}[/]  layout={run.layout}  {status}", highlight=False)
-    facts = [f"{k}={m[k]}" for k in ("model_class", "torch_version", "vllm_version", "world_size", "mode") if m.get(k)]
+    console.print(f"[bold]{_t(run.path)}[/]  layout={run.layout}  {_t(status)}", highlight=False)
+    data = {**m.model_dump(), "mode": m.config.get("mode")}
+    facts = [f"{k}={data[k]}" for k in ("model_class", "torch_version", "vllm_version", "world_size", "mode", "layout") if data.get(k)]
     if facts:
-        console.print("  " + "  ".join(facts), highlight=False)
-    pats = [re.compile(p) for p in modules] if modules else None
+        console.print(_t("  " + "  ".join(facts)), highlight=False)
+    pats = [compile_pattern(p) for p in modules] if modules else None
     for problem in run.problems:
-        console.print(f"[red]problem:[/] {escape(problem)}", highlight=False)
+        console.print(f"[red]problem:[/] {_t(problem)}", highlight=False)
     for index, step in run.steps.items():
         if steps is not None and index not in steps:
             continue
@@ -43,17 +50,17 @@ def render_run(run: Run, console: Console, *, steps: list[int] | None = None, mo
         for call in step.calls:
             if pats and not any(p.search(call.module) for p in pats):
                 continue
-            label = escape(call.dirname) + (f" [rank {call.rank}]" if call.rank is not None else "")
+            label = _t(call.dirname) + (f" [rank {call.rank}]" if call.rank is not None else "")
             first = True
             for t in call.tensors:
                 st = t.stats or {}
                 bad = (st.get("nan_count") or 0, st.get("inf_count") or 0)
-                shape = "x".join(map(str, t.shape)) if t.shape is not None else t.meta.get("type", "")
-                note = f" ({t.meta['skipped']})" if t.meta.get("skipped") else ""
+                shape = "x".join(map(str, t.shape)) if t.shape is not None else (t.entry.value.type if t.entry.value else "")
+                note = f" ({t.entry.skipped})" if t.entry.skipped else ""
                 table.add_row(
                     str(call.position) if first else "",
                     label if first else "",
-                    escape(t.name + note),
+                    _t(t.name + note),
                     shape,
                     (t.dtype or "").removeprefix("torch."),
                     fmt_num(st.get("min")),
@@ -64,6 +71,6 @@ def render_run(run: Run, console: Console, *, steps: list[int] | None = None, mo
                 )
                 first = False
             for err in call.errors:
-                table.add_row(str(call.position) if first else "", label if first else "", f"[red]{escape(err)}[/]", *[""] * 7)
+                table.add_row(str(call.position) if first else "", label if first else "", f"[red]{_t(err)}[/]", *[""] * 7)
                 first = False
         console.print(table)

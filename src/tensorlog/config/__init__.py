@@ -16,23 +16,101 @@ from typing import Any, Literal, Mapping, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-__all__ = ["LogConfig", "load_config", "ConfigError", "DEFAULT_OUTPUT_DIR"]
+from ..errors import ConfigError
+from .patterns import compile_pattern, split_call_index
+from .selection import Selector
+
+__all__ = ["LogConfig", "load_config", "build_config", "ConfigError", "DEFAULT_OUTPUT_DIR", "compile_pattern",
+           "split_call_index", "Selector", "ConfigLike"]
 
 DEFAULT_OUTPUT_DIR = "/tmp/tensorlog"
 
-_CALL_INDEX = re.compile(r"^(?P<regex>.*):(?P<index>\d+)$", re.DOTALL)
+
+def compile_pattern(pattern: str) -> re.Pattern[str]:
+    """A module-name regex, refused when it could take exponential time.
+
+    Python's ``re`` backtracks: a quantified group that itself contains a
+    quantifier, or an alternation whose branches can start alike (``(a+)+$``,
+    ``(a|ab)*c``), can take minutes on one long name. Such patterns are refused
+    with a ``ValueError`` that says how to write them; lookarounds (the
+    reference's ``(?!.*rotary_emb)``) and everything else ``re`` takes are fine.
+    """
+    try:
+        compiled = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"regex {pattern!r} does not compile: {e}") from None
+    except RecursionError:
+        raise ValueError(f"regex {pattern[:40]!r}... nests too deeply") from None
+    problem = _backtracking_risk(pattern)
+    if problem:
+        raise ValueError(f"regex {pattern!r} {problem}: it can take exponential time on long module names; "
+                         "write it without a repeated group that repeats inside (e.g. 'a+' instead of '(a+)+')")
+    return compiled
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names every offending key."""
+def _backtracking_risk(pattern: str) -> str | None:
+    from re import _constants as c, _parser as p  # type: ignore[attr-defined]
 
+    try:
+        tree = p.parse(pattern)
+    except Exception:
+        return None
 
-def split_call_index(pattern: str) -> tuple[str, int | None]:
-    """Split ``"rotary_emb:0"`` into ``("rotary_emb", 0)``; no suffix gives ``None``."""
-    m = _CALL_INDEX.match(pattern)
-    if m is None:
-        return pattern, None
-    return m.group("regex"), int(m.group("index"))
+    def repeats(items: Any) -> bool:
+        for op, av in items:
+            if op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT) and av[1] > 1:
+                return True
+            if op is c.SUBPATTERN and repeats(av[-1]):
+                return True
+            if op is c.BRANCH and any(repeats(b) for b in av[1]):
+                return True
+        return False
+
+    def first(items: Any) -> Any:
+        for op, av in items:
+            if op is c.LITERAL:
+                return av
+            if op is c.SUBPATTERN:
+                return first(av[-1])
+            return None  # anything else may start with many characters
+        return "empty"
+
+    def ambiguous(items: Any) -> bool:
+        """An alternation (anywhere inside) whose branches can start alike, or match nothing."""
+        for op, av in items:
+            if op is c.BRANCH:
+                starts = [first(b) for b in av[1]]
+                if None in starts or "empty" in starts or len(set(starts)) < len(starts):
+                    return True
+                if any(ambiguous(b) for b in av[1]):
+                    return True
+            elif op is c.SUBPATTERN and ambiguous(av[-1]):
+                return True
+        return False
+
+    def risky(items: Any) -> str | None:
+        for op, av in items:
+            if op in (c.MAX_REPEAT, c.MIN_REPEAT) and av[1] > 1:
+                if repeats(av[2]):
+                    return "repeats a group that itself repeats"
+                if ambiguous(av[2]):
+                    return "repeats an alternation whose branches can match alike"
+            elif op is c.SUBPATTERN:
+                inner = risky(av[-1])
+                if inner:
+                    return inner
+            elif op is c.BRANCH:
+                for b in av[1]:
+                    inner = risky(b)
+                    if inner:
+                        return inner
+            elif op in (c.ASSERT, c.ASSERT_NOT):
+                inner = risky(av[1])
+                if inner:
+                    return inner
+        return None
+
+    return risky(tree)
 
 
 class LogConfig(BaseModel):
@@ -64,6 +142,17 @@ class LogConfig(BaseModel):
     mode: Literal["tensor", "statistics", "md5"] = "tensor"
     """``tensor`` writes .pt files; ``statistics`` only json; ``md5`` json plus a content checksum."""
     format: Literal["pt", "safetensors"] = "pt"
+    layout: Literal["reference", "packed"] = "reference"
+    """``reference``: vLLM's layout (a directory per call, a file per tensor); ``packed``: one safetensors file
+    per step and rank (much faster to write; read by tensorlog)."""
+    async_write: bool = False
+    """``false``: a step returns only once its files are on disk. ``true``: the writer catches up in the
+    background (faster for throughput; flushed on ``remove()``)."""
+    writer_threads: int = Field(default=2, ge=1, le=32)
+    log_post_fwd_inputs: bool = False
+    """Also write each call's inputs as they are after the forward (``post_fwd_inputs*``): shows in-place changes."""
+    reload_input_dir: str | None = None
+    """Run each logged module on the inputs this other run recorded for it (the reference's online graft)."""
     max_pending_bytes: int = Field(default=1 << 30, gt=0)
     """Snapshots waiting for the writer thread, in bytes, before hooks wait (or drop)."""
     on_backpressure: Literal["block", "drop"] = "block"
@@ -114,11 +203,24 @@ class LogConfig(BaseModel):
         for pattern in v:
             regex, _ = split_call_index(pattern)
             try:
-                re.compile(regex)
-            except re.error as e:
-                bad.append(f"{pattern!r} ({e})")
+                compile_pattern(regex)
+            except ValueError as e:
+                bad.append(str(e))
         if bad:
-            raise ValueError("regex does not compile: " + "; ".join(bad))
+            raise ValueError("; ".join(bad))
+        return v
+
+    @field_validator("output_dir", "reload_input_dir")
+    @classmethod
+    def _a_usable_path(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if "\0" in v:
+            raise ValueError("contains a NUL byte")
+        if not v.strip():
+            raise ValueError("is empty (give a directory, e.g. /tmp/tensorlog)")
+        if Path(v).expanduser().resolve() == Path("/"):
+            raise ValueError("is the root directory; give a directory of its own")
         return v
 
     @field_validator("log_step_ids")
@@ -170,7 +272,11 @@ class LogConfig(BaseModel):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.run_name
+        return Path(self.output_dir).expanduser() / self.run_name
+
+    def with_overrides(self, **overrides: Any) -> "LogConfig":
+        """A copy with some keys replaced, validated, keeping this config's ``run_name`` unless one is given."""
+        return build_config({**self.model_dump(exclude_unset=True), "run_name": self.run_name, **overrides})
 
 
 def _closest_key(key: str) -> str:
@@ -200,6 +306,8 @@ def build_config(data: Mapping[str, Any], *, source: str = "", **defaults: Any) 
         raise ConfigError(_format_errors(e, source)) from None
     except TypeError as e:  # non-string keys
         raise ConfigError(f"invalid tensorlog config{source}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"invalid tensorlog config{source}: nested too deeply") from None
 
 
 ConfigLike = Union[LogConfig, Mapping[str, Any], str, "os.PathLike[str]"]
@@ -250,3 +358,5 @@ def _parse_json(text: str, source: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"invalid JSON{source}: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise ConfigError(f"invalid JSON{source}: nested too deeply") from None

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
-from ..config import LogConfig, split_call_index
+from .patterns import compile_pattern, split_call_index
+
+if TYPE_CHECKING:
+    from . import LogConfig
 
 __all__ = ["Selector"]
 
@@ -26,14 +29,14 @@ class _Pattern:
 class Selector:
     """Answers "log this?" for module names, call indices, steps, devices, ranks."""
 
-    def __init__(self, config: LogConfig) -> None:
+    def __init__(self, config: "LogConfig") -> None:
         patterns = config.module_call_match
         self._patterns: list[_Pattern] | None = None
         if patterns is not None:
             self._patterns = []
             for p in patterns:
                 regex, index = split_call_index(p)
-                self._patterns.append(_Pattern(re.compile(regex), index))
+                self._patterns.append(_Pattern(compile_pattern(regex), index))
         self._steps = frozenset(config.log_step_ids)
         self._devices = [torch.device(d) for d in config.device_names]
         self._ranks = frozenset(config.ranks)

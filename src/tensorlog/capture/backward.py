@@ -1,0 +1,93 @@
+"""Gradients (``data_mode`` with ``backward``), taken with tensor hooks rather than module backward hooks.
+
+``register_full_backward_hook`` wraps a module's outputs in a view made by a
+custom autograd function, and a later in-place change of such an output (which
+real models do) fails with a RuntimeError inside the user's code. A hook on a
+tensor stays with the value it was registered on, in-place changes or not, so
+tensorlog hooks the tensors instead:
+
+* each selected module call becomes a ``<module>.backward`` call of the step;
+* its *inputs* are the gradients arriving at the module's outputs;
+* its *outputs* are the gradients of the module's (floating-point) inputs, as
+  autograd accumulates them (all uses of that input, not only this module's).
+
+The step ends when the next forward starts (or at ``step()`` / ``remove()``),
+after the backward pass has run.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from ..storage.records import CallRecord
+from ..schema.leaves import flatten_inputs, flatten_value
+from .recorder import Recorder
+
+__all__ = ["GradientHooks"]
+
+
+class GradientHooks:
+    def __init__(self, recorder: Recorder, targets: dict[str, tuple[weakref.ref[torch.nn.Module], frozenset[int] | None]]) -> None:
+        self.recorder = recorder
+        self.targets = targets
+        self._handles: list[RemovableHandle] = []
+        self._calls: dict[str, int] = {}
+        self._lock = threading.Lock()  # CUDA backward runs hooks on autograd's device threads
+
+    def attach(self) -> None:
+        if self._handles:
+            return
+        for name, (ref, calls) in self.targets.items():
+            module = ref()
+            if module is None:
+                continue
+            self._handles.append(module.register_forward_hook(self._post(name, calls), with_kwargs=True))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def begin_step(self) -> None:
+        self._calls = {}
+
+    def _post(self, name: str, calls: frozenset[int] | None) -> Callable[..., None]:
+        rec = self.recorder
+
+        def post_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            if not torch.is_grad_enabled() or not rec.logging:
+                return
+            with rec.guard(f"backward hook on {name!r}"):
+                k = self._calls.get(name, 0)
+                self._calls[name] = k + 1
+                if calls is not None and k not in calls:
+                    return
+                call: dict[str, CallRecord | None] = {"rec": None}
+                cls = type(module).__name__
+                inputs, _ = flatten_inputs(args, kwargs)
+                grads_out = flatten_value(output if isinstance(output, (tuple, list)) else (output,))
+                for kind, leaves in (("inputs", grads_out), ("outputs", inputs)):
+                    for path, t in leaves:
+                        if isinstance(t, torch.Tensor) and t.requires_grad:
+                            t.register_hook(self._grad_hook(call, f"{name}.backward", cls, k, kind, path))
+
+        return post_hook
+
+    def _grad_hook(self, call: dict[str, CallRecord | None], name: str, cls: str, k: int, kind: str,
+                   path: tuple[str, ...]) -> Callable[[torch.Tensor], None]:
+        rec = self.recorder
+
+        def hook(grad: torch.Tensor) -> None:
+            with self._lock, rec.guard(f"gradient hook on {name!r}"):
+                if call["rec"] is None:
+                    call["rec"] = rec.open_gradient_call(name, cls, k)
+                r = call["rec"]
+                if r is not None:
+                    rec.add_gradient(r, kind, path, grad)
+
+        return hook

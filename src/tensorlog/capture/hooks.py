@@ -1,0 +1,104 @@
+"""Module hooks: attached to the selected modules only while a selected step runs.
+
+:class:`ModuleHooks` registers one forward pre-hook and one forward hook per
+selected module and reports each call to the :class:`Recorder`. Outside
+selected steps no module carries a tensorlog hook at all, so the model runs
+exactly as without tensorlog.
+
+A module whose class replaces ``nn.Module.__call__`` may call its own
+``forward`` directly, so hooks would never fire: vLLM's compile decorator does
+this for the decoder stack (``model``), in eager mode too. Such a module gets
+the same pre/post logic through a wrapper set on the instance's ``forward``
+instead, removed with the hooks.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from .recorder import Recorder
+
+__all__ = ["ModuleHooks"]
+
+_ABSENT = object()
+
+Targets = dict[str, tuple["weakref.ref[torch.nn.Module]", "frozenset[int] | None"]]
+
+
+class ModuleHooks:
+    def __init__(self, recorder: Recorder, targets: Targets, *, forward: bool) -> None:
+        self.recorder = recorder
+        self.targets = targets
+        self.forward = forward
+        self._handles: list[RemovableHandle] = []
+        self._wrapped: list[tuple[torch.nn.Module, Any]] = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles or self._wrapped)
+
+    def attach(self) -> None:
+        if self.attached or not self.forward:
+            return
+        for name, (ref, calls) in self.targets.items():
+            module = ref()
+            if module is None:
+                continue
+            if type(module).__call__ is not torch.nn.Module.__call__:
+                self._wrap_forward(module, name, calls)
+                continue
+            self._handles.append(module.register_forward_pre_hook(self._pre(name, calls), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._post(name), with_kwargs=True))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for module, before in self._wrapped:
+            if before is _ABSENT:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = before
+        self._wrapped = []
+
+    def _wrap_forward(self, module: torch.nn.Module, name: str, calls: frozenset[int] | None) -> None:
+        before = module.__dict__.get("forward", _ABSENT)
+        forward = module.forward
+        pre, post = self._pre(name, calls), self._post(name)
+
+        @functools.wraps(forward)
+        def logged_forward(*args: Any, **kwargs: Any) -> Any:
+            replacement = pre(module, args, kwargs)
+            if replacement is not None:
+                args, kwargs = replacement
+            out = forward(*args, **kwargs)
+            post(module, args, kwargs, out)
+            return out
+
+        module.__dict__["forward"] = logged_forward
+        self._wrapped.append((module, before))
+
+    def _pre(self, name: str, calls: frozenset[int] | None) -> Callable[..., Any]:
+        rec = self.recorder
+
+        def pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            replacement = None
+            with rec.guard(f"hook on {name!r}"):
+                _, replacement = rec.enter(name, type(module).__name__, args, kwargs, calls)
+            return replacement  # None (nothing changes) unless reload_input_dir grafts this call's inputs
+
+        return pre_hook
+
+    def _post(self, name: str) -> Callable[..., None]:
+        rec = self.recorder
+
+        def post_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            with rec.guard(f"hook on {name!r}"):
+                rec.leave(name, output, args=args, kwargs=kwargs)
+
+        return post_hook

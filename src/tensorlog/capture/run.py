@@ -1,0 +1,109 @@
+"""The run directory: claimed once, atomically, and described by ``run.json`` and ``modules.json``."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import LogConfig
+from ..errors import ConfigError
+from ..schema import names
+from ..schema.records import RunManifest
+from ..storage.atomic import write_atomic
+
+__all__ = ["RunInfo", "claim_run_dir", "base_manifest", "write_module_tree", "now"]
+
+
+@dataclass
+class RunInfo:
+    """Facts about the process that ``run.json`` records; integrations add theirs in ``facts``."""
+
+    rank: int | None = None
+    world_size: int | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.rank is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    @property
+    def file_rank(self) -> int | None:
+        """The rank that goes into file names: only when several ranks share a directory."""
+        return self.rank if (self.world_size or 1) > 1 else None
+
+
+class UnusableOutputDir(Exception):
+    """The output directory cannot be written: logging is off for this run, the model runs on."""
+
+
+def claim_run_dir(config: LogConfig, rank: int | None) -> Path:
+    """Create the run directory and claim it by creating its ``run.json`` exclusively.
+
+    Two processes given the same run name cannot both write into it: the second
+    is refused (``ConfigError``), or with ``unique_run_name`` gets
+    ``<name>-1``, ``<name>-2``, ...
+
+    Raises:
+        ConfigError: the run name is taken.
+        UnusableOutputDir: the directory cannot be created or written.
+    """
+    base = path = config.run_dir
+    n = 0
+    while True:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path / names.run_file(rank), os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+            os.close(fd)
+            return path
+        except FileExistsError:
+            if path.is_dir() and not config.unique_run_name:
+                raise ConfigError(
+                    f"run directory {path} already holds a run; choose another run_name, omit it for a fresh "
+                    "uuid, or set unique_run_name to get a numbered one"
+                ) from None
+            if not path.is_dir() and not config.unique_run_name:
+                raise UnusableOutputDir(f"{path} exists and is not a directory") from None
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+        except OSError as e:
+            raise UnusableOutputDir(f"cannot create the run directory {path}: {e.strerror or e}") from None
+
+
+def base_manifest(config: LogConfig, model: torch.nn.Module, info: RunInfo, *, layout: str) -> RunManifest:
+    from ..version import __version__
+
+    cfg = config.model_dump(mode="json")
+    data: dict[str, Any] = {
+        "tensorlog_version": __version__,
+        "torch_version": torch.__version__,
+        "config": cfg,
+        "layout": layout,
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "rank": info.rank,
+        "world_size": info.world_size,
+        "start_time": now(),
+        "grafted_from": str(Path(config.reload_input_dir).expanduser().resolve()) if config.reload_input_dir else None,
+        **info.facts,
+    }
+    return RunManifest.model_validate(data)
+
+
+def write_module_tree(path: Path, model: torch.nn.Module, rank: int | None) -> None:
+    """``modules.json``: each module's class and children, for readers that walk the hierarchy."""
+    import json
+
+    tree = {n: {"class": type(m).__name__, "children": [f"{n}.{c}" if n else c for c, _ in m.named_children()]}
+            for n, m in model.named_modules()}
+    write_atomic(path / names.modules_file(rank), [json.dumps(tree, separators=(",", ":")).encode()])
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")

@@ -1,0 +1,29 @@
+"""``stack: true``: the Python stack of each unique call site of a logged module, for ``stack.json``."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Any
+
+__all__ = ["StackRecorder"]
+
+_SKIP = ("torch/nn/modules/module.py", "/tensorlog/capture/", "torch/overrides")
+
+
+class StackRecorder:
+    def __init__(self) -> None:
+        self._stacks: dict[tuple[str, str, int], list[str]] = {}
+
+    def record(self, name: str) -> None:
+        frame = sys._getframe(1)
+        while frame is not None and any(s in frame.f_code.co_filename for s in _SKIP):
+            frame = frame.f_back
+        if frame is None:
+            return
+        site = (name, frame.f_code.co_filename, frame.f_lineno)
+        if site not in self._stacks:
+            self._stacks[site] = [f"{f.filename}:{f.lineno}:{f.name}" for f in traceback.extract_stack(frame, limit=40)]
+
+    def entries(self) -> list[dict[str, Any]]:
+        return [{"module": n, "call_site": f"{f}:{line}", "stack": st} for (n, f, line), st in self._stacks.items()]

@@ -1,0 +1,381 @@
+"""Aligning two runs into two *virtual* runs of the same reader objects, which the ordinary compare then pairs.
+
+1. **Names**: ``rename``; ``split`` (a fused module's output cut into named
+   parts, e.g. vLLM ``qkv_proj`` into HF ``q_proj``/``k_proj``/``v_proj``);
+   ``combine`` (vLLM's ``(hidden, residual)`` summed into HF's single output);
+   ``ignore`` for modules with no counterpart (reported, never counted).
+2. **Ranks**: a tensor-parallel run's per-rank tensors are made whole by the
+   layout each layer recorded (:mod:`.shards`); replicated ones are compared
+   rank by rank.
+3. **Tokens**: when both runs recorded their steps' request layouts, rows are
+   matched by (request, position) (:mod:`.tokens`).
+
+Every virtual tensor names the rules that made it (its ``mapping``), and adds
+what it found while loading (how ranks merged, ranks that disagree).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ...config import compile_pattern
+from ...errors import AlignmentError
+from ...formats.model import DerivedSource, ModuleCall, Run, Step, TensorRecord
+from ...schema.records import ShardLayout, TensorEntry
+from .shards import ShardPlan, disagreement, merge, plan_for
+from .spec import MappingSpec, ShardRule, SplitRule
+from .tokens import request_keys, rows_by_token, steps_info
+
+__all__ = ["align_runs"]
+
+_Loader = Callable[[], torch.Tensor]
+
+
+class _Cache:
+    """The few most recently loaded tensors: alignment reads one tensor for many rows."""
+
+    def __init__(self, size: int = 16) -> None:
+        self.size = size
+        self.data: OrderedDict[Any, torch.Tensor] = OrderedDict()
+
+    def get(self, key: Any, load: _Loader) -> torch.Tensor:
+        if key in self.data:
+            self.data.move_to_end(key)
+            return self.data[key]
+        t = load()
+        self.data[key] = t
+        if len(self.data) > self.size:
+            self.data.popitem(last=False)
+        return t
+
+
+@dataclass
+class _Entry:
+    """One (module, tensor) of a virtual call: a loader per rank (None where a rank has no tensor), its plan."""
+
+    kind: str
+    key: str | None
+    ranks: list[_Loader | None]
+    rules: list[str]
+    plan: ShardPlan
+    base_name: str | None = None
+    records: list[TensorRecord] = field(default_factory=list)
+
+    @property
+    def ident(self) -> str:
+        return self.base_name or "primary"
+
+    @property
+    def tensor_name(self) -> str:
+        return self.base_name or "outputs"
+
+
+def _strip_rank(name: str) -> str:
+    return re.sub(r"_rank\d+$", "", name)
+
+
+def _split_sizes(rule: SplitRule, width: int, dims: dict[str, Any], tp: int) -> list[int]:
+    if isinstance(rule.sizes, list):
+        return [s // tp for s in rule.sizes] if sum(rule.sizes) != width else list(rule.sizes)
+    if rule.sizes == "halves":
+        return [width // 2, width - width // 2]
+    heads, kv, hd = dims.get("num_attention_heads"), dims.get("num_key_value_heads"), dims.get("head_dim")
+    if not (heads and kv and hd):
+        raise AlignmentError("splitting qkv needs num_attention_heads, num_key_value_heads and head_dim in run.json")
+    q, k = heads * hd, kv * hd
+    if width == q + 2 * k:
+        return [q, k, k]
+    if tp > 1 and width * tp == q + 2 * k:
+        return [q // tp, k // tp, k // tp]
+    raise AlignmentError(f"qkv width {width} fits neither {q + 2 * k} nor a 1/{tp} shard of it")
+
+
+class _Side:
+    """One run, as alignment sees it: its calls grouped across ranks, its layouts, its sizes."""
+
+    def __init__(self, run: Run, spec: MappingSpec, cache: _Cache, ignored: set[str]) -> None:
+        self.run = run
+        self.spec = spec
+        self.cache = cache
+        self.dims = run.manifest.model_dims.model_dump() if run.manifest.model_dims is not None else {}
+        self.tp = int(run.manifest.tp_size or run.manifest.world_size or 1)
+        self.layouts: dict[str, ShardLayout] = dict(run.manifest.shard_layouts)
+        self.ignore = [compile_pattern(p) for p in spec.ignore]
+        self.ignored = ignored
+
+    def rule(self, name: str) -> ShardRule | None:
+        return next((r for r in self.spec.shard if re.search(r.pattern, name)), None)
+
+    def loader(self, rec: TensorRecord | None) -> _Loader | None:
+        if rec is None or not rec.is_tensor:
+            return None
+        return lambda: self.cache.get(id(rec), rec.load)
+
+    def rows(self) -> dict[int, list[tuple[str, ModuleCall, list[_Entry]]]]:
+        out: dict[int, list[tuple[str, ModuleCall, list[_Entry]]]] = {}
+        for index, step in self.run.steps.items():
+            rows = []
+            for group in _group_calls(step):
+                if any(p.search(group[0].dirname) for p in self.ignore):
+                    self.ignored.add(group[0].dirname)
+                    continue
+                for name, entries in self.entries(group).items():
+                    rows.append((name, group[0], entries))
+            out[index] = rows
+        return out
+
+    def entries(self, group: list[ModuleCall]) -> dict[str, list[_Entry]]:
+        """Canonical module name -> entries, for one module call on every rank."""
+        ref = group[0]
+        name = ref.dirname
+        rules: list[str] = []
+        for r in self.spec.rename:
+            new = re.sub(r.pattern, r.replace, name)
+            if new != name:
+                rules.append(f"rename {name} -> {new}")
+                name = new
+        layout = self.layouts.get(ref.module)
+        if not self.spec.outputs_only:
+            by_key: dict[tuple[str, str | None, str], list[TensorRecord | None]] = {}
+            for r, c in enumerate(group):
+                for t in c.tensors:
+                    slot = by_key.setdefault((t.kind, t.key, _strip_rank(t.name)), [None] * len(group))
+                    slot[r] = t
+            out = []
+            for (kind, key, base), recs in by_key.items():
+                plan = plan_for(layout, self.rule(ref.dirname), kind)
+                present = [r for r in recs if r is not None]
+                out.append(_Entry(kind, key, [self.loader(r) for r in recs], list(rules), plan, base, present))
+            return {name: out}
+        per_rank = [[t for t in c.outputs if t.is_tensor] for c in group]
+        if not any(per_rank):
+            return {}
+        plan = plan_for(layout, self.rule(ref.dirname), "outputs")
+        for rule in self.spec.combine:
+            if re.search(rule.pattern, ref.dirname) and max(len(p) for p in per_rank) > 1:
+                summed = [self._summed(recs) if recs else None for recs in per_rank]
+                return {name: [_Entry("outputs", None, summed, rules + [f"sum of {len(per_rank[0])} outputs"], plan)]}
+        for rule in self.spec.split:
+            if re.search(rule.pattern, ref.dirname):
+                return self._split(ref, rule, per_rank, layout, rules)
+        return {name: [_Entry("outputs", None, [self.loader(recs[0]) if recs else None for recs in per_rank], rules, plan,
+                              records=[recs[0] for recs in per_rank if recs])]}
+
+    def _summed(self, recs: list[TensorRecord]) -> _Loader:
+        def load() -> torch.Tensor:
+            parts = [self.cache.get(id(r), r.load) for r in recs]
+            return functools.reduce(torch.add, [p.double() for p in parts]).to(parts[0].dtype)
+
+        return load
+
+    def _split(self, ref: ModuleCall, rule: SplitRule, per_rank: list[list[TensorRecord]], layout: ShardLayout | None,
+               rules: list[str]) -> dict[str, list[_Entry]]:
+        out: dict[str, list[_Entry]] = {}
+        for i, template in enumerate(rule.into):
+            part = re.sub(rule.pattern, template, ref.dirname)
+            stride = (layout.replicas or [1] * len(rule.into))[i] if layout and layout.replicas else 1
+            source = (f"recorded: {layout.layer}, part {i}" + (f", one in {stride} ranks" if stride > 1 else "")) if layout \
+                else "per part; no recorded layout"
+            plan = ShardPlan("concat", rule.dim, source=source)
+
+            def piece(rec: TensorRecord, i: int = i) -> _Loader:
+                def load() -> torch.Tensor:
+                    t = self.cache.get(id(rec), rec.load)
+                    sizes = list(layout.parts) if layout and layout.parts else _split_sizes(rule, t.shape[rule.dim], self.dims, self.tp)
+                    return torch.split(t, sizes, dim=rule.dim)[i]
+
+                return load
+
+            loaders = [piece(recs[0]) if recs else None for r, recs in enumerate(per_rank) if r % stride == 0]
+            out[part] = [_Entry("outputs", None, loaders, rules + [f"split {ref.dirname} ({rule.sizes}) -> part {i}"], plan)]
+        return out
+
+
+def _group_calls(step: Step) -> list[list[ModuleCall]]:
+    groups: dict[str, list[ModuleCall]] = {}
+    for c in step.by_completion():
+        groups.setdefault(c.dirname, []).append(c)
+    return [sorted(g, key=lambda c: c.rank or 0) for g in groups.values()]
+
+
+# -- one tensor of one module, on each side ---------------------------------------------------------
+
+
+class _Whole:
+    """Lazily makes an entry's tensor whole (or one rank's copy), recording how into ``notes``."""
+
+    def __init__(self, e: _Entry) -> None:
+        self.e = e
+        self.notes: dict[str, list[str]] = {}
+
+    def variants(self) -> list[str]:
+        """``[""]``, or one suffix per rank for a replicated tensor: each copy is compared on its own."""
+        if len(self.e.ranks) > 1 and self.e.plan.how == "replicated":
+            return [f"@rank{r}" for r in range(len(self.e.ranks))]
+        return [""]
+
+    def get(self, variant: str, other: Callable[[], torch.Tensor | None]) -> torch.Tensor:
+        notes = self.notes.setdefault(variant, [])
+        parts = [f() if f is not None else None for f in self.e.ranks]
+        if variant:
+            r = int(variant.removeprefix("@rank"))
+            t = parts[r]
+            if t is None:
+                raise AlignmentError(f"rank {r} holds no tensor")
+            if not notes:
+                notes.append(self.e.plan.describe(len(parts)))
+                if r:
+                    base = parts[0]
+                    if base is None or base.shape != t.shape or not torch.equal(base, t):
+                        _, worst = disagreement([base, t]) if base is not None else (r, float("inf"))
+                        notes.append(f"RANKS DISAGREE: rank {r}'s copy differs from rank 0's by max abs {worst:.3g}")
+                    else:
+                        notes.append(f"rank {r}'s copy equals rank 0's")
+            return t
+        t, how = merge(parts, self.e.plan, other())
+        if how and not notes:
+            notes.append(how)
+        return t
+
+
+def _record(e: _Entry, name: str, load: _Loader, rules: list[str], notes: list[str], meta: dict[str, Any]) -> TensorRecord:
+    first = e.records[0] if e.records else None
+    if first is not None and not first.is_tensor:
+        return TensorRecord(entry=first.entry.model_copy(update={"name": name}), mapping="; ".join(rules) or None)
+    entry = TensorEntry(name=name, kind=e.kind, key=e.key, **meta)  # type: ignore[arg-type]
+    return TensorRecord(entry=entry, source=DerivedSource(load, notes), mapping="; ".join(rules) or None)
+
+
+def _shape_meta(e: _Entry) -> dict[str, Any]:
+    if len(e.ranks) == 1 and len(e.records) == 1:
+        return {k: getattr(e.records[0].entry, k) for k in ("shape", "dtype") if getattr(e.records[0].entry, k) is not None}
+    return {}
+
+
+def _pairs(s1: list[str], s2: list[str]) -> list[tuple[str, str]]:
+    if len(s1) == 1:
+        return [(s1[0], v) for v in s2]
+    if len(s2) == 1:
+        return [(v, s2[0]) for v in s1]
+    return [(v, s2[0]) for v in s1]  # both sides replicated over several ranks: each of run 1's copies vs run 2's first
+
+
+def _step_pairs(e1: _Entry, e2: _Entry) -> list[tuple[TensorRecord, TensorRecord]]:
+    w1, w2 = _Whole(e1), _Whole(e2)
+    first2 = functools.lru_cache(maxsize=1)(lambda: w2.get(w2.variants()[0], lambda: None))
+    first1 = functools.lru_cache(maxsize=1)(lambda: w1.get(w1.variants()[0], lambda: None))
+    out = []
+    for v1, v2 in _pairs(w1.variants(), w2.variants()):
+        name = e1.tensor_name + (v1 or v2)
+        r1 = _record(e1, name, lambda v1=v1: w1.get(v1, first2), e1.rules, w1.notes.setdefault(v1, []),
+                     _shape_meta(e1) if not v1 else {})
+        r2 = _record(e2, name, lambda v2=v2: w2.get(v2, first1), e2.rules, w2.notes.setdefault(v2, []),
+                     _shape_meta(e2) if not v2 else {})
+        out.append((r1, r2))
+    return out
+
+
+def _token_pairs(e1: _Entry, matches: list[tuple[int, _Entry]], step: int, info1: dict[int, Any], info2: dict[int, Any],
+                 key1: Callable[[str], str], key2: Callable[[str], str]) -> list[tuple[TensorRecord, TensorRecord]]:
+    w1 = _Whole(e1)
+    w2s = [(s2, _Whole(e2)) for s2, e2 in matches]
+    v2s = w2s[0][1].variants()
+    state: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def both(v1: str, v2: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if (v1, v2) in state:
+            return state[(v1, v2)]
+        t1 = w1.get(v1, lambda: None)
+        rows1 = rows_by_token(t1, info1[step], key1) if step in info1 else None
+        if rows1 is None:
+            raise AlignmentError(f"run 1's tensor {tuple(t1.shape)} is not laid out by tokens")
+        rows2: dict[tuple[str, int], torch.Tensor] = {}
+        for s2, w2 in w2s:
+            if s2 not in info2:
+                continue
+            t2 = w2.get(v2 if v2 in w2.variants() else w2.variants()[0], lambda t1=t1: t1)
+            r = rows_by_token(t2, info2[s2], key2)
+            if r:
+                rows2.update(r)
+        common = [k for k in rows1 if k in rows2]
+        if not common:
+            raise AlignmentError(f"no (request, position) of run 1's step {step} is in run 2")
+        state[(v1, v2)] = (torch.stack([rows1[k] for k in common]), torch.stack([rows2[k] for k in common]))
+        return state[(v1, v2)]
+
+    out = []
+    e2 = matches[0][1]
+    for v1, v2 in _pairs(w1.variants(), v2s):
+        name = e1.tensor_name + (v1 or v2)
+        notes2 = w2s[0][1].notes.setdefault(v2, [])
+        r1 = _record(e1, name, lambda v1=v1, v2=v2: both(v1, v2)[0], e1.rules, w1.notes.setdefault(v1, []), {})
+        r2 = _record(e2, name, lambda v1=v1, v2=v2: both(v1, v2)[1], e2.rules + ["rows gathered by (request, position)"],
+                     notes2, {})
+        out.append((r1, r2))
+    return out
+
+
+def align_runs(run1: Run, run2: Run, spec: MappingSpec) -> tuple[Run, Run, list[str]]:
+    """Two virtual runs on common module names, tensor names and token layout, and notes about the alignment."""
+    cache = _Cache()
+    ignored: set[str] = set()
+    c1 = _Side(run1, spec, cache, ignored).rows()
+    c2 = _Side(run2, spec, cache, ignored).rows()
+    notes: list[str] = [f"aligned with mapping {spec.name!r}"]
+    if ignored:
+        notes.append("no counterpart by design, not compared: " + ", ".join(sorted(ignored)))
+    info1, info2 = steps_info(run1), steps_info(run2)
+    by_tokens = bool(info1) and bool(info2)
+    if by_tokens:
+        notes.append("tensors aligned by request and token position (the runs' step boundaries may differ)")
+    key1, key2 = request_keys(run1, run2) if by_tokens else (str, str)
+    index2: dict[tuple[str, str, str], list[tuple[int, _Entry]]] = {}
+    for s, rows in c2.items():
+        for name, _, entries in rows:
+            for e in entries:
+                index2.setdefault((name, e.kind, e.ident), []).append((s, e))
+    steps1: dict[int, Step] = {}
+    steps2: dict[int, Step] = {}
+    for s, rows in c1.items():
+        calls1, calls2 = [], []
+        for name, src, entries in rows:
+            v1, v2 = (ModuleCall(step=s, dirname=name, module=name, cls=src.cls, seq_start=src.seq_start, seq_end=src.seq_end,
+                                 position=src.position) for _ in range(2))
+            for e in entries:
+                matches = index2.get((name, e.kind, e.ident), [])
+                if not by_tokens:
+                    matches = [(s2, e2) for s2, e2 in matches if s2 == s]
+                if not matches:
+                    w = _Whole(e)
+                    v1.outputs.append(_record(e, e.tensor_name, lambda w=w: w.get("", lambda: None), e.rules,
+                                              w.notes.setdefault("", []), {}))
+                    continue
+                pairs = (_token_pairs(e, matches, s, info1, info2, key1, key2) if by_tokens
+                         else _step_pairs(e, matches[0][1]))
+                for rec1, rec2 in pairs:
+                    getattr(v1, e.kind).append(rec1)
+                    getattr(v2, e.kind).append(rec2)
+            calls1.append(v1)
+            if v2.tensors:
+                calls2.append(v2)
+        steps1[s] = Step(index=s, calls=calls1)
+        steps2[s] = Step(index=s, calls=calls2)
+    names1 = {name for rows in c1.values() for name, _, _ in rows}
+    for s, rows in c2.items():  # modules of run 2 with no counterpart in run 1 at all
+        for name, src, entries in rows:
+            if name not in names1 and s in steps2:
+                v = ModuleCall(step=s, dirname=name, module=name, cls=src.cls, position=10**6 + src.position)
+                for e in entries:
+                    w = _Whole(e)
+                    getattr(v, e.kind).append(_record(e, e.tensor_name, lambda w=w: w.get("", lambda: None), e.rules,
+                                                      w.notes.setdefault("", []), {}))
+                steps2[s].calls.append(v)
+    v1 = Run(path=run1.path, manifest=run1.manifest, steps=steps1, layout=run1.layout, problems=run1.problems)
+    v2 = Run(path=run2.path, manifest=run2.manifest, steps=steps2, layout=run2.layout, problems=run2.problems)
+    return v1, v2, notes

@@ -1,0 +1,165 @@
+"""The result of a comparison: a tree of frozen pydantic models that renderers read and never change.
+
+Its JSON form is documented in ``docs/compare-json.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .metrics import TensorMetrics
+
+__all__ = ["TensorResult", "ModuleResult", "Divergence", "CompareProgress", "Summary", "Comparison", "SCHEMA_VERSION",
+           "TensorStatus", "ModuleVerdict", "EXIT_OK", "EXIT_MISMATCH", "EXIT_UNREADABLE"]
+
+SCHEMA_VERSION = 2
+EXIT_OK, EXIT_MISMATCH, EXIT_UNREADABLE = 0, 1, 2
+
+TensorStatus = Literal[
+    "match", "mismatch", "shape_mismatch", "value_mismatch", "only_in_1", "only_in_2", "unreadable", "not_comparable"
+]
+ModuleVerdict = Literal["match", "born", "contains", "inherited", "only_in_1", "only_in_2", "unreadable"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorResult(_Model):
+    """One tensor pair (or a tensor found on one side only)."""
+
+    type: Literal["tensor"] = "tensor"
+    step: int
+    module: str
+    rank: int | None = None
+    name: str
+    kind: str
+    status: TensorStatus
+    method: Literal["tensor", "statistics", "checksum", "value", "none"] = "tensor"
+    shape1: list[int] | None = None
+    shape2: list[int] | None = None
+    dtype1: str | None = None
+    dtype2: str | None = None
+    metrics: TensorMetrics | None = None
+    stat_rel: dict[str, float] | None = None
+    mapping: str | None = None
+    note: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "match"
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("mismatch", "shape_mismatch", "value_mismatch")
+
+    @property
+    def score(self) -> float:
+        """A single 'how bad' number for ranking and plotting (max relative error)."""
+        if self.metrics is not None:
+            return self.metrics.max_rel
+        if self.stat_rel:
+            return max(self.stat_rel.values())
+        return 1.0 if self.failed else 0.0
+
+
+class ModuleResult(_Model):
+    """One module call, paired across the two runs, with its verdict."""
+
+    type: Literal["module"] = "module"
+    step: int
+    module: str
+    rank: int | None = None
+    position: int
+    completion: int
+    verdict: ModuleVerdict
+    inputs_match: bool | None
+    outputs_match: bool | None
+    explained_by: str | None = None
+    worst_max_abs: float | None = None
+    worst_max_rel: float | None = None
+    worst_rel_diff: float | None = None
+    min_cosine: float | None = None
+    min_snr_db: float | None = None
+    added_error: float | None = None
+    """From a replay: the relative L2 error this module adds by itself on run 1's inputs."""
+    added_share: float | None = None
+    added_floor: float | None = None
+    """From a replay with model A: the error the precision change alone adds (A's module cast to B's dtype)."""
+    added_excess: float | None = None
+    """What the module adds beyond its precision: its output against the floor's, on the same inputs."""
+    note: str | None = None
+    """Why a module is on one side only: ``not captured`` (the other run selected it but logged no call)
+    or ``no counterpart`` (the other model has no such module, or the other run did not select it)."""
+    tensors: list[TensorResult] = Field(default_factory=list)
+
+
+class Divergence(_Model):
+    step: int
+    module: str
+    rank: int | None = None
+    max_abs: float | None = None
+    max_rel: float | None = None
+    rel_diff: float | None = None
+    tensor: str | None = None
+    note: str | None = None
+    """What else the worst tensor's pair says, e.g. that a replicated tensor's ranks disagree."""
+
+
+class CompareProgress(BaseModel):
+    """What :func:`compare` reports to a ``progress`` callback after each module."""
+
+    modules_done: int = 0
+    modules_total: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+
+
+class Summary(_Model):
+    pairs_compared: int
+    matched: int
+    mismatched: int
+    only_in_1: int
+    only_in_2: int
+    unreadable: int
+    not_comparable: int
+    modules_compared: int
+    modules_mismatched: int
+
+
+class Comparison(_Model):
+    """The result of :func:`compare`; ``bool()`` is True when everything compared matches."""
+
+    type: Literal["comparison"] = "comparison"
+    schema_version: int = SCHEMA_VERSION
+    dir1: str
+    dir2: str
+    rtol: float
+    atol: float
+    steps: list[int]
+    summary: Summary
+    first_divergence: list[Divergence]
+    modules: list[ModuleResult]
+    notes: list[str] = Field(default_factory=list)
+
+    problems: list[str] = Field(default_factory=list)
+    """Files of either run that could not be read (``run <i>: <why>``): the result is incomplete."""
+
+    def __bool__(self) -> bool:
+        return self.exit_code == EXIT_OK
+
+    @property
+    def unreadable(self) -> bool:
+        """Some data could not be read: no verdict of "match" can be trusted for all of it."""
+        return bool(self.summary.unreadable or self.problems)
+
+    @property
+    def exit_code(self) -> int:
+        """0 everything compared matches; 1 a mismatch; 2 unreadable data, or nothing to compare."""
+        if self.unreadable or self.summary.pairs_compared == 0:
+            return EXIT_UNREADABLE
+        return EXIT_OK if self.summary.mismatched == 0 else EXIT_MISMATCH
+
+

@@ -1,0 +1,105 @@
+"""Module-name patterns: the reference's ``regex`` and ``regex:i`` forms, refused when they could backtrack for ever."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+__all__ = ["compile_pattern", "split_call_index"]
+
+_CALL_INDEX = re.compile(r"^(?P<regex>.*):(?P<index>\d+)$", re.DOTALL)
+
+
+def compile_pattern(pattern: str) -> re.Pattern[str]:
+    """A module-name regex, refused when it could take exponential time.
+
+    Python's ``re`` backtracks: a quantified group that itself contains a
+    quantifier, or an alternation whose branches can start alike (``(a+)+$``,
+    ``(a|ab)*c``), can take minutes on one long name. Such patterns are refused
+    with a ``ValueError`` that says how to write them; lookarounds (the
+    reference's ``(?!.*rotary_emb)``) and everything else ``re`` takes are fine.
+    """
+    try:
+        compiled = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"regex {pattern!r} does not compile: {e}") from None
+    except RecursionError:
+        raise ValueError(f"regex {pattern[:40]!r}... nests too deeply") from None
+    problem = _backtracking_risk(pattern)
+    if problem:
+        raise ValueError(f"regex {pattern!r} {problem}: it can take exponential time on long module names; "
+                         "write it without a repeated group that repeats inside (e.g. 'a+' instead of '(a+)+')")
+    return compiled
+
+
+def _backtracking_risk(pattern: str) -> str | None:
+    from re import _constants as c, _parser as p  # type: ignore[attr-defined]
+
+    try:
+        tree = p.parse(pattern)
+    except Exception:
+        return None
+
+    def repeats(items: Any) -> bool:
+        for op, av in items:
+            if op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT) and av[1] > 1:
+                return True
+            if op is c.SUBPATTERN and repeats(av[-1]):
+                return True
+            if op is c.BRANCH and any(repeats(b) for b in av[1]):
+                return True
+        return False
+
+    def first(items: Any) -> Any:
+        for op, av in items:
+            if op is c.LITERAL:
+                return av
+            if op is c.SUBPATTERN:
+                return first(av[-1])
+            return None  # anything else may start with many characters
+        return "empty"
+
+    def ambiguous(items: Any) -> bool:
+        """An alternation (anywhere inside) whose branches can start alike, or match nothing."""
+        for op, av in items:
+            if op is c.BRANCH:
+                starts = [first(b) for b in av[1]]
+                if None in starts or "empty" in starts or len(set(starts)) < len(starts):
+                    return True
+                if any(ambiguous(b) for b in av[1]):
+                    return True
+            elif op is c.SUBPATTERN and ambiguous(av[-1]):
+                return True
+        return False
+
+    def risky(items: Any) -> str | None:
+        for op, av in items:
+            if op in (c.MAX_REPEAT, c.MIN_REPEAT) and av[1] > 1:
+                if repeats(av[2]):
+                    return "repeats a group that itself repeats"
+                if ambiguous(av[2]):
+                    return "repeats an alternation whose branches can match alike"
+            elif op is c.SUBPATTERN:
+                inner = risky(av[-1])
+                if inner:
+                    return inner
+            elif op is c.BRANCH:
+                for b in av[1]:
+                    inner = risky(b)
+                    if inner:
+                        return inner
+            elif op in (c.ASSERT, c.ASSERT_NOT):
+                inner = risky(av[1])
+                if inner:
+                    return inner
+        return None
+
+    return risky(tree)
+
+
+def split_call_index(pattern: str) -> tuple[str, int | None]:
+    """Split ``"rotary_emb:0"`` into ``("rotary_emb", 0)``; no suffix gives ``None``."""
+    m = _CALL_INDEX.match(pattern)
+    if m is None:
+        return pattern, None
+    return m.group("regex"), int(m.group("index"))

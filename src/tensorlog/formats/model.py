@@ -1,0 +1,250 @@
+"""What every reader returns: a :class:`Run` of steps, of module calls, of tensors loaded on demand.
+
+The same objects come from tensorlog's layouts, a reference (vLLM) dump, a
+Pass dump and an msProbe dump, so compare, inspect and replay never ask which
+tool wrote a run. A tensor's metadata is a typed
+:class:`~tensorlog.schema.records.TensorEntry`; where its data comes from is a
+typed :class:`Source`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..errors import RunReadError
+from ..schema.records import RunManifest, StepInfo, TensorEntry
+
+__all__ = ["Source", "FileSource", "PackedSource", "MemorySource", "DerivedSource", "TensorRecord", "ModuleCall",
+           "Step", "Run", "dtype_of"]
+
+
+class Source:
+    """Where a tensor's data is; :meth:`load` reads it (memory-mapped where the format allows)."""
+
+    def load(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class FileSource(Source):
+    path: Path
+
+    def load(self) -> torch.Tensor:
+        from ..storage.tensorfile import load_tensor_file
+
+        return load_tensor_file(self.path)
+
+
+@dataclass(frozen=True)
+class PackedSource(Source):
+    """A tensor inside a step's packed safetensors file."""
+
+    path: Path
+    key: str
+    header: dict[str, Any] = field(compare=False, repr=False)
+    data_start: int = 0
+
+    def load(self) -> torch.Tensor:
+        from ..storage.tensorfile import read_safetensors_entry
+
+        return read_safetensors_entry(self.path, self.key, self.header, self.data_start)
+
+
+@dataclass(frozen=True)
+class MemorySource(Source):
+    """A tensor already read, with the rest of its file (a Pass dump holds a step's tensors in one file)."""
+
+    tensor: torch.Tensor = field(repr=False)
+
+    def load(self) -> torch.Tensor:
+        return self.tensor
+
+
+@dataclass(frozen=True)
+class DerivedSource(Source):
+    """A tensor made from others when two runs are aligned (split, summed, merged across ranks, gathered)."""
+
+    make: Callable[[], torch.Tensor] = field(repr=False)
+    notes: list[str] = field(default_factory=list, compare=False)
+    """What the alignment found while making it (how ranks were merged; ranks that disagree)."""
+
+    def load(self) -> torch.Tensor:
+        return self.make()
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """One logged value of a module call. ``name`` pairs it across runs (``inputs_0_cuda_0``, ``outputs_cpu``)."""
+
+    entry: TensorEntry
+    source: Source | None = None
+    mapping: str | None = None
+    """The alignment rules that produced it (``split qkv_proj -> part 0``; ``2 ranks: replicated``)."""
+    error: str | None = None
+    """Why its data cannot be read, found while reading the run (a refused or missing file)."""
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def kind(self) -> str:
+        return self.entry.kind
+
+    @property
+    def key(self) -> str | None:
+        return self.entry.key
+
+    @property
+    def is_tensor(self) -> bool:
+        return self.entry.tensor
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        return tuple(self.entry.shape) if self.entry.shape is not None else None
+
+    @property
+    def dtype(self) -> str | None:
+        return self.entry.dtype
+
+    @property
+    def stats(self) -> dict[str, Any] | None:
+        return self.entry.stats.model_dump() if self.entry.stats is not None else None
+
+    @property
+    def checksum(self) -> str | None:
+        return self.entry.checksum.digest if self.entry.checksum is not None else None
+
+    @property
+    def checksum_algorithm(self) -> str | None:
+        return self.entry.checksum.algorithm if self.entry.checksum is not None else None
+
+    @property
+    def has_data(self) -> bool:
+        return self.source is not None or self.error is not None
+
+    @property
+    def nbytes(self) -> int:
+        numel = self.entry.numel or 0
+        try:
+            return numel * dtype_of(self.dtype).itemsize
+        except ValueError:
+            return numel * 4
+
+    def load(self) -> torch.Tensor:
+        """The tensor's data.
+
+        Raises:
+            RunReadError: no data was kept (statistics only, over ``max_tensor_size``),
+                or the file cannot be read safely.
+        """
+        if self.error is not None:
+            raise RunReadError(self.error)
+        if self.source is None:
+            raise RunReadError(f"{self.name}: no tensor data was saved ({self.entry.skipped or 'statistics only'})")
+        return self.source.load()
+
+    def with_(self, **changes: Any) -> "TensorRecord":
+        return replace(self, **changes)
+
+
+@dataclass
+class ModuleCall:
+    """One logged call of one module in one step (on one rank)."""
+
+    step: int
+    dirname: str
+    module: str
+    call_index: int = 0
+    cls: str | None = None
+    seq_start: int | None = None
+    seq_end: int | None = None
+    rank: int | None = None
+    position: int = 0
+    """Index in the step's start order."""
+    inputs: list[TensorRecord] = field(default_factory=list)
+    outputs: list[TensorRecord] = field(default_factory=list)
+    post_fwd_inputs: list[TensorRecord] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    structure: dict[str, Any] | None = None
+    """How the inputs nest (for replay); see :class:`~tensorlog.schema.records.CallStructure`."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tensors(self) -> list[TensorRecord]:
+        return self.inputs + self.outputs
+
+    @property
+    def key(self) -> tuple[int | None, str]:
+        return (self.rank, self.dirname)
+
+
+@dataclass
+class Step:
+    index: int
+    calls: list[ModuleCall]
+    """In the order the calls started (per rank)."""
+    info: StepInfo | None = None
+    complete: bool = True
+    incomplete_reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def by_completion(self) -> list[ModuleCall]:
+        """Calls in the order they finished: children before their parents."""
+        return sorted(self.calls, key=lambda c: (c.rank or 0, c.seq_end if c.seq_end is not None else 1 << 60, c.position))
+
+    def call(self, dirname: str, rank: int | None = None) -> ModuleCall | None:
+        for c in self.calls:
+            if c.dirname == dirname and c.rank == rank:
+                return c
+        return None
+
+
+@dataclass
+class Run:
+    """A run read from disk. ``steps`` maps step index to :class:`Step`."""
+
+    path: Path
+    manifest: RunManifest
+    steps: dict[int, Step]
+    layout: str = "tensorlog"
+    problems: list[str] = field(default_factory=list)
+    """Files that could not be read (each also marks what it belonged to); a run with problems
+    compares with exit code 2."""
+    parts: list[Path] = field(default_factory=list)
+    """Directories the run was read from, when its ranks were spread over several."""
+    modules: dict[str, str] | None = None
+    """Every module of the model (name -> class) from ``modules.json``, when the run has one."""
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest.complete
+
+    @property
+    def incomplete_reason(self) -> str | None:
+        return None if self.complete else (self.manifest.incomplete_reason or "no manifest")
+
+    @property
+    def world_size(self) -> int:
+        return int(self.manifest.world_size or 1)
+
+    def calls(self) -> Iterator[ModuleCall]:
+        for s in sorted(self.steps):
+            yield from self.steps[s].calls
+
+    def __repr__(self) -> str:
+        n = sum(len(s.calls) for s in self.steps.values())
+        return f"<tensorlog Run {self.path} ({self.layout}): {len(self.steps)} steps, {n} module calls>"
+
+
+def dtype_of(name: str | None) -> torch.dtype:
+    if not name or not name.startswith("torch."):
+        raise ValueError(name)
+    dt = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(name)
+    return dt

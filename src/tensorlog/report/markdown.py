@@ -1,0 +1,81 @@
+"""The markdown report of a :class:`Comparison` (``tensorlog compare``'s default)."""
+
+from __future__ import annotations
+
+from ..compare.results import Comparison, ModuleResult, TensorResult
+from .text import clean, fmt, headline, verdict_text
+
+__all__ = ["render_markdown"]
+
+
+def render_markdown(c: Comparison, *, verbose: bool = False) -> str:
+    s = c.summary
+    out = [
+        "# tensorlog comparison",
+        "",
+        f"**{headline(c)}**",
+        "",
+        f"- dir1: `{clean(c.dir1)}`",
+        f"- dir2: `{clean(c.dir2)}`",
+        f"- tolerance: rtol={c.rtol:g}, atol={c.atol:g} (|a-b| <= atol + rtol*|b|); steps: {', '.join(map(str, c.steps)) or 'none'}",
+        "",
+        "## Summary",
+        "",
+        "| pairs compared | matched | mismatched | only in dir1 | only in dir2 | unreadable | modules compared | modules differing |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {s.pairs_compared} | {s.matched} | {s.mismatched} | {s.only_in_1} | {s.only_in_2} | {s.unreadable} | {s.modules_compared} | {s.modules_mismatched} |",
+        "",
+    ]
+    if c.notes or c.problems:
+        out += ["Notes:", ""] + [f"- {clean(n)}" for n in [*c.problems, *c.notes]] + [""]
+    for step in c.steps:
+        mods = [m for m in c.modules if m.step == step]
+        replayed = any(m.added_error is not None for m in mods)
+        head = "| # | module | verdict | max abs | max rel | rel diff | cosine | SNR dB |"
+        rule = "|---:|---|---|---:|---:|---:|---:|---:|"
+        if replayed:
+            head += " added error (isolated) | floor | excess | share |"
+            rule += "---:|---:|---:|---:|"
+        out += [f"## Step {step}", "", head, rule]
+        for m in mods:
+            rank = f" [rank {m.rank}]" if m.rank is not None else ""
+            row = (f"| {m.position} | `{clean(m.module)}`{rank} | {verdict_text(m)} | {fmt(m.worst_max_abs)} | {fmt(m.worst_max_rel)} | "
+                   f"{fmt(m.worst_rel_diff)} | {fmt(m.min_cosine, 6)} | {fmt(m.min_snr_db)} |")
+            if replayed:
+                share = "" if m.added_share is None else f"{m.added_share:.0%}"
+                row += f" {fmt(m.added_error)} | {fmt(m.added_floor)} | {fmt(m.added_excess)} | {share} |"
+            out.append(row)
+        out.append("")
+        if verbose:
+            out += _tensor_table(mods)
+    return "\n".join(out) + "\n"
+
+
+def _tensor_table(mods: list[ModuleResult]) -> list[str]:
+    out = [
+        "| module | tensor | status | method | shape | dtype | max abs | mean abs | max rel | cosine | rel diff | SNR dB | outside tol | worst at (a, b) | min atol to pass | note |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+    ]
+    for m in mods:
+        for t in m.tensors:
+            out.append(_tensor_row(m, t))
+    return out + [""]
+
+
+def _tensor_row(m: ModuleResult, t: TensorResult) -> str:
+    shape = "x".join(map(str, t.shape1 or t.shape2 or [])) if (t.shape1 == t.shape2 or not (t.shape1 and t.shape2)) else f"{t.shape1} vs {t.shape2}"
+    dtype = (t.dtype1 or t.dtype2 or "").replace("torch.", "") if t.dtype1 == t.dtype2 or not (t.dtype1 and t.dtype2) else f"{t.dtype1} vs {t.dtype2}".replace("torch.", "")
+    mt = t.metrics
+    cells = [f"`{clean(m.module)}`", clean(t.name), t.status, t.method, shape, dtype]
+    if mt is not None:
+        worst = f"{mt.worst_index} ({fmt(mt.worst_values[0], 6)}, {fmt(mt.worst_values[1], 6)})" if mt.worst_index is not None and mt.worst_values else ""
+        cells += [fmt(mt.max_abs), fmt(mt.mean_abs), fmt(mt.max_rel), fmt(mt.cosine, 6), fmt(mt.rel_diff), fmt(mt.snr_db),
+                  f"{mt.num_outside} ({mt.frac_outside:.2%})", worst, fmt(mt.min_atol)]
+    elif t.stat_rel:
+        cells += ["", "", fmt(max(t.stat_rel.values())), "", "", "", "", "", ""]
+    else:
+        cells += [""] * 9
+    cells.append(clean(t.note or "").replace("|", "\\|"))
+    return "| " + " | ".join(cells) + " |"
+
+

@@ -1,0 +1,106 @@
+"""What every renderer shares: number formatting, escaping of untrusted text, and the headline.
+
+Module names, notes and paths come from files on disk and may hold anything:
+:func:`clean` turns control characters (terminal escape sequences among them)
+into visible ``\\xNN`` escapes before any renderer prints them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from ..compare.results import Comparison, ModuleResult
+
+__all__ = ["clean", "fmt", "headline", "verdict_text", "VERDICT_TEXT"]
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def clean(text: object) -> str:
+    """``text`` with every control character shown as ``\\xNN`` (``\\n``, ``\\t``), and every byte that
+    was not UTF-8 in a file name (a lone surrogate) as ``\\udcNN``, so any terminal or encoding can print it."""
+    return _CONTROL.sub(lambda m: {"\n": "\\n", "\t": "\\t"}.get(m.group(), _escape(m.group())), str(text))
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+VERDICT_TEXT = {
+    "match": "match",
+    "born": "**DIVERGES HERE** (inputs match, outputs differ)",
+    "contains": "differs (explained by {explained_by})",
+    "inherited": "differs (inputs already differed upstream)",
+    "only_in_1": "only in dir1",
+    "only_in_2": "only in dir2",
+    "unreadable": "unreadable",
+}
+
+
+def fmt(v: float | None, digits: int = 3) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        return v
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    if v == 0:
+        return "0"
+    return f"{v:.{digits}g}" if 1e-3 <= abs(v) < 1e4 else f"{v:.{digits - 1}e}"
+
+
+def headline(c: Comparison) -> str:
+    """The one line a person reads first (plus the replay's verdict when there is one).
+
+    Unreadable data comes first: a comparison that could not read everything never reads as a match.
+    """
+    text = _divergence_line(c)
+    if c.unreadable:
+        bad = [m for m in c.modules if m.verdict == "unreadable"]
+        what = []
+        if c.problems:
+            what.append(f"{len(c.problems)} file(s) of the runs could not be read (first: {clean(c.problems[0])[:200]})")
+        if bad:
+            why = next((t.note for t in bad[0].tensors if t.status == "unreadable" and t.note), None)
+            what.append(f"{len(bad)} module call(s) hold unreadable data (first: `{clean(bad[0].module)}`, step {bad[0].step}"
+                        + (f": {clean(why)[:300]}" if why else "") + ")")
+        text = "UNREADABLE DATA: " + "; ".join(what) + ". The results are incomplete. " + (
+            text if c.summary.mismatched or c.first_divergence else f"Of what could be read, {c.summary.pairs_compared} pairs match.")
+    elif c.summary.pairs_compared == 0:
+        text = "NOTHING COMPARED: no tensor of one run has a counterpart in the other (see the notes and the table)."
+    replayed = [m for m in c.modules if m.added_error is not None]
+    top = max(replayed, key=lambda m: m.added_excess if m.added_excess is not None else m.added_error or 0.0, default=None)
+    if top is not None and top.added_excess is not None:
+        text += (f" Replay: `{clean(top.module)}` adds the most beyond its precision floor (excess {fmt(top.added_excess)}, "
+                 f"isolated {fmt(top.added_error)}, floor {fmt(top.added_floor)}; step {top.step}).")
+    elif top is not None and top.added_share:
+        text += f" Replay: `{clean(top.module)}` adds {top.added_share:.0%} of the error by itself (step {top.step})."
+    return text
+
+
+def _divergence_line(c: Comparison) -> str:
+    if not c.first_divergence:
+        if c.summary.mismatched == 0:
+            return f"All {c.summary.pairs_compared} compared tensor pairs match (rtol={c.rtol:g}, atol={c.atol:g})."
+        first = min((m for m in c.modules if m.verdict == "inherited"), key=lambda m: (m.step, m.position), default=None)
+        if first is not None:
+            return (f"No logged module is where the difference is born: the inputs of `{clean(first.module)}` (step {first.step}), "
+                    "the first logged module to see it, already differ.")
+        return "Tensors differ, but no module has matching inputs and differing outputs (see the table)."
+    parts = []
+    for d in c.first_divergence:
+        rank = f" (rank {d.rank})" if d.rank is not None else ""
+        note = f"; {clean(d.note).lower()}" if d.note else ""
+        parts.append(f"step {d.step}: `{clean(d.module)}`{rank} (max abs diff {fmt(d.max_abs)}, max rel diff {fmt(d.max_rel)}{note})")
+    return "First divergence: " + "; ".join(parts)
+
+
+def verdict_text(m: ModuleResult, md: bool = True) -> str:
+    text = VERDICT_TEXT[m.verdict].format(explained_by=f"`{clean(m.explained_by)}`" if md else clean(m.explained_by))
+    if m.note:
+        text += f": {clean(m.note)}"
+    return text if md else text.replace("**", "")
+
+

@@ -1,0 +1,266 @@
+"""The typed records of tensorlog's own files: ``run.json`` and each step's ``tensorlog_index.json``.
+
+The writer builds these models and serialises them; every reader validates
+what it reads against them before using a single field, so a file of the wrong
+shape is one clear per-file error, never a traceback deep in the reader.
+Unknown fields are ignored (a newer tensorlog may add some); known fields are
+type-checked strictly where a lax reading would lie (``"complete": "false"``
+is an error, not ``True``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+__all__ = [
+    "STAT_KEYS", "Stats", "Checksum", "ValueDesc", "PackedRef", "TensorEntry", "CallStructure", "CallEntry",
+    "StepInfo", "Dropped", "StepIndex", "Anomaly", "ModelDims", "ShardLayout", "CompiledInfo", "NodeInfo",
+    "RunManifest", "ModuleNode", "INDEX_FORMAT", "INDEX_VERSION", "LAYOUT_VERSION", "Kind",
+]
+
+INDEX_FORMAT = "tensorlog-step-index"
+INDEX_VERSION = 1
+LAYOUT_VERSION = 2
+"""1: tensorlog 0.1 (its own per-call json); 2: the reference's json plus a per-step index."""
+
+STAT_KEYS = ("min", "max", "mean", "std", "abs_max", "l2_norm", "nan_count", "inf_count")
+
+Kind = Literal["inputs", "outputs", "post_fwd_inputs"]
+
+
+class _Record(BaseModel):
+    # NaN and infinities are written as the JSON constants NaN / Infinity, which Python and pydantic read back.
+    model_config = ConfigDict(extra="ignore", ser_json_inf_nan="constants")
+
+
+class Stats(_Record):
+    """Statistics of one tensor, computed in float32 (float64 for float64 and integer tensors)."""
+
+    min: float | None = None
+    max: float | None = None
+    mean: float | None = None
+    std: float | None = None
+    abs_max: float | None = None
+    l2_norm: float | None = None
+    nan_count: StrictInt = 0
+    inf_count: StrictInt = 0
+
+
+class Checksum(_Record):
+    algorithm: str
+    digest: str
+
+
+class ValueDesc(_Record):
+    """A non-tensor argument or output, recorded by type and value, never pickled."""
+
+    type: str
+    value: Union[None, StrictBool, StrictInt, float, str] = None
+    class_name: str | None = None
+    """For a module passed as an argument: its class."""
+
+
+class PackedRef(_Record):
+    """Where a tensor lies in the step's packed file."""
+
+    file: str
+    key: str
+
+
+class TensorEntry(_Record):
+    """One logged value of a call. ``name`` pairs it across runs: the tensor file's name without extension."""
+
+    name: str
+    kind: Kind
+    key: str | None = None
+    """The flattened position (``0``, ``0_1``, ``hidden_states``); None for a single output."""
+    path: list[str] = Field(default_factory=list)
+    tensor: StrictBool = True
+    shape: list[StrictInt] | None = None
+    dtype: str | None = None
+    device: str | None = None
+    stride: list[StrictInt] | None = None
+    numel: StrictInt | None = None
+    stats: Stats | None = None
+    values: Any = None
+    """The values of a small tensor, as nested lists."""
+    checksum: Checksum | None = None
+    skipped: str | None = None
+    """Why no data was kept: ``max_tensor_size``, ``device_names``, ``statistics``."""
+    file: str | None = None
+    """The tensor file, relative to the step directory."""
+    packed: PackedRef | None = None
+    parameter: StrictBool = False
+    """A weight handed to an op as an argument: a difference here is born here, not inherited."""
+    value: ValueDesc | None = None
+
+
+class CallStructure(_Record):
+    """How a call's inputs nest, so that ``replay`` can rebuild the call.
+
+    Each node is a leaf (the ``key`` of a :class:`TensorEntry`), a list of nodes, or a dict of nodes.
+    """
+
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    tuples: list[str] = Field(default_factory=list)
+    """Keys of the containers that were tuples (the others were lists)."""
+
+
+class CallEntry(_Record):
+    """One logged call of one module (or op) in one step."""
+
+    module: str
+    dirname: str
+    class_name: str = ""
+    call_index: StrictInt = 0
+    seq_start: StrictInt
+    seq_end: StrictInt | None = None
+    """None: the call never returned (logging stopped, or the forward raised, during it)."""
+    backward: StrictBool = False
+    structure: CallStructure | None = None
+    tensors: list[TensorEntry] = Field(default_factory=list)
+    grafted: StrictBool = False
+    """Its inputs were replaced by another run's (``reload_input_dir``)."""
+
+
+class StepInfo(_Record):
+    """The request layout of a step: rows of the flattened ``[num_tokens, ...]`` activations per request."""
+
+    req_ids: list[str] = Field(default_factory=list)
+    num_tokens: list[StrictInt] = Field(default_factory=list)
+    start_positions: list[StrictInt] | None = None
+    total_tokens: StrictInt | None = None
+    layout: Literal["flat", "batch_major"] = "flat"
+
+
+class Dropped(_Record):
+    """What back-pressure (``on_backpressure: drop``) left out: a whole ``call``, or its ``outputs``."""
+
+    step: StrictInt
+    module: str
+    bytes: StrictInt
+    what: str = "call"
+
+
+class StepIndex(_Record):
+    """``step_<N>/tensorlog_index.json``: written once, when the step ends, after all its files."""
+
+    format: Literal["tensorlog-step-index"] = INDEX_FORMAT
+    version: StrictInt = INDEX_VERSION
+    step: StrictInt
+    rank: StrictInt | None = None
+    layout: Literal["reference", "packed", "statistics"] = "reference"
+    complete: StrictBool = True
+    incomplete_reason: str | None = None
+    calls: list[CallEntry] = Field(default_factory=list)
+    info: StepInfo | None = None
+    dropped: list[Dropped] = Field(default_factory=list)
+
+
+class Anomaly(_Record):
+    step: StrictInt
+    module: str
+    born_here: StrictBool
+    nonfinite_outputs: list[str] = Field(default_factory=list)
+    nonfinite_inputs: list[str] = Field(default_factory=list)
+
+
+class ModelDims(_Record):
+    hidden_size: StrictInt | None = None
+    num_attention_heads: StrictInt | None = None
+    num_key_value_heads: StrictInt | None = None
+    head_dim: StrictInt | None = None
+    intermediate_size: StrictInt | None = None
+    vocab_size: StrictInt | None = None
+    model_type: str | None = None
+
+
+class ShardLayout(_Record):
+    """How a tensor-parallel module's output is laid out across ranks, as its layer class states it."""
+
+    rule: Literal["concat", "concat_parts", "replicated", "partial_sum", "vocab"]
+    dim: StrictInt = -1
+    parts: list[StrictInt] | None = None
+    """Per-rank sizes of the fused parts (q/k/v, gate/up) for ``concat_parts``."""
+    replicas: list[StrictInt] | None = None
+    """How many consecutive ranks hold the same slice of each part (KV heads fewer than ranks)."""
+    layer: str = ""
+    """The vLLM layer class that stated it."""
+    vocab: StrictInt | None = None
+    """The unpadded vocabulary size for ``vocab``."""
+    inputs: Literal["replicated", "concat"] | None = None
+    """How its input lies across ranks (``concat`` for a row-parallel layer's sharded input)."""
+
+
+class CompiledInfo(_Record):
+    mode: Literal["eager", "compiled"]
+    backend: str | None = None
+    passes: list[str] = Field(default_factory=list)
+    cudagraphs: StrictBool = False
+    not_observable: dict[str, str] = Field(default_factory=dict)
+    """Module -> why the compiled graph does not show its value under its own name."""
+
+
+class NodeInfo(_Record):
+    hostname: str
+    ray_node_id: str | None = None
+    path: str
+
+
+class ModuleNode(_Record):
+    """One module of ``modules.json``: the model's tree, as ``named_modules`` gives it."""
+
+    class_: str = Field(default="", alias="class")
+    children: list[str] = Field(default_factory=list)
+
+
+class RunManifest(_Record):
+    """``run.json``: written when the run starts, after each step, and when it ends."""
+
+    model_config = ConfigDict(extra="allow", ser_json_inf_nan="constants")
+
+    format: Literal["tensorlog-run"] = "tensorlog-run"
+    layout_version: StrictInt = LAYOUT_VERSION
+    tensorlog_version: str = ""
+    torch_version: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    model_class: str | None = None
+    host: str | None = None
+    pid: StrictInt | None = None
+    rank: StrictInt | None = None
+    world_size: StrictInt | None = None
+    node: NodeInfo | None = None
+    start_time: str | None = None
+    end_time: str | None = None
+    steps_written: list[StrictInt | list[StrictInt]] = Field(default_factory=list)
+    """Finished steps as ``[first, last]`` ranges (tensorlog 0.1 listed every step)."""
+    step_in_progress: StrictInt | None = None
+    bytes_written: StrictInt = 0
+    dropped: list[Dropped] = Field(default_factory=list)
+    anomaly: Anomaly | None = None
+    complete: StrictBool = False
+    incomplete_reason: str | None = None
+    framework: str | None = None
+    model_dims: ModelDims | None = None
+    tp_size: StrictInt | None = None
+    pp_size: StrictInt | None = None
+    tp_rank: StrictInt | None = None
+    pp_rank: StrictInt | None = None
+    shard_layouts: dict[str, ShardLayout] = Field(default_factory=dict)
+    compiled: CompiledInfo | None = None
+    grafted_from: str | None = None
+    layout: str | None = None
+    """``reference``, ``packed`` or ``statistics`` (which files each step has)."""
+
+    def steps_done(self, limit: int = 10_000_000) -> list[int]:
+        """``steps_written`` as a list of step numbers."""
+        out: list[int] = []
+        for item in self.steps_written:
+            if isinstance(item, int):
+                out.append(item)
+            elif len(item) == 2 and 0 <= item[0] <= item[1] and item[1] - item[0] < limit - len(out):
+                out.extend(range(item[0], item[1] + 1))
+        return out

@@ -1,0 +1,349 @@
+"""Tensor files: written from the tensor's own memory, read without trusting a byte of them.
+
+Writing: a ``.pt`` file is the zip archive ``torch.save`` makes (the same
+entries, 64-byte aligned records, CRC-32s), built here around the tensor's
+bytes, so nothing is serialised into memory first and ``torch.load`` (with
+``weights_only=True`` and ``mmap=True``) reads it like one of its own. The
+pickle that describes the tensor is cached per dtype and shape.
+
+Reading: only regular files that are not symbolic links; ``torch.load`` with
+``weights_only=True`` (never code from disk), memory-mapped; a tensor whose
+storage is smaller than its shape needs (zero or overlapping strides, which
+would expand to gigabytes when compared) is refused before it is touched.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import io
+import json
+import mmap
+import os
+import pickle
+import stat
+import struct
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import RunReadError
+
+__all__ = ["encode_pt", "encode_safetensors", "load_tensor_file", "open_regular", "read_limited", "ST_DTYPES", "st_dtype_name"]
+
+
+# -- writing .pt ------------------------------------------------------------------------------
+
+
+class _StorageRef:
+    __slots__ = ("pid",)
+
+    def __init__(self, pid: tuple[Any, ...]) -> None:
+        self.pid = pid
+
+
+class _Rebuild:
+    """Pickles as ``torch._utils._rebuild_tensor_v2/v3(storage, 0, size, stride, False, OrderedDict()[, dtype])``."""
+
+    def __init__(self, args: tuple[Any, ...]) -> None:
+        self.args = args
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        fn = torch._utils._rebuild_tensor_v3 if len(self.args) == 7 else torch._utils._rebuild_tensor_v2
+        return fn, self.args
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj: Any) -> Any:
+        return obj.pid if isinstance(obj, _StorageRef) else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _tensor_pickle(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
+    from torch.storage import _dtype_to_storage_type_map
+
+    stride, acc = [], 1
+    for d in reversed(shape):
+        stride.append(acc)
+        acc *= max(d, 1)
+    numel = 1
+    for d in shape:
+        numel *= d
+    typed = _dtype_to_storage_type_map().get(dtype)
+    if typed is not None:
+        ref = _StorageRef(("storage", getattr(torch, typed), "0", "cpu", numel))
+        args: tuple[Any, ...] = (ref, 0, shape, tuple(reversed(stride)), False, collections.OrderedDict())
+    else:  # dtypes without a typed storage class (float8, uint16, ...): as torch.save writes them
+        ref = _StorageRef(("storage", torch.UntypedStorage, "0", "cpu", numel * dtype.itemsize))
+        args = (ref, 0, shape, tuple(reversed(stride)), False, collections.OrderedDict(), dtype)
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(_Rebuild(args))
+    return buf.getvalue()
+
+
+_ZIP_ALIGN = 64
+_ARCHIVE = "archive"
+
+
+def _zip(entries: list[tuple[str, memoryview | bytes]]) -> list[memoryview | bytes]:
+    """A stored (uncompressed) zip with 64-byte aligned records, ZIP64 where sizes need it."""
+    out: list[memoryview | bytes] = []
+    central: list[bytes] = []
+    off = 0
+    for name, data in entries:
+        fname = f"{_ARCHIVE}/{name}".encode()
+        n = len(data)
+        big = n >= 0xFFFFFFFF or off >= 0xFFFFFFFF
+        z64 = struct.pack("<HHQQ", 0x0001, 16, n, n) if big else b""
+        base = off + 30 + len(fname) + len(z64) + 4
+        pad = (-base) % _ZIP_ALIGN
+        extra = z64 + struct.pack("<HH", 0x4246, pad) + b"Z" * pad
+        crc = zlib.crc32(data)
+        size32 = 0xFFFFFFFF if big else n
+        out.append(struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if big else 20, 0, 0, 0, 0x21, crc, size32, size32,
+                               len(fname), len(extra)) + fname + extra)
+        out.append(data)
+        cz64 = b""
+        if big or off >= 0xFFFFFFFF:
+            cz64 = struct.pack("<HHQQQ", 0x0001, 24, n, n, off)
+        central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45 if cz64 else 20, 45 if cz64 else 20, 0, 0, 0,
+                                   0x21, crc, size32, size32, len(fname), len(cz64), 0, 0, 0, 0,
+                                   0xFFFFFFFF if cz64 else off) + fname + cz64)
+        off += len(out[-2]) + n
+    cd = b"".join(central)
+    tail = b""
+    if off >= 0xFFFFFFFF or len(cd) >= 0xFFFFFFFF:
+        tail = (struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, len(entries), len(entries), len(cd), off)
+                + struct.pack("<IIQI", 0x07064B50, 0, off + len(cd), 1))
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(entries), len(entries), min(len(cd), 0xFFFFFFFF),
+                      min(off, 0xFFFFFFFF), 0)
+    out.append(cd + tail + end)
+    return out
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without a copy."""
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def encode_pt(t: torch.Tensor) -> list[memoryview | bytes]:
+    """The chunks of a ``.pt`` file holding ``t`` (a contiguous CPU tensor); its data is not copied."""
+    if not t.is_contiguous() or t.device.type != "cpu":
+        t = t.to("cpu").contiguous()
+    return _zip([
+        ("data.pkl", _tensor_pickle(t.dtype, tuple(t.shape))),
+        (".format_version", b"1"),
+        (".storage_alignment", b"64"),
+        ("byteorder", b"little"),
+        ("data/0", _bytes_of(t)),
+        ("version", b"3\n"),
+    ])
+
+
+# -- safetensors -----------------------------------------------------------------------------
+
+ST_DTYPES: dict[str, torch.dtype] = {
+    name: dt for name, dt in {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+        "U16": getattr(torch, "uint16", None), "U32": getattr(torch, "uint32", None), "U64": getattr(torch, "uint64", None),
+        "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
+        "C64": torch.complex64,
+    }.items() if dt is not None
+}
+_ST_NAMES = {dt: name for name, dt in ST_DTYPES.items()}
+
+
+def st_dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return _ST_NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"safetensors cannot hold {dtype}") from None
+
+
+def encode_safetensors(t: torch.Tensor, key: str = "tensor") -> list[memoryview | bytes]:
+    """A single-tensor safetensors file, its data not copied."""
+    if not t.is_contiguous() or t.device.type != "cpu":
+        t = t.to("cpu").contiguous()
+    n = t.numel() * t.element_size()
+    header = json.dumps({key: {"dtype": st_dtype_name(t.dtype), "shape": list(t.shape), "data_offsets": [0, n]}},
+                        separators=(",", ":")).encode()
+    header += b" " * ((-len(header)) % 8)
+    return [struct.pack("<Q", len(header)) + header, _bytes_of(t) if n else b""]
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def open_regular(path: Path) -> int:
+    """An fd for ``path``, which must be a regular file and not a symbolic link (nor a FIFO that would block)."""
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise RunReadError(f"cannot read {path}: {e.strerror or e}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise RunReadError(f"refusing {path}: a symbolic link (a run never contains one)")
+    if not stat.S_ISREG(st.st_mode):
+        raise RunReadError(f"refusing {path}: not a regular file")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise RunReadError(f"cannot read {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since lstat
+        os.close(fd)
+        raise RunReadError(f"refusing {path}: not a regular file")
+    return fd
+
+
+def read_limited(path: Path, limit: int) -> bytes:
+    """The bytes of a small regular file, refusing anything over ``limit`` before reading it."""
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise RunReadError(f"refusing {path}: {size} bytes, over the {limit}-byte limit for this kind of file")
+        chunks, got = [], 0
+        while got <= limit:
+            b = os.read(fd, min(1 << 20, limit + 1 - got))
+            if not b:
+                break
+            chunks.append(b)
+            got += len(b)
+        if got > limit:
+            raise RunReadError(f"refusing {path}: over the {limit}-byte limit for this kind of file")
+        return b"".join(chunks)
+    except OSError as e:
+        raise RunReadError(f"cannot read {path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+
+
+def load_error_text(e: BaseException) -> str:
+    """torch's message, whitespace folded, keeping its safety advice (which follows the first line)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    keep = [lines[0][:300]]
+    keep += [ln[:300] for ln in lines[1:] if "weights_only" in ln or "arbitrary code" in ln][:2]
+    return " ".join(keep)
+
+
+def load_tensor_file(path: Path) -> torch.Tensor:
+    """Read one tensor from a ``.pt`` or single-tensor ``.safetensors`` file (memory-mapped, lazily paged in).
+
+    Raises:
+        RunReadError: not a regular file, not a tensor file, not a tensor, or a
+            tensor that claims more elements than its storage holds.
+    """
+    fd = open_regular(path)
+    os.close(fd)
+    if path.suffix == ".safetensors":
+        return _mmap_safetensors(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated, corrupted, hostile, or not a tensor file at all
+        raise RunReadError(f"cannot read tensor file {path}: {type(e).__name__}: {load_error_text(e)}") from None
+    if not isinstance(obj, torch.Tensor):
+        raise RunReadError(f"{path}: holds a {type(obj).__name__}, not a tensor")
+    check_dense(obj, path)
+    return obj
+
+
+def check_dense(t: torch.Tensor, path: Any) -> None:
+    """Refuse a tensor that is not a plain dense one, or whose storage is smaller than its elements."""
+    if t.layout != torch.strided or t.is_quantized or t.is_nested or t.device.type != "cpu":
+        raise RunReadError(f"{path}: not a dense CPU tensor ({t.layout}, {t.device})")
+    need = t.numel() * t.element_size()
+    have = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+    if need > have or (t.numel() > 1 and any(s == 0 and d > 1 for s, d in zip(t.stride(), t.shape))):
+        raise RunReadError(f"{path}: claims {t.numel()} elements of {t.dtype} but its storage holds {max(have, 0)} bytes "
+                           "(zero or overlapping strides); refused")
+
+
+def _mmap_safetensors(path: Path) -> torch.Tensor:
+    """The single tensor of a safetensors file, memory-mapped (no copy until it is used)."""
+    fd = open_regular(path)
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) != 8:
+            raise RunReadError(f"cannot read tensor file {path}: truncated header")
+        n = int.from_bytes(head, "little")
+        if n <= 1 or n > min(100_000_000, size - 8):
+            raise RunReadError(f"cannot read tensor file {path}: bad header length {n}")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise RunReadError(f"cannot read tensor file {path}: corrupt header") from None
+        entries = {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else {}
+        if len(entries) != 1:
+            raise RunReadError(f"{path}: expected one tensor, found {len(entries)}")
+        (info,) = entries.values()
+        return _st_view(path, f.fileno(), size, 8 + n, info)
+
+
+def _st_view(path: Any, fileno: int, size: int, data_start: int, info: Any) -> torch.Tensor:
+    try:
+        dtype = ST_DTYPES[info["dtype"]]
+        shape = [int(d) for d in info["shape"]]
+        start, end = (int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise RunReadError(f"cannot read tensor file {path}: corrupt header entry") from None
+    if any(d < 0 for d in shape) or start < 0 or end < start:
+        raise RunReadError(f"cannot read tensor file {path}: corrupt header entry")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel * dtype.itemsize != end - start:
+        raise RunReadError(f"cannot read tensor file {path}: {numel} elements of {dtype} do not fill bytes {start}..{end}")
+    if data_start + end > size:
+        raise RunReadError(f"cannot read tensor file {path}: truncated data")
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    mm = mmap.mmap(fileno, 0, access=mmap.ACCESS_READ)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # frombuffer warns that the buffer is read-only; it is never written
+        t = torch.frombuffer(mm, dtype=dtype, count=numel, offset=data_start + start)
+    return t.view(shape)
+
+
+def read_safetensors_entry(path: Path, key: str, header: dict[str, Any], data_start: int) -> torch.Tensor:
+    """One tensor of a multi-tensor safetensors file whose header was already read (the packed layout)."""
+    info = header.get(key)
+    if not isinstance(info, dict):
+        raise RunReadError(f"{path}: no tensor {key!r}")
+    fd = open_regular(path)
+    try:
+        return _st_view(path, fd, os.fstat(fd).st_size, data_start, info)
+    finally:
+        os.close(fd)
+
+
+def read_safetensors_header(path: Path, limit: int) -> tuple[dict[str, Any], int]:
+    """``(header, data start)`` of a safetensors file, the header capped at ``limit`` bytes."""
+    fd = open_regular(path)
+    try:
+        head = os.pread(fd, 8, 0)
+        if len(head) != 8:
+            raise RunReadError(f"cannot read {path}: truncated header")
+        n = int.from_bytes(head, "little")
+        size = os.fstat(fd).st_size
+        if n <= 1 or n > min(limit, size - 8):
+            raise RunReadError(f"cannot read {path}: bad header length {n}")
+        raw = os.pread(fd, n, 8)
+    finally:
+        os.close(fd)
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        raise RunReadError(f"cannot read {path}: corrupt header") from None
+    if not isinstance(header, dict):
+        raise RunReadError(f"cannot read {path}: corrupt header")
+    return header, 8 + n
