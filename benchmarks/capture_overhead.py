@@ -27,9 +27,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -41,15 +42,28 @@ def build(kind: str, device: str) -> tuple[torch.nn.Module, dict[str, Any]]:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                          num_key_value_heads=4, vocab_size=2000, max_position_embeddings=256)
+        cfg = LlamaConfig(
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=2000,
+            max_position_embeddings=256,
+        )
         model = LlamaForCausalLM(cfg).eval().to(device)
         ids = torch.randint(0, 2000, (1, 128), generator=torch.Generator().manual_seed(0)).to(device)
         return model, {"input_ids": ids, "use_cache": False}
     from tensorlog.demo.model import TinyLlama, TinyLlamaConfig
 
-    cfg = TinyLlamaConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2752, num_hidden_layers=8,
-                          num_attention_heads=16, num_key_value_heads=4)
+    cfg = TinyLlamaConfig(
+        vocab_size=8192,
+        hidden_size=1024,
+        intermediate_size=2752,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+    )
     model = TinyLlama(cfg).eval().to(device)
     return model, {"input_ids": torch.randint(0, 8192, (1, 256)).to(device)}
 
@@ -77,6 +91,7 @@ def tensorlog_variant(**cfg: Any) -> Variant:
     @contextmanager
     def go(model, inputs, out):
         with tensorlog.capture(model, {"output_dir": str(out), "log_step_ids": [], **cfg}) as run:
+
             def forward() -> None:
                 run_forward(model, inputs)
                 run.flush()  # the cost of getting the data to disk counts
@@ -89,11 +104,13 @@ def tensorlog_variant(**cfg: Any) -> Variant:
 @contextmanager
 def _output_hooks(model, inputs, on_output: Callable[[str, torch.Tensor], None]) -> Iterator[Callable[[], None]]:
     """A forward hook on every module passing its (first) tensor output to ``on_output``: the naive peers."""
+
     def make(name: str):
         def hook(mod, args, output):
             t = output[0] if isinstance(output, tuple) else output
             if isinstance(t, torch.Tensor):
                 on_output(name, t)
+
         return hook
 
     handles = [m.register_forward_hook(make(n)) for n, m in model.named_modules() if n]
@@ -132,7 +149,9 @@ OURS: dict[str, Variant] = {
 }
 
 
-def time_variants(variants: dict[str, Variant], model, inputs, reps: int, device: str, out: Path, rounds: int = 2) -> dict[str, list[float]]:
+def time_variants(
+    variants: dict[str, Variant], model, inputs, reps: int, device: str, out: Path, rounds: int = 2
+) -> dict[str, list[float]]:
     """Each variant set up once, then ``reps`` timed forwards; all variants in turn, ``rounds`` times."""
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(3):
@@ -161,8 +180,15 @@ def msprobe_variant(task: str, level: str) -> Variant:
     def go(model, inputs, out):
         from msprobe.pytorch import PrecisionDebugger
 
-        cfg = {"task": task, "dump_path": str(out / "msprobe"), "rank": [], "step": [], "level": level,
-               "async_dump": False, task: {"scope": [], "list": [], "data_mode": ["all"]}}
+        cfg = {
+            "task": task,
+            "dump_path": str(out / "msprobe"),
+            "rank": [],
+            "step": [],
+            "level": level,
+            "async_dump": False,
+            task: {"scope": [], "list": [], "data_mode": ["all"]},
+        }
         if task == "statistics":
             cfg[task]["summary_mode"] = "statistics"
         path = out / "msprobe.json"
@@ -204,7 +230,9 @@ def peer_child(args: argparse.Namespace) -> None:
     model, inputs = build(args.model, args.device)
     out = Path(tempfile.mkdtemp(prefix="tensorlog-bench-peer-"))
     # msProbe's debugger is one per process: one round, baseline before and after it
-    times = time_variants({"no tool": no_tool, args.peer: PEERS[args.peer]()}, model, inputs, args.reps, args.device, out, rounds=1)
+    times = time_variants(
+        {"no tool": no_tool, args.peer: PEERS[args.peer]()}, model, inputs, args.reps, args.device, out, rounds=1
+    )
     times["no tool"] += time_variants({"no tool": no_tool}, model, inputs, args.reps, args.device, out, rounds=1)["no tool"]
     shutil.rmtree(out, ignore_errors=True)
     print(json.dumps(times))
@@ -229,7 +257,18 @@ def main() -> None:
     rows = [(name, statistics.median(ts), statistics.median(ts) / base) for name, ts in times.items()]
     if not args.no_peers:
         for peer in PEERS:
-            cmd = [sys.executable, __file__, "--peer", peer, "--model", args.model, "--reps", str(args.reps), "--device", args.device]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--peer",
+                peer,
+                "--model",
+                args.model,
+                "--reps",
+                str(args.reps),
+                "--device",
+                args.device,
+            ]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 last = (r.stderr.strip().splitlines() or ["?"])[-1]
@@ -241,8 +280,10 @@ def main() -> None:
             rows.append((peer, med, med / own))
     n_modules = sum(1 for n, _ in model.named_modules() if n)
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or platform.machine())
-    print(f"# capture overhead: model {args.model} ({n_modules} modules), device {args.device} ({dev}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, median of {args.reps}")
+    print(
+        f"# capture overhead: model {args.model} ({n_modules} modules), device {args.device} ({dev}), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, median of {args.reps}"
+    )
     print("| variant | median ms | ratio vs no tool |\n|---|---:|---:|")
     for name, med, ratio in rows:
         print(f"| {name} | {med * 1e3:.1f} | {ratio:.2f}x |")

@@ -98,13 +98,17 @@ def main() -> None:
     jobs = ["--jobs", str(args.jobs)] if args.jobs else []
     out = json.loads(subprocess.check_output([sys.executable, __file__, "--child", str(a), str(b), *jobs]))
     largest = args.tensor_mb * (1 << 20)
-    print(f"# compare throughput: {nbytes / 1e9:.2f} GB of tensors in {out['pairs']} pairs, {os.cpu_count()} cores, torch {torch.__version__}")
+    print(
+        f"# compare throughput: {nbytes / 1e9:.2f} GB of tensors in {out['pairs']} pairs, {os.cpu_count()} cores, torch {torch.__version__}"
+    )
     print("| measure | value |\n|---|---:|")
     print(f"| raw read bandwidth (same files, same run) | {nbytes / t_read / 1e9:.2f} GB/s |")
     print(f"| tensorlog compare | {nbytes / out['seconds'] / 1e9:.2f} GB/s ({out['seconds']:.1f} s) |")
     print(f"| compare / raw read | {t_read / out['seconds']:.2f} |")
-    print(f"| peak RSS of compare (worker threads included) | {out['peak_rss'] / 2**20:.0f} MiB "
-          f"(python+torch alone: {base_rss / 2**20:.0f} MiB; largest tensor {largest / 2**20:.0f} MiB) |")
+    print(
+        f"| peak RSS of compare (worker threads included) | {out['peak_rss'] / 2**20:.0f} MiB "
+        f"(python+torch alone: {base_rss / 2**20:.0f} MiB; largest tensor {largest / 2**20:.0f} MiB) |"
+    )
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
 

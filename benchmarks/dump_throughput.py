@@ -44,7 +44,9 @@ def dump(root: Path, name: str, gb: float, tensor_mb: int, noise: float) -> tupl
     # each layer writes its output (its input is the previous output: a hard link, no bytes)
     steps = max(1, int(gb * 1024 / tensor_mb / layers))
     t0 = time.perf_counter()
-    with tensorlog.capture(model, {"output_dir": str(root), "run_name": name, "log_step_ids": [], "module_call_match": r"^\d+$"}) as run:
+    with tensorlog.capture(
+        model, {"output_dir": str(root), "run_name": name, "log_step_ids": [], "module_call_match": r"^\d+$"}
+    ) as run:
         with torch.no_grad():
             for _ in range(steps):
                 model(x)
@@ -56,7 +58,9 @@ def dump(root: Path, name: str, gb: float, tensor_mb: int, noise: float) -> tupl
 def dd_direct(root: Path, gb: float) -> float:
     target = root / "dd.bin"
     count = max(1, int(gb * 1024 / 16))
-    r = subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={count}", "oflag=direct"], capture_output=True, text=True)
+    r = subprocess.run(
+        ["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={count}", "oflag=direct"], capture_output=True, text=True
+    )
     target.unlink(missing_ok=True)
     m = re.search(r"([\d.]+) s, ", r.stderr)
     return count * 16 * (1 << 20) / float(m.group(1)) if m else float("nan")
@@ -74,7 +78,9 @@ def main() -> None:
     try:
         disk = dd_direct(root, min(args.gb, 4.0))
         written, dt = dump(root, "a", args.gb, args.tensor_mb, 0.0)
-        print(f"# sustained dump: {written / 1e9:.2f} GB in {dt:.1f} s, tensors of {args.tensor_mb} MiB, torch {torch.__version__}, {os.cpu_count()} cores")
+        print(
+            f"# sustained dump: {written / 1e9:.2f} GB in {dt:.1f} s, tensors of {args.tensor_mb} MiB, torch {torch.__version__}, {os.cpu_count()} cores"
+        )
         print("| measure | value |\n|---|---:|")
         print(f"| dd oflag=direct (same disk, same run) | {disk / 1e9:.2f} GB/s |")
         print(f"| tensorlog full-tensor capture, sustained | {written / dt / 1e9:.2f} GB/s |")
@@ -82,8 +88,14 @@ def main() -> None:
         if args.compare:
             dump(root, "b", args.gb, args.tensor_mb, 1e-6)
             bench = Path(__file__).with_name("compare_throughput.py")
-            out = subprocess.check_output([sys.executable, str(bench), "--keep", str(root), "--tensor-mb", str(args.tensor_mb)], text=True)
-            print("\n".join(line for line in out.splitlines() if line.startswith("| ") and "measure" not in line and "---" not in line))
+            out = subprocess.check_output(
+                [sys.executable, str(bench), "--keep", str(root), "--tensor-mb", str(args.tensor_mb)], text=True
+            )
+            print(
+                "\n".join(
+                    line for line in out.splitlines() if line.startswith("| ") and "measure" not in line and "---" not in line
+                )
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -70,11 +70,17 @@ def main(out: Path) -> int:
         y = m2[0](x)
         m2(x)
     st = json.loads((run3.path / "step_0" / "0" / "outputs.json").read_text())["outputs"][0]["stats"]
-    check("on-device statistics equal torch's", abs(st["max"] - y.max().item()) == 0 and abs(st["mean"] - y.mean().item()) < 1e-6,
-          f"{st['max']} vs {y.max().item()}")
+    check(
+        "on-device statistics equal torch's",
+        abs(st["max"] - y.max().item()) == 0 and abs(st["mean"] - y.mean().item()) < 1e-6,
+        f"{st['max']} vs {y.max().item()}",
+    )
     check("statistics mode writes no tensor file", not list(run3.path.rglob("*.pt")))
 
-    with torch.no_grad(), tensorlog.capture(model, {"output_dir": str(out), "run_name": "cpuonly", "device_names": ["cpu"]}) as run4:
+    with (
+        torch.no_grad(),
+        tensorlog.capture(model, {"output_dir": str(out), "run_name": "cpuonly", "device_names": ["cpu"]}) as run4,
+    ):
         model(ids)
     check("device_names=['cpu'] logs nothing on CUDA", not any(p.is_dir() for p in run4.path.iterdir()))
 
@@ -85,7 +91,12 @@ def main(out: Path) -> int:
     m5 = nn.Sequential(nn.Linear(8, 8), Poison(), nn.Linear(8, 8)).to(dev)
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
-        with torch.no_grad(), tensorlog.capture(m5, {"output_dir": str(out), "run_name": "nan", "detect_anomaly": True, "mode": "statistics"}) as run5:
+        with (
+            torch.no_grad(),
+            tensorlog.capture(
+                m5, {"output_dir": str(out), "run_name": "nan", "detect_anomaly": True, "mode": "statistics"}
+            ) as run5,
+        ):
             m5(torch.randn(2, 8, device=dev))
     anomaly = json.loads((run5.path / "run.json").read_text())["anomaly"]
     check("NaN born in module '1' on CUDA", anomaly and anomaly["module"] == "1" and anomaly["born_here"], str(anomaly))
@@ -94,8 +105,11 @@ def main(out: Path) -> int:
     with torch.no_grad(), tensorlog.capture(cpu_model, {"output_dir": str(out), "run_name": "cpu"}) as run6:
         cpu_model(ids.cpu())
     res = tensorlog.compare(run6.path, run.path, rtol=1e-3, atol=1e-4)
-    check("CPU run vs CUDA run pair and match", res.exit_code == 0 and res.summary.only_in_1 == 0,
-          f"exit {res.exit_code}, {res.summary.pairs_compared} pairs, only-in-one {res.summary.only_in_1}/{res.summary.only_in_2}")
+    check(
+        "CPU run vs CUDA run pair and match",
+        res.exit_code == 0 and res.summary.only_in_1 == 0,
+        f"exit {res.exit_code}, {res.summary.pairs_compared} pairs, only-in-one {res.summary.only_in_1}/{res.summary.only_in_2}",
+    )
     failed = [n for n, ok, _ in results if not ok]
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0

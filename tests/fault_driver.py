@@ -72,8 +72,18 @@ def pressure(out: str, policy: str, factor: float) -> None:
     with tensorlog.capture(model, cfg) as run, torch.no_grad():
         for _ in range(3):
             model(a, b)
-    print(json.dumps({"seconds": time.monotonic() - t0, "grew_mb": _maxrss_mb() - base, "budget_mb": budget / 2**20,
-                      "call_mb": 2 * b.numel() * 4 / 2**20, "stopped": run.stopped_reason}), flush=True)
+    print(
+        json.dumps(
+            {
+                "seconds": time.monotonic() - t0,
+                "grew_mb": _maxrss_mb() - base,
+                "budget_mb": budget / 2**20,
+                "call_mb": 2 * b.numel() * 4 / 2**20,
+                "stopped": run.stopped_reason,
+            }
+        ),
+        flush=True,
+    )
 
 
 def many(out: str) -> None:

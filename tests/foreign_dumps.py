@@ -24,9 +24,16 @@ def pass_dump(folder: Path, passes: list[dict[str, torch.Tensor]], *, tp: int = 
 
 
 def _leaf(t: torch.Tensor, data_name: str | None = None) -> dict:
-    leaf = {"type": "torch.Tensor", "dtype": str(t.dtype), "shape": list(t.shape), "Max": t.max().item(),
-            "Min": t.min().item(), "Mean": t.float().mean().item(), "Norm": t.float().norm().item(),
-            "requires_grad": False}
+    leaf = {
+        "type": "torch.Tensor",
+        "dtype": str(t.dtype),
+        "shape": list(t.shape),
+        "Max": t.max().item(),
+        "Min": t.min().item(),
+        "Mean": t.float().mean().item(),
+        "Norm": t.float().norm().item(),
+        "requires_grad": False,
+    }
     if data_name:
         leaf["data_name"] = data_name
     return leaf
@@ -45,10 +52,14 @@ def msprobe_dump(root: Path, steps: list[dict[str, tuple[torch.Tensor, torch.Ten
             if task == "tensor":
                 torch.save(x, data_dir / ins)
                 torch.save(y, data_dir / outs)
-            data[key] = {"input_args": [_leaf(x, ins if task == "tensor" else None)], "input_kwargs": {},
-                         "output": [_leaf(y, outs if task == "tensor" else None)]}
+            data[key] = {
+                "input_args": [_leaf(x, ins if task == "tensor" else None)],
+                "input_kwargs": {},
+                "output": [_leaf(y, outs if task == "tensor" else None)],
+            }
             construct[key] = None
-        (d / "dump.json").write_text(json.dumps({"task": task, "level": "L0", "framework": "pytorch",
-                                                 "dump_data_dir": str(data_dir), "data": data}))
+        (d / "dump.json").write_text(
+            json.dumps({"task": task, "level": "L0", "framework": "pytorch", "dump_data_dir": str(data_dir), "data": data})
+        )
         (d / "construct.json").write_text(json.dumps(construct))
     return root

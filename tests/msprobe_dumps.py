@@ -80,8 +80,15 @@ def msprobe_child(out, name):
     from msprobe.pytorch import PrecisionDebugger, seed_all
 
     task, level, summary = CONFIGS[name]
-    cfg = {"task": task, "dump_path": os.path.join(out, name), "rank": [], "step": [], "level": level,
-           "async_dump": False, task: {"scope": [], "list": [], "data_mode": ["all"]}}
+    cfg = {
+        "task": task,
+        "dump_path": os.path.join(out, name),
+        "rank": [],
+        "step": [],
+        "level": level,
+        "async_dump": False,
+        task: {"scope": [], "list": [], "data_mode": ["all"]},
+    }
     if summary:
         cfg[task]["summary_mode"] = summary
     path = os.path.join(out, f"{name}.config.json")

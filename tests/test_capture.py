@@ -164,8 +164,10 @@ def test_dict_tuple_kwargs_and_non_tensor_values(out_dir):
     # the reference's names: dict keys and tuple positions join with "_"; keyword tensors are named after the keyword
     assert sorted(p.name for p in d.glob("*.pt")) == ["inputs_0_cpu.pt", "outputs_pair_0_cpu.pt", "outputs_y_cpu.pt"]
     # the reference's json: the positional inputs' structure only
-    assert json.loads((d / "inputs.json").read_text()) == {"type": "tuple", "items": [
-        {"type": "tensor", "shape": [2, 4], "dtype": "torch.float32", "numel": 8}]}
+    assert json.loads((d / "inputs.json").read_text()) == {
+        "type": "tuple",
+        "items": [{"type": "tensor", "shape": [2, 4], "dtype": "torch.float32", "numel": 8}],
+    }
     outputs_doc = json.loads((d / "outputs.json").read_text())
     assert outputs_doc["type"] == "dict" and outputs_doc["items"]["pair"]["items"][1] is None
     call = tensorlog.load_run(run.path).steps[0].call("head")
@@ -238,7 +240,10 @@ def test_disabled_config_registers_no_hooks_and_writes_nothing(hf_llama, prompt,
 def test_manual_steps_when_the_root_is_not_called(out_dir):
     model = Repeat()
     x = torch.randn(2, 4)
-    with torch.no_grad(), tensorlog.capture(model, {"output_dir": str(out_dir), "module_call_match": "^sub$", "log_step_ids": []}) as run:
+    with (
+        torch.no_grad(),
+        tensorlog.capture(model, {"output_dir": str(out_dir), "module_call_match": "^sub$", "log_step_ids": []}) as run,
+    ):
         for _ in range(3):
             model.sub(x)
             run.step()

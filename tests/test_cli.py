@@ -1,4 +1,4 @@
-"""The command line as a user runs it: real subprocesses, exit codes, one-line errors."""
+"""The command line: exit codes and one-line errors (in process), and one real subprocess as a smoke test."""
 
 from __future__ import annotations
 
@@ -10,14 +10,13 @@ import pytest
 import torch
 
 import tensorlog
+from clirun import run as tl
 
 
-def tl(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "tensorlog", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
-
-
-def test_demo_runs_offline_and_writes_a_run(tmp_path):
-    r = tl("demo", "--output-dir", tmp_path)
+def test_the_installed_command_runs_as_a_subprocess(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "tensorlog", "demo", "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     assert "model.layers.0" in r.stdout
     assert "First divergence: step 0: model.layers.2.mlp.down_proj" in r.stdout.replace("`", "")
@@ -38,13 +37,25 @@ def test_inspect_shows_modules_shapes_and_stats(tmp_path):
     "args, needle",
     [
         (["inspect", "/nonexistent/run"], "no such directory"),
-        (["inspect", "."], "is not a tensorlog run"),
+        (["inspect", "{empty}"], "is not a tensorlog run"),
+        (["inspect", "{run}", "--modules", "("], "--modules: regex '(' does not compile"),
+        (["inspect", "{run}", "--steps", "a,b"], "--steps: comma-separated integers"),
+        (["compare", "{run}", "{run}", "--modules", "(a+)+$"], "exponential time"),
+        (["compare", "{run}"], "compare takes two runs, got 1"),
+        (["compare", "{run}", "--dir2", "{run}"], "either as RUN1 RUN2 or as --dir1 RUN1 --dir2 RUN2"),
+        (["compare", "{run}", "{run}", "--map", "nope"], "--map: mapping 'nope' is neither a preset"),
+        (["replay", "{run}", "--model", "m", "--modules", "("], "--modules: regex '(' does not compile"),
+        (["replay", "--model", "/nonexistent"], "replay needs the run"),
+        (["capture", "--model", "m", "--input-ids", "1,x"], "--input-ids: comma-separated integers"),
+        (["nonsense"], "invalid choice"),
     ],
 )
-def test_bad_input_gives_one_line_and_exit_2(args, needle, tmp_path):
-    r = tl(*args, cwd=tmp_path)
-    assert r.returncode == 2
-    assert needle in r.stderr
+def test_every_user_error_is_one_line_and_exit_2(args, needle, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "run" / "step_0").mkdir(parents=True)  # enough of a run for the flags to be the error
+    r = tl(*[a.format(run=tmp_path / "run", empty=tmp_path / "empty") for a in args])
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert needle in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
@@ -59,3 +70,4 @@ def test_several_runs_in_an_output_dir_are_named(tmp_path):
 def test_version_and_help():
     assert tl("--version").stdout.startswith("tensorlog ")
     assert tl().returncode == 2
+    assert tl("compare", "--help").returncode == 0

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import clirun
 import tensorlog
 from tensorlog.compare import metrics as _metrics
 from tensorlog.compare.metrics import compare_tensors
@@ -20,8 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args, tool=False):
-    cmd = [sys.executable, str(ROOT / "tools" / "compare_il.py")] if tool else [sys.executable, "-m", "tensorlog", "compare"]
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=300)
+    return clirun.run(*args, tool=True) if tool else clirun.run("compare", *args)
 
 
 # -- metrics ----------------------------------------------------------------------------
@@ -152,7 +150,7 @@ def test_perturbed_module_is_named_in_a_tiny_hf_llama(hf_llama, prompt, tmp_path
     assert result.exit_code == 1
     # Every module is logged, root-level `model` included: its inputs (token ids) match and
     # its outputs differ, yet the divergence is attributed to the innermost module.
-    assert [(d.step, d.module) for d in result.first_divergence][0] == (0, "model.layers.1.mlp.up_proj")
+    assert (result.first_divergence[0].step, result.first_divergence[0].module) == (0, "model.layers.1.mlp.up_proj")
     verdicts = {(m.step, m.module): m.verdict for m in result.modules}
     assert verdicts[(0, "model")] == "contains"
     assert verdicts[(0, "model.layers.1.mlp.down_proj")] == "inherited"
@@ -190,8 +188,23 @@ def test_reference_command_lines_run_unchanged(tmp_path):
     r = cli("--dir1", run1, "--dir2", run2, tool=True)
     assert r.returncode == 0 and r.stdout.startswith("# Intermediate Logging Comparison Report")
     report = tmp_path / "comparison_report.md"
-    r = cli("--dir1", run1, "--dir2", run2, "--steps", "0,1", "--modules", ".*attention.*,.*mlp.*",
-            "--rtol", "1e-4", "--atol", "1e-7", "--output", report, tool=True)
+    r = cli(
+        "--dir1",
+        run1,
+        "--dir2",
+        run2,
+        "--steps",
+        "0,1",
+        "--modules",
+        ".*attention.*,.*mlp.*",
+        "--rtol",
+        "1e-4",
+        "--atol",
+        "1e-7",
+        "--output",
+        report,
+        tool=True,
+    )
     assert r.returncode == 0, r.stderr
     text = report.read_text()
     assert "- Relative tolerance (rtol): 0.0001" in text and "- Absolute tolerance (atol): 1e-07" in text
@@ -221,10 +234,10 @@ def test_one_side_only_shape_and_dtype_mismatches_are_reported(tmp_path):
     res = tensorlog.compare(a, b)
     verdicts = {m.module: m.verdict for m in res.modules}
     assert verdicts["c"] == "only_in_1" and res.summary.only_in_1 == 2
-    out = [t for m in res.modules for t in m.tensors if m.module == "a" and t.kind == "outputs"][0]
+    out = next(t for m in res.modules for t in m.tensors if m.module == "a" and t.kind == "outputs")
     assert out.dtype1 == "torch.float32" and out.dtype2 == "torch.float64" and "dtype" in out.note
     res = tensorlog.compare(a, c)
-    out = [t for m in res.modules for t in m.tensors if m.module == "a" and t.kind == "outputs"][0]
+    out = next(t for m in res.modules for t in m.tensors if m.module == "a" and t.kind == "outputs")
     assert out.status == "shape_mismatch" and out.note == "shape [2, 4] vs [2, 3]"
     assert res.exit_code == 1
 
@@ -258,7 +271,7 @@ def test_nan_born_in_a_module_is_found(tmp_path):
     a, b = _capture(M(False), tmp_path, "a", x), _capture(M(True), tmp_path, "b", x)
     res = tensorlog.compare(a, b)
     assert res.first_divergence[0].module == "boom"
-    worst = [t for m in res.modules for t in m.tensors if m.module == "boom" and t.kind == "outputs"][0]
+    worst = next(t for m in res.modules for t in m.tensors if m.module == "boom" and t.kind == "outputs")
     assert worst.metrics.nonfinite_mismatch == 1 and worst.metrics.worst_index == [0, 0]
 
 
@@ -269,7 +282,11 @@ def test_empty_and_non_run_directories_exit_2(tmp_path):
     (tmp_path / "junk" / "notes.txt").write_text("hi")
     model = Net()
     good = _capture(model, tmp_path / "good", "g", torch.randn(1, 8))
-    for d1, needle in ((empty, "is not a tensorlog run"), (tmp_path / "junk", "is not a tensorlog run"), (tmp_path / "missing", "no such directory")):
+    for d1, needle in (
+        (empty, "is not a tensorlog run"),
+        (tmp_path / "junk", "is not a tensorlog run"),
+        (tmp_path / "missing", "no such directory"),
+    ):
         r = cli("--dir1", d1, "--dir2", good)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
     r = cli("--dir1", good, "--dir2", good, "--steps", "x")
@@ -322,7 +339,9 @@ def test_progress_reports_modules_and_bytes_and_jobs_agree(tmp_path):
         model.head.weight.mul_(1.1)
     b = _capture(model, tmp_path, "b", x)
     seen = []
-    serial = tensorlog.compare(a, b, progress=lambda p: seen.append((p.modules_done, p.modules_total, p.bytes_done, p.bytes_total)))
+    serial = tensorlog.compare(
+        a, b, progress=lambda p: seen.append((p.modules_done, p.modules_total, p.bytes_done, p.bytes_total))
+    )
     assert seen[-1][0] == seen[-1][1] == len(serial.modules)
     assert seen[-1][2] == seen[-1][3] > 0 and [s[2] for s in seen] == sorted(s[2] for s in seen)
     threaded = tensorlog.compare(a, b, jobs=2)

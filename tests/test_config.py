@@ -98,13 +98,16 @@ def test_an_unusable_output_dir_is_one_warning_and_the_model_runs(tmp_path, wher
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
-@pytest.mark.parametrize("bad, needle", [
-    ({"output_dir": ""}, "is empty"),
-    ({"output_dir": "/"}, "root directory"),
-    ({"output_dir": "/tmp/a\x00b"}, "NUL"),
-    ({"module_call_match": "(a+)+$"}, "exponential"),
-    ({"module_call_match": ["ok", "(x|xy)*z"]}, "alternation"),
-])
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        ({"output_dir": ""}, "is empty"),
+        ({"output_dir": "/"}, "root directory"),
+        ({"output_dir": "/tmp/a\x00b"}, "NUL"),
+        ({"module_call_match": "(a+)+$"}, "exponential"),
+        ({"module_call_match": ["ok", "(x|xy)*z"]}, "alternation"),
+    ],
+)
 def test_unsafe_paths_and_patterns_are_refused_in_one_line(bad, needle):
     with pytest.raises(ConfigError, match=needle) as e:
         load_config(bad)

@@ -4,7 +4,6 @@ a hook that raises, budgets, kill -9, SIGTERM, concurrent writers, colliding and
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,8 +20,13 @@ HERE = Path(__file__).resolve().parent
 
 
 def _drive(mode, out, *args, timeout=120, **kw):
-    return subprocess.run([sys.executable, str(HERE / "fault_driver.py"), mode, str(out), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run(
+        [sys.executable, str(HERE / "fault_driver.py"), mode, str(out), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
 
 
 def _verdict(r):
@@ -69,8 +73,9 @@ def test_shared_snapshots_do_not_pile_up_beyond_the_budget(tmp_path):
 def test_drop_records_what_was_dropped(tmp_path):
     model = nn.Sequential(*[nn.Linear(128, 128) for _ in range(30)])
     x = torch.randn(64, 128)
-    with tensorlog.capture(model, {"output_dir": str(tmp_path), "run_name": "drop", "max_pending_bytes": 1,
-                                   "on_backpressure": "drop"}) as run:
+    with tensorlog.capture(
+        model, {"output_dir": str(tmp_path), "run_name": "drop", "max_pending_bytes": 1, "on_backpressure": "drop"}
+    ) as run:
         model(x)
     loaded = tensorlog.load_run(run.path)
     dropped = {d.module: d.what for d in loaded.manifest.dropped}
@@ -93,8 +98,9 @@ def test_file_size_limit_stops_logging_cleanly_and_the_model_runs_on(tmp_path):
 
 def _tmpfs(path: Path, size: str, *opts: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *opts]), "tmpfs", str(path)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *opts]), "tmpfs", str(path)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}); the full-disk tests need root")
 
@@ -199,14 +205,18 @@ def test_gradients_are_logged_even_when_a_module_output_is_changed_in_place(tmp_
 def test_budget_stops_logging_and_says_so(tmp_path):
     model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(6)])
     with pytest.warns(RuntimeWarning, match="max_total_bytes reached"):
-        with tensorlog.capture(model, {"output_dir": str(tmp_path), "run_name": "r", "max_total_bytes": 40_000,
-                                       "log_step_ids": []}) as run:
+        with tensorlog.capture(
+            model, {"output_dir": str(tmp_path), "run_name": "r", "max_total_bytes": 40_000, "log_step_ids": []}
+        ) as run:
             for _ in range(3):
                 model(torch.randn(16, 64))
     loaded = _assert_intact(run.path)
     assert not loaded.complete and "max_total_bytes" in loaded.incomplete_reason
-    files = {f.stat().st_ino: f.stat().st_size for f in run.path.rglob("*") if f.is_file() and f.name.endswith((".pt", ".json"))
-             and f.name not in ("run.json", "modules.json")}
+    files = {
+        f.stat().st_ino: f.stat().st_size
+        for f in run.path.rglob("*")
+        if f.is_file() and f.name.endswith((".pt", ".json")) and f.name not in ("run.json", "modules.json")
+    }
     assert 0 < sum(files.values()) <= 40_000  # hard links count once
 
 
@@ -236,8 +246,9 @@ def test_kill_9_mid_run_leaves_a_readable_incomplete_run(tmp_path):
 
 
 def test_sigterm_between_steps_finishes_the_run(tmp_path):
-    proc = subprocess.Popen([sys.executable, str(HERE / "fault_driver.py"), "sigterm", str(tmp_path)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "fault_driver.py"), "sigterm", str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "READY"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
@@ -247,8 +258,9 @@ def test_sigterm_between_steps_finishes_the_run(tmp_path):
 
 def test_sigterm_mid_forward_marks_that_step_and_the_run_incomplete(tmp_path):
     # 0.1 wrote "complete": true here while the last step held part of its calls
-    proc = subprocess.Popen([sys.executable, str(HERE / "fault_driver.py"), "sigterm_mid", str(tmp_path)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "fault_driver.py"), "sigterm_mid", str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "IN_FORWARD"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
@@ -258,16 +270,19 @@ def test_sigterm_mid_forward_marks_that_step_and_the_run_incomplete(tmp_path):
 
 
 def test_two_processes_share_an_output_dir_without_collisions(tmp_path):
-    code = ("import sys, torch, tensorlog; m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64));"
-            "cfg = {'output_dir': sys.argv[1], 'run_name': sys.argv[2], 'log_step_ids': []}\n"
-            "with tensorlog.capture(m, cfg):\n    [m(torch.randn(8, 64)) for _ in range(20)]")
+    code = (
+        "import sys, torch, tensorlog; m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64));"
+        "cfg = {'output_dir': sys.argv[1], 'run_name': sys.argv[2], 'log_step_ids': []}\n"
+        "with tensorlog.capture(m, cfg):\n    [m(torch.randn(8, 64)) for _ in range(20)]"
+    )
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), name]) for name in ("a", "b")]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     for name in ("a", "b"):
         run = _assert_intact(tmp_path / name)
         assert run.complete and len(run.steps) == 20
-    same = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), "same"], stderr=subprocess.PIPE, text=True)
-            for _ in range(2)]
+    same = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path), "same"], stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     results = [(p.wait(timeout=120), p.stderr.read()) for p in same]
     assert sorted(rc for rc, _ in results) == [0, 1]  # exactly one claims the name
     assert "already holds a run" in next(err for rc, err in results if rc)
@@ -305,7 +320,7 @@ def test_names_never_collide_and_no_call_is_lost(tmp_path):
 
 
 def test_names_long_in_bytes_do_not_stop_the_run(tmp_path):
-    long = "\U0001F600" * 100  # 400 bytes in UTF-8: 0.1 capped characters, not bytes, and got ENAMETOOLONG
+    long = "\U0001f600" * 100  # 400 bytes in UTF-8: 0.1 capped characters, not bytes, and got ENAMETOOLONG
     model = Calls([long, "tail"])
     with tensorlog.capture(model, {"output_dir": str(tmp_path), "run_name": "l"}) as run:
         model(torch.randn(1, 2))

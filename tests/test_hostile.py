@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import foreign_dumps as formats
 import tensorlog
 from tensorlog import cli
-import foreign_dumps as formats
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +72,16 @@ def _compare_exits_2(a: Path, b: Path, needle: str | None = None) -> str:
 # -- wrong types and shapes --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mutate, needle", [
-    (lambda d: d["calls"][0]["tensors"][0].update(dtype=5), "dtype"),
-    (lambda d: d["calls"][0]["tensors"][0].update(shape="abc"), "shape"),
-    (lambda d: d["calls"][0].update(seq_start=1e999), "seq_start"),
-    (lambda d: d.update(calls=[[]] * 3), "calls"),
-    (lambda d: d.update(complete="false"), "complete"),
-])
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda d: d["calls"][0]["tensors"][0].update(dtype=5), "dtype"),
+        (lambda d: d["calls"][0]["tensors"][0].update(shape="abc"), "shape"),
+        (lambda d: d["calls"][0].update(seq_start=1e999), "seq_start"),
+        (lambda d: d.update(calls=[[]] * 3), "calls"),
+        (lambda d: d.update(complete="false"), "complete"),
+    ],
+)
 def test_a_step_index_of_the_wrong_shape_is_a_per_file_error(good, tmp_path, mutate, needle):
     b = _copy(good, tmp_path)
     f = b / "step_0" / "tensorlog_index.json"
@@ -171,7 +174,7 @@ def test_a_non_utf8_file_name_prints_under_a_strict_encoding(good, tmp_path):
 def test_a_corrupt_tensor_is_unreadable_in_the_headline_the_verdict_and_the_exit_code(good, tmp_path):
     b = _copy(good, tmp_path)
     (b / "step_0" / "0" / "outputs_cpu.pt").write_bytes(b"not a zip")
-    out = _compare_exits_2(good / "a", b, "unreadable")
+    _compare_exits_2(good / "a", b, "unreadable")
     res = tensorlog.compare(good / "a", b)
     verdicts = {m.module: m.verdict for m in res.modules}
     assert verdicts["0"] == "unreadable" and not res
@@ -290,9 +293,18 @@ _json = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
-_TARGETS = ["run.json", "modules.json", "step_0/tensorlog_index.json", "step_0/module_calls.txt",
-            "step_0/0/inputs.json", "step_0/0/outputs.json", "step_0/0/outputs_cpu.pt", "step_0/2/inputs_0_cpu.pt",
-            "step_0/0", "step_0"]
+_TARGETS = [
+    "run.json",
+    "modules.json",
+    "step_0/tensorlog_index.json",
+    "step_0/module_calls.txt",
+    "step_0/0/inputs.json",
+    "step_0/0/outputs.json",
+    "step_0/0/outputs_cpu.pt",
+    "step_0/2/inputs_0_cpu.pt",
+    "step_0/0",
+    "step_0",
+]
 
 
 @st.composite

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,10 +12,21 @@ from torch import nn
 import tensorlog
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (make test installs it as root: apt-get install chromium)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="headless Chromium is not installed (make test installs it as root: apt-get install chromium)"
+)
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
 
 
 def _runs(tmp_path):
@@ -34,17 +44,26 @@ def _runs(tmp_path):
 def test_html_report_renders_table_and_plot(tmp_path):
     a, b = _runs(tmp_path)
     report = tmp_path / "report.html"
-    r = subprocess.run([sys.executable, "-m", "tensorlog", "compare", "--dir1", str(a), "--dir2", str(b), "--output", str(report)],
-                       capture_output=True, text=True, timeout=120)
+    from clirun import run
+
+    r = run("compare", a, b, "--output", report)
     assert r.returncode == 1, r.stderr
     profile = tmp_path / "profile"
-    dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", report.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(
+        [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", report.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     assert "DIVERGES HERE" in dom and "<svg" in dom and "<polyline" in dom
     assert dom.count("<tr class=") == 12 + 6  # every module row: 6 blocks, 12 leaves
     shot = tmp_path / "shot.png"
-    subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}", "--window-size=1000,900", report.as_uri()],
-                   capture_output=True, text=True, timeout=120)
+    subprocess.run(
+        [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}", "--window-size=1000,900", report.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert shot.exists(), "Chromium wrote no screenshot"
     from PIL import Image
 

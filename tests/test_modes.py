@@ -88,8 +88,15 @@ def test_statistics_runs_compare_with_each_other_and_with_tensor_runs(tmp_path):
 def eager_llama():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
     cfg._attn_implementation = "eager"  # matmul + softmax, as the op-level test wants to see them
     return transformers.LlamaForCausalLM(cfg).eval()
 
@@ -105,7 +112,7 @@ def test_op_level_on_hf_llama_shows_attention_ops_in_order_and_names_a_perturbed
     attn = "model.layers.0.self_attn."
     assert calls[:3] == [f"{attn}q_proj.linear_0", f"{attn}k_proj.linear_0", f"{attn}v_proj.linear_0"]
     order = [c for c in calls if c.startswith(attn) and c.rsplit(".", 1)[-1].split("_")[0] in ("matmul", "softmax", "linear")]
-    kinds = [c[len(attn):] for c in order]
+    kinds = [c[len(attn) :] for c in order]
     assert kinds.index("matmul_0") < kinds.index("softmax_0") < kinds.index("matmul_1") < kinds.index("o_proj.linear_0")
     assert not any(c.startswith("model.layers.1") for c in calls)
     w = eager_llama.model.layers[0].self_attn.k_proj.weight
@@ -124,7 +131,13 @@ def test_op_level_on_hf_llama_shows_attention_ops_in_order_and_names_a_perturbed
 def test_mix_level_logs_modules_and_ops(tmp_path):
     run = _cap(Small(), tmp_path, "m", torch.randn(2, 6), level="mix")
     assert (run / "step_0" / "module_calls.txt").read_text().split() == [
-        "fc1", "fc1.linear_0", "act", "act.tanh_0", "fc2", "fc2.linear_0"]
+        "fc1",
+        "fc1.linear_0",
+        "act",
+        "act.tanh_0",
+        "fc2",
+        "fc2.linear_0",
+    ]
 
 
 def test_data_mode_input_or_output_only(tmp_path):
@@ -140,7 +153,9 @@ def test_backward_gradients_are_captured_in_the_same_step(tmp_path):
     seen = {}
     h = model.fc1.register_full_backward_hook(lambda m, gi, go: seen.update(gi=gi[0].clone(), go=go[0].clone()))
     try:
-        with tensorlog.capture(model, {"output_dir": str(tmp_path), "run_name": "bw", "data_mode": ["forward", "backward"], "log_step_ids": [0, 1]}) as run:
+        with tensorlog.capture(
+            model, {"output_dir": str(tmp_path), "run_name": "bw", "data_mode": ["forward", "backward"], "log_step_ids": [0, 1]}
+        ) as run:
             for _ in range(2):
                 x.requires_grad_(True)
                 model(x).sum().backward()

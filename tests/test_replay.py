@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -52,21 +50,47 @@ def test_replay_isolates_the_perturbed_module_despite_upstream_noise(tmp_path):
 def test_replay_cli_on_hf_decoder_layers(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
     m = transformers.LlamaForCausalLM(cfg)
     m.save_pretrained(tmp_path / "a")
     with torch.no_grad():
         m.model.layers[1].self_attn.o_proj.weight.mul_(1.05)
     m.save_pretrained(tmp_path / "b")
 
-    def tl(*args):
-        return subprocess.run([sys.executable, "-m", "tensorlog", *map(str, args)], capture_output=True, text=True, timeout=300)
+    from clirun import run as tl
 
     for name in ("a", "b"):
-        r = tl("capture", "--model", tmp_path / name, "--input-ids", "3,1,4,1,5,9", "--output-dir", tmp_path / "runs", "--run-name", name)
+        r = tl(
+            "capture",
+            "--model",
+            tmp_path / name,
+            "--input-ids",
+            "3,1,4,1,5,9",
+            "--output-dir",
+            tmp_path / "runs",
+            "--run-name",
+            name,
+        )
         assert r.returncode == 0, r.stderr
-    r = tl("replay", "--model", tmp_path / "b", "--run", tmp_path / "runs" / "a", "--modules", r"layers\.\d+$", "--output", tmp_path / "replay.json")
+    r = tl(
+        "replay",
+        "--model",
+        tmp_path / "b",
+        "--run",
+        tmp_path / "runs" / "a",
+        "--modules",
+        r"layers\.\d+$",
+        "--output",
+        tmp_path / "replay.json",
+    )
     assert r.returncode == 0, r.stderr
     assert "`model.layers.1` adds the most error beyond its precision floor" in r.stdout and "100% of the total" in r.stdout
     data = json.loads((tmp_path / "replay.json").read_text())
@@ -80,8 +104,15 @@ def test_replay_cli_on_hf_decoder_layers(tmp_path):
 def _hf_llama(seed: int = 0):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
@@ -115,14 +146,22 @@ def _bf16(model_a, defect: bool):
     return model_b
 
 
-@pytest.mark.parametrize("level, culprit", [(r"layers\.\d+$", "model.layers.2"), (r"layers\.\d+\.mlp$", "model.layers.2.mlp"),
-                                            (r"down_proj$", "model.layers.2.mlp.down_proj")])
+@pytest.mark.parametrize(
+    "level, culprit",
+    [
+        (r"layers\.\d+$", "model.layers.2"),
+        (r"layers\.\d+\.mlp$", "model.layers.2.mlp"),
+        (r"down_proj$", "model.layers.2.mlp.down_proj"),
+    ],
+)
 def test_a_defect_stands_out_above_the_bf16_noise_floor_at_every_level(fp32_run, level, culprit):
     model_a, run_a = fp32_run
     res = tensorlog.replay(_bf16(model_a, defect=True), run_a, model_a=model_a, modules=[level])
     for step in (0, 1, 2):
         top = res.top(step)
-        assert top.module == culprit and top.stands_out, [(m.module, m.isolated_error, m.floor_error, m.excess) for m in res.ranked(step)]
+        assert top.module == culprit and top.stands_out, [
+            (m.module, m.isolated_error, m.floor_error, m.excess) for m in res.ranked(step)
+        ]
         others = [m for m in res.ranked(step) if m.module != culprit]
         assert not any(m.stands_out for m in others)
         assert top.floor_error > 0 and top.excess > 0  # bf16 alone adds error in every module; the defect adds more

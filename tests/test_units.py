@@ -12,12 +12,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tensorlog.schema.leaves import flatten_inputs, flatten_value
-from tensorlog.config import Selector
 from tensorlog.capture.steps import StepState
-from tensorlog.config import load_config
+from tensorlog.config import Selector, load_config
 from tensorlog.schema import names
 from tensorlog.schema import reference as ref
+from tensorlog.schema.leaves import flatten_inputs, flatten_value
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,8 +25,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_selection_of_modules_calls_steps_devices_and_ranks():
-    sel = Selector(load_config({"module_call_match": ["layers\\.0\\.", "rotary_emb:0", "norm:1", "norm:2"],
-                                "log_step_ids": [0, 3], "device_names": ["cuda"], "ranks": [1]}))
+    sel = Selector(
+        load_config(
+            {
+                "module_call_match": ["layers\\.0\\.", "rotary_emb:0", "norm:1", "norm:2"],
+                "log_step_ids": [0, 3],
+                "device_names": ["cuda"],
+                "ranks": [1],
+            }
+        )
+    )
     assert sel.calls_for("model.layers.0.mlp") is None  # every call
     assert sel.calls_for("model.rotary_emb") == frozenset({0})
     assert sel.calls_for("model.norm") == frozenset({1, 2})
@@ -42,10 +49,17 @@ def test_selection_of_modules_calls_steps_devices_and_ranks():
 # -- names ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("model.layers.0", "model.layers.0"), ("a/b", "a_b"), ("..", "_.."), (".hidden", "_.hidden"), ("", "_"),
-    ("x\x00y\x1bz", "x_y_z"),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("model.layers.0", "model.layers.0"),
+        ("a/b", "a_b"),
+        ("..", "_.."),
+        (".hidden", "_.hidden"),
+        ("", "_"),
+        ("x\x00y\x1bz", "x_y_z"),
+    ],
+)
 def test_safe_name(name, expected):
     assert names.safe_name(name) == expected
 
@@ -76,16 +90,21 @@ def test_flattening_names_nested_values_as_the_reference_does():
     k = torch.ones(1)
     leaves, structure = flatten_inputs(([k, k], {"k": k}), {"position_ids": k, "cache": None})
     assert [p for p, _ in leaves] == [("0", "0"), ("0", "1"), ("1", "k"), ("position_ids",), ("cache",)]
-    assert structure == {"args": [["0_0", "0_1"], {"k": "1_k"}], "kwargs": {"position_ids": "position_ids", "cache": "cache"},
-                         "tuples": []}
+    assert structure == {
+        "args": [["0_0", "0_1"], {"k": "1_k"}],
+        "kwargs": {"position_ids": "position_ids", "cache": "cache"},
+        "tuples": [],
+    }
     assert [p for p, _ in flatten_value((k, (k, {"a": k})))] == [("0",), ("1", "0"), ("1", "1", "a")]
     assert [p for p, _ in flatten_value(k)] == [()]
 
 
 def test_the_reference_json_describes_structure_only():
     t = torch.zeros(2, 3)
-    assert ref.describe((t, None, 3, "s")) == {"type": "tuple", "items": [
-        {"type": "tensor", "shape": [2, 3], "dtype": "torch.float32", "numel": 6}, None, 3, "s"]}
+    assert ref.describe((t, None, 3, "s")) == {
+        "type": "tuple",
+        "items": [{"type": "tensor", "shape": [2, 3], "dtype": "torch.float32", "numel": 6}, None, 3, "s"],
+    }
     big = ref.describe(list(range(25)))
     assert big["length"] == 25 and len(big["sample"]) == 25 and big["note"] == "Showing only first 20 of 25 items"
     assert ref.describe(object())["string_repr"].startswith("<object object")  # no memory address: runs agree

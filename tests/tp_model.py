@@ -91,8 +91,12 @@ class TPModel(nn.Module):
         g = torch.Generator().manual_seed(seed)  # full-size draws: identical on every rank and world size
         for block in self.layers:
             assert isinstance(block, Block)
-            block.up.load_full(torch.randn(4 * hidden, hidden, generator=g) * hidden**-0.5, torch.randn(4 * hidden, generator=g) * 0.1)
-            block.down.load_full(torch.randn(hidden, 4 * hidden, generator=g) * (4 * hidden) ** -0.5, torch.randn(hidden, generator=g) * 0.1)
+            block.up.load_full(
+                torch.randn(4 * hidden, hidden, generator=g) * hidden**-0.5, torch.randn(4 * hidden, generator=g) * 0.1
+            )
+            block.down.load_full(
+                torch.randn(hidden, 4 * hidden, generator=g) * (4 * hidden) ** -0.5, torch.randn(hidden, generator=g) * 0.1
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.layers:

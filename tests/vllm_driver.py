@@ -11,6 +11,7 @@ Also a valid target for `tensorlog vllm run vllm_driver.py ... --intermediate-lo
 import argparse
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -31,6 +32,7 @@ def main():
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--max-num-batched-tokens", type=int, help="small values split a prefill over several steps")
     ap.add_argument("--eager", action="store_true", help="pass enforce_eager=True (else tensorlog must force it)")
+    ap.add_argument("--check-run", help="a run directory: report which step indexes exist the moment generate() returns")
     args = ap.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -41,8 +43,16 @@ def main():
         kwargs.update(max_num_batched_tokens=args.max_num_batched_tokens, enable_chunked_prefill=True)
     if args.config_json:
         kwargs["additional_config"] = {"intermediate_log_config": json.loads(args.config_json)}
-    llm = LLM(model=args.model, skip_tokenizer_init=True, dtype=args.dtype, max_model_len=128, enforce_eager=args.eager,
-              seed=0, tensor_parallel_size=args.tp, **kwargs)
+    llm = LLM(
+        model=args.model,
+        skip_tokenizer_init=True,
+        dtype=args.dtype,
+        max_model_len=128,
+        enforce_eager=args.eager,
+        seed=0,
+        tensor_parallel_size=args.tp,
+        **kwargs,
+    )
     if args.perturb:
         name = args.perturb
 
@@ -59,7 +69,8 @@ def main():
         llm.apply_model(perturb)
     prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in p.split(",")]) for p in args.prompts.split(";")]
     outs = llm.generate(prompts, SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True))
-    result = {"tokens": [list(o.outputs[0].token_ids) for o in outs]}
+    on_disk = sorted(p.parent.name for p in Path(args.check_run).glob("step_*/tensorlog_index*.json")) if args.check_run else None
+    result = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "on_disk_at_return": on_disk}
     if args.report:
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
             result["hooks"] = llm.apply_model(_hook_count)

@@ -13,10 +13,16 @@ from .compare import Comparison, compare
 from .compare.replay import ReplayResult
 from .config import LogConfig, load_config
 from .errors import (
-    AlignmentError, AnomalyError, ConfigError, DependencyError, GraftError, RunReadError, TensorlogError, UsageError,
+    AlignmentError,
+    AnomalyError,
+    ConfigError,
+    DependencyError,
+    GraftError,
+    RunReadError,
+    TensorlogError,
+    UsageError,
 )
 from .formats import Run, load_run
-
 from .version import __version__
 
 __all__ = [

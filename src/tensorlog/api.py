@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
-
-from pathlib import Path
-from typing import Iterable
 
 from .capture.handle import CaptureHandle, start_capture
 from .capture.run import RunInfo

@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn, Sequence
+from typing import Any, NoReturn
 
 from rich.console import Console
 
@@ -105,8 +106,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _add_demo(sub: argparse._SubParsersAction, parents: dict[str, argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="capture a tiny built-in model and show the result (offline)")
     p.add_argument("--output-dir", default=None, help="where to write the demo runs (default: a fresh temp dir)")
-    p.add_argument("--engine", choices=["torch", "vllm"], default="torch",
-                   help="torch: two captures of a built-in model, one layer nudged; vllm: HF vs vLLM on the same weights")
+    p.add_argument(
+        "--engine",
+        choices=["torch", "vllm"],
+        default="torch",
+        help="torch: two captures of a built-in model, one layer nudged; vllm: HF vs vLLM on the same weights",
+    )
     p.set_defaults(func=_cmd_demo)
 
 
@@ -120,8 +125,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_compare(sub: argparse._SubParsersAction, parents: dict[str, argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("compare", help="compare two runs and name the module where they diverge",
-                       parents=[parents["tol"], parents["select"]])
+    p = sub.add_parser(
+        "compare", help="compare two runs and name the module where they diverge", parents=[parents["tol"], parents["select"]]
+    )
     p.add_argument("runs", nargs="*", metavar="RUN", help="the two runs (or give them as --dir1 and --dir2)")
     p.add_argument("--dir1", help="first run (the reference's flag)")
     p.add_argument("--dir2", help="second run")
@@ -130,8 +136,12 @@ def _add_compare(sub: argparse._SubParsersAction, parents: dict[str, argparse.Ar
     p.add_argument("--format", choices=["md", "json", "html"], help="report format (default: from --output's suffix, else md)")
     p.add_argument("--jobs", type=int, help="worker threads (default: 1 for small runs, up to 4 for large ones)")
     p.add_argument("--replay", help="a replay JSON from `tensorlog replay --output`: adds each module's own error")
-    p.add_argument("--map", dest="mapping", help="align the runs first: a preset (hf-vllm, identity) or a mapping JSON/YAML file "
-                   "(default: hf-vllm when one run is HF and the other vLLM; shard reassembly when world sizes differ)")
+    p.add_argument(
+        "--map",
+        dest="mapping",
+        help="align the runs first: a preset (hf-vllm, identity) or a mapping JSON/YAML file "
+        "(default: hf-vllm when one run is HF and the other vLLM; shard reassembly when world sizes differ)",
+    )
     p.set_defaults(func=_cmd_compare)
 
 
@@ -155,8 +165,18 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     fmt = args.format or _format_from_suffix(args.output)
     try:
         with _progress("comparing") as progress:
-            result = compare(dir1, dir2, rtol=args.rtol, atol=args.atol, steps=args.steps, modules=args.modules,
-                             progress=progress, mapping=args.mapping, replay=_read_replay(args.replay), jobs=args.jobs)
+            result = compare(
+                dir1,
+                dir2,
+                rtol=args.rtol,
+                atol=args.atol,
+                steps=args.steps,
+                modules=args.modules,
+                progress=progress,
+                mapping=args.mapping,
+                replay=_read_replay(args.replay),
+                jobs=args.jobs,
+            )
     except ConfigError as e:
         if args.mapping:
             raise UsageError(f"--map: {e}") from None
@@ -209,14 +229,23 @@ def _progress(label: str) -> Iterator[Callable[[Any], None]]:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     console = _stderr()
-    with Progress(f"[bold]{label}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TextColumn("{task.fields[modules]}"), TimeRemainingColumn(), console=console, transient=True,
-                  disable=not console.is_terminal) as bar:
+    with Progress(
+        f"[bold]{label}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TextColumn("{task.fields[modules]}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    ) as bar:
         task = bar.add_task(label, total=None, modules="")
 
         def update(p: Any) -> None:
-            bar.update(task, completed=p.bytes_done, total=p.bytes_total or None,
-                       modules=f"{p.modules_done}/{p.modules_total} modules")
+            bar.update(
+                task, completed=p.bytes_done, total=p.bytes_total or None, modules=f"{p.modules_done}/{p.modules_total} modules"
+            )
 
         yield update
 
@@ -238,7 +267,9 @@ def compare_il_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rtol", type=float, default=1e-5, help="Relative tolerance for tensor comparison (default: 1e-5)")
     parser.add_argument("--atol", type=float, default=1e-8, help="Absolute tolerance for tensor comparison (default: 1e-8)")
     parser.add_argument("--steps", help="Comma-separated list of steps to compare (default: all)")
-    parser.add_argument("--modules", type=regex_list, help="Comma-separated list of module name patterns to compare (default: all)")
+    parser.add_argument(
+        "--modules", type=regex_list, help="Comma-separated list of module name patterns to compare (default: all)"
+    )
     parser.add_argument("--verbose", action="store_true", help="Include detailed information about each tensor")
     return run_command(_cmd_compare_il, parser.parse_args(argv))
 
@@ -271,8 +302,12 @@ def _cmd_compare_il(args: argparse.Namespace) -> int:
 
 def _add_capture(sub: argparse._SubParsersAction, parents: dict[str, argparse.ArgumentParser]) -> None:
     p = sub.add_parser("capture", help="greedy-decode with an HF transformers model under capture", parents=[parents["model"]])
-    p.add_argument("--input-ids", required=True, type=_prompts,
-                   help="prompt token ids, e.g. 1,2,3; several equal-length prompts: 1,2,3;4,5,6")
+    p.add_argument(
+        "--input-ids",
+        required=True,
+        type=_prompts,
+        help="prompt token ids, e.g. 1,2,3; several equal-length prompts: 1,2,3;4,5,6",
+    )
     p.add_argument("--max-new-tokens", type=int, default=1, help="decode steps after the prefill (default: 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--config", help="LogConfig as a JSON file or inline JSON (default: every module, step 0)")
@@ -292,10 +327,18 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     from .integrations.transformers import capture_generate
 
     overrides = {k: v for k, v in (("output_dir", args.output_dir), ("run_name", args.run_name)) if v}
-    path, seq = capture_generate(args.model, args.input_ids, args.config, max_new_tokens=args.max_new_tokens,
-                                 dtype=args.dtype, device=args.device, **overrides)
-    _stdout().print(f"run written to {path}\ngenerated: {seq[:, len(args.input_ids[0]):].tolist()}", markup=False,
-                    highlight=False)
+    path, seq = capture_generate(
+        args.model,
+        args.input_ids,
+        args.config,
+        max_new_tokens=args.max_new_tokens,
+        dtype=args.dtype,
+        device=args.device,
+        **overrides,
+    )
+    _stdout().print(
+        f"run written to {path}\ngenerated: {seq[:, len(args.input_ids[0]) :].tolist()}", markup=False, highlight=False
+    )
     return EXIT_OK
 
 
@@ -303,8 +346,11 @@ def _cmd_capture(args: argparse.Namespace) -> int:
 
 
 def _add_replay(sub: argparse._SubParsersAction, parents: dict[str, argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("replay", help="re-run modules of model B on the inputs run A recorded: the error each adds by itself",
-                       parents=[parents["model"], parents["tol"], parents["select"]])
+    p = sub.add_parser(
+        "replay",
+        help="re-run modules of model B on the inputs run A recorded: the error each adds by itself",
+        parents=[parents["model"], parents["tol"], parents["select"]],
+    )
     p.add_argument("run", nargs="?", help="run A (tensor mode, with inputs and outputs)")
     p.add_argument("--run", dest="run_flag", help=argparse.SUPPRESS)  # 0.1's spelling
     p.add_argument("--output", help="write the replay as JSON (for `tensorlog compare --replay`)")
@@ -357,8 +403,9 @@ _COMMANDS = [_add_capture, _add_inspect, _add_compare, _add_replay, _add_demo, _
 def build_parser() -> argparse.ArgumentParser:
     from .version import __version__
 
-    parser = _Parser(prog="tensorlog",
-                     description="Capture intermediate tensors of PyTorch/vLLM models and find where two runs diverge.")
+    parser = _Parser(
+        prog="tensorlog", description="Capture intermediate tensors of PyTorch/vLLM models and find where two runs diverge."
+    )
     parser.add_argument("--version", action="version", version=f"tensorlog {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     parents = _parents()

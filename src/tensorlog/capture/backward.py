@@ -19,20 +19,23 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from ..storage.records import CallRecord
 from ..schema.leaves import flatten_inputs, flatten_value
+from ..storage.records import CallRecord
 from .recorder import Recorder
 
 __all__ = ["GradientHooks"]
 
 
 class GradientHooks:
-    def __init__(self, recorder: Recorder, targets: dict[str, tuple[weakref.ref[torch.nn.Module], frozenset[int] | None]]) -> None:
+    def __init__(
+        self, recorder: Recorder, targets: dict[str, tuple[weakref.ref[torch.nn.Module], frozenset[int] | None]]
+    ) -> None:
         self.recorder = recorder
         self.targets = targets
         self._handles: list[RemovableHandle] = []
@@ -78,8 +81,9 @@ class GradientHooks:
 
         return post_hook
 
-    def _grad_hook(self, call: dict[str, CallRecord | None], name: str, cls: str, k: int, kind: str,
-                   path: tuple[str, ...]) -> Callable[[torch.Tensor], None]:
+    def _grad_hook(
+        self, call: dict[str, CallRecord | None], name: str, cls: str, k: int, kind: str, path: tuple[str, ...]
+    ) -> Callable[[torch.Tensor], None]:
         rec = self.recorder
 
         def hook(grad: torch.Tensor) -> None:

@@ -91,7 +91,7 @@ class Debugger:
         if self._handle is not None:
             self._handle.remove()
 
-    def __enter__(self) -> "Debugger":
+    def __enter__(self) -> Debugger:
         return self
 
     def __exit__(self, *exc: Any) -> None:

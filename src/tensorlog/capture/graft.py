@@ -33,7 +33,9 @@ class Graft:
             raise GraftError(f"reload_input_dir {path} holds no step_<N> directories: pass the run directory itself")
         self.source = path
 
-    def inputs_for(self, rec: CallRecord, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def inputs_for(
+        self, rec: CallRecord, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The call's inputs with every tensor replaced by the source run's, or a GraftError; all or nothing."""
         d = self.source / names.step_dir(rec.step) / rec.dirname
         if not d.is_dir():
@@ -49,8 +51,10 @@ class Graft:
             except RunReadError as e:
                 raise GraftError(f"reload_input_dir: cannot use {f}: {e}") from None
             if list(t.shape) != s.shape or str(t.dtype) != s.dtype:
-                raise GraftError(f"reload_input_dir: {f} is {list(t.shape)} {t.dtype}, but {rec.dirname!r} was called "
-                                 f"with {s.shape} {s.dtype} ({s.kind} {s.key})")
+                raise GraftError(
+                    f"reload_input_dir: {f} is {list(t.shape)} {t.dtype}, but {rec.dirname!r} was called "
+                    f"with {s.shape} {s.dtype} ({s.kind} {s.key})"
+                )
             loaded[s.path] = t
         if not loaded:
             return args, kwargs

@@ -19,13 +19,14 @@ import json
 import sys
 import warnings
 import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from ..config import ConfigLike, LogConfig, load_config
+from ..config import ConfigLike, LogConfig, Selector, load_config
 from ..errors import AnomalyError
 from ..schema import names
 from ..schema.records import Anomaly
@@ -38,7 +39,6 @@ from .hooks import ModuleHooks
 from .ops import OpCapture
 from .recorder import Recorder
 from .run import RunInfo, UnusableOutputDir, base_manifest, claim_run_dir, write_module_tree
-from ..config import Selector
 from .stacks import StackRecorder
 
 __all__ = ["CaptureHandle", "start_capture", "RunInfo"]
@@ -54,8 +54,15 @@ class CaptureHandle:
     complete (unless logging stopped early) and is idempotent.
     """
 
-    def __init__(self, model: torch.nn.Module, config: LogConfig, *, info: RunInfo | None = None,
-                 auto_step: bool = True, step_info: StepInfoFn | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: LogConfig,
+        *,
+        info: RunInfo | None = None,
+        auto_step: bool = True,
+        step_info: StepInfoFn | None = None,
+    ) -> None:
         self.config = config
         self.path: Path = config.run_dir
         self._info = info or RunInfo()
@@ -84,9 +91,15 @@ class CaptureHandle:
         graft = Graft(config.reload_input_dir, rank) if config.reload_input_dir else None
         write_module_tree(self.path, model, rank)
         self._writer = Writer(
-            self.path, base_manifest(config, model, self._info, layout=layout), rank=rank, layout=layout,
-            fmt=config.format, threads=config.writer_threads, max_pending_bytes=config.max_pending_bytes,
-            drop=config.on_backpressure == "drop", max_total_bytes=config.max_total_bytes,
+            self.path,
+            base_manifest(config, model, self._info, layout=layout),
+            rank=rank,
+            layout=layout,
+            fmt=config.format,
+            threads=config.writer_threads,
+            max_pending_bytes=config.max_pending_bytes,
+            drop=config.on_backpressure == "drop",
+            max_total_bytes=config.max_total_bytes,
             detect_anomaly=config.detect_anomaly,
         )
         self._recorder = Recorder(config, self._selector, self._writer, rank=rank, layout=layout, graft=graft)
@@ -95,8 +108,11 @@ class CaptureHandle:
         targets = {n: (weakref.ref(modules[n]), calls) for n, calls in table.items()}
         self._modules = ModuleHooks(self._recorder, targets, forward=config.level != "op" and "forward" in config.passes)
         self._grads = GradientHooks(self._recorder, targets) if "backward" in config.passes else None
-        self._ops = (OpCapture(self._recorder, self._selector, {n: weakref.ref(m) for n, m in modules.items()})
-                     if config.level in ("op", "mix") else None)
+        self._ops = (
+            OpCapture(self._recorder, self._selector, {n: weakref.ref(m) for n, m in modules.items()})
+            if config.level in ("op", "mix")
+            else None
+        )
         self._stacks = StackRecorder() if config.stack else None
         if self._stacks is not None:
             self._recorder.on_call = self._stacks.record
@@ -196,14 +212,13 @@ class CaptureHandle:
         self._writer.close(complete=True)
         if self._stacks is not None and self._writer.stopped is None:
             try:
-                write_atomic(self.path / names.stack_file(self._info.file_rank),
-                             [json.dumps(self._stacks.entries()).encode()])
+                write_atomic(self.path / names.stack_file(self._info.file_rank), [json.dumps(self._stacks.entries()).encode()])
             except OSError:
                 pass
 
     close = remove
 
-    def __enter__(self) -> "CaptureHandle":
+    def __enter__(self) -> CaptureHandle:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -285,8 +300,15 @@ class CaptureHandle:
             self._ops.detach()
 
 
-def start_capture(model: torch.nn.Module, config: ConfigLike | None = None, /, *, info: RunInfo | None = None,
-                  step_info: StepInfoFn | None = None, **overrides: Any) -> CaptureHandle:
+def start_capture(
+    model: torch.nn.Module,
+    config: ConfigLike | None = None,
+    /,
+    *,
+    info: RunInfo | None = None,
+    step_info: StepInfoFn | None = None,
+    **overrides: Any,
+) -> CaptureHandle:
     """The core of :func:`tensorlog.capture`, with the facts an integration adds passed in."""
     cfg = load_config(config if config is not None else {})
     if overrides:

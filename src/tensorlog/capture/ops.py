@@ -11,13 +11,14 @@ enclosing modules; the mode is active only while one of them runs.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from .recorder import Recorder
 from ..config import Selector
+from .recorder import Recorder
 
 __all__ = ["OpCapture"]
 
@@ -26,21 +27,33 @@ def _op_table() -> dict[Any, str]:
     F = torch.nn.functional
     T = torch.Tensor
     groups = {
-        "linear": [F.linear], "matmul": [torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__], "bmm": [torch.bmm, T.bmm],
-        "softmax": [F.softmax, torch.softmax, T.softmax], "log_softmax": [F.log_softmax, T.log_softmax],
-        "scaled_dot_product_attention": [F.scaled_dot_product_attention], "embedding": [F.embedding],
-        "layer_norm": [F.layer_norm], "rms_norm": [getattr(F, "rms_norm", None)], "group_norm": [F.group_norm],
-        "silu": [F.silu], "gelu": [F.gelu], "relu": [F.relu, torch.relu, T.relu], "tanh": [torch.tanh, T.tanh, F.tanh],
-        "sigmoid": [torch.sigmoid, T.sigmoid, F.sigmoid], "rsqrt": [torch.rsqrt, T.rsqrt],
-        "add": [torch.add, T.add, T.__add__, T.__radd__, T.__iadd__], "sub": [torch.sub, T.sub, T.__sub__, T.__rsub__],
-        "mul": [torch.mul, T.mul, T.__mul__, T.__rmul__, T.__imul__], "div": [torch.div, T.div, T.__truediv__, T.__rtruediv__],
+        "linear": [F.linear],
+        "matmul": [torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__],
+        "bmm": [torch.bmm, T.bmm],
+        "softmax": [F.softmax, torch.softmax, T.softmax],
+        "log_softmax": [F.log_softmax, T.log_softmax],
+        "scaled_dot_product_attention": [F.scaled_dot_product_attention],
+        "embedding": [F.embedding],
+        "layer_norm": [F.layer_norm],
+        "rms_norm": [getattr(F, "rms_norm", None)],
+        "group_norm": [F.group_norm],
+        "silu": [F.silu],
+        "gelu": [F.gelu],
+        "relu": [F.relu, torch.relu, T.relu],
+        "tanh": [torch.tanh, T.tanh, F.tanh],
+        "sigmoid": [torch.sigmoid, T.sigmoid, F.sigmoid],
+        "rsqrt": [torch.rsqrt, T.rsqrt],
+        "add": [torch.add, T.add, T.__add__, T.__radd__, T.__iadd__],
+        "sub": [torch.sub, T.sub, T.__sub__, T.__rsub__],
+        "mul": [torch.mul, T.mul, T.__mul__, T.__rmul__, T.__imul__],
+        "div": [torch.div, T.div, T.__truediv__, T.__rtruediv__],
         "pow": [torch.pow, T.pow, T.__pow__],
     }
-    return {f: name for name, funcs in groups.items() for f in funcs if f is not None}
+    return {f: name for name, funcs in groups.items() for f in funcs if f is not None}  # type: ignore[attr-defined]
 
 
 class _Mode(torch.overrides.TorchFunctionMode):
-    def __init__(self, owner: "OpCapture") -> None:
+    def __init__(self, owner: OpCapture) -> None:
         super().__init__()
         self.owner = owner
 
@@ -60,7 +73,7 @@ class OpCapture:
         self._stack: list[str] = []
         self._mode: _Mode | None = None
         self._counts: dict[str, int] = {}
-        self._selected: dict[str, frozenset[int] | None | bool] = {}
+        self._selected: dict[str, frozenset[int] | bool | None] = {}
 
     def attach(self) -> None:
         if self._handles:

@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
-from ..config import LogConfig
+from ..config import LogConfig, Selector
 from ..errors import AnomalyError, GraftError
 from ..schema import reference as ref
+from ..schema.leaves import Leaf, flatten_inputs, flatten_value
 from ..storage import stats as _stats
 from ..storage.records import CallRecord, StepEnd, WriteJob
 from ..storage.writer import Writer
-from ..schema.leaves import Leaf, flatten_inputs, flatten_value
-from ..config import Selector
 from .snapshot import Snapshotter
 from .steps import StepState
 
@@ -44,8 +44,9 @@ class Call:
 
 
 class Recorder:
-    def __init__(self, config: LogConfig, selector: Selector, writer: Writer, *, rank: int | None, layout: str,
-                 graft: Any = None) -> None:
+    def __init__(
+        self, config: LogConfig, selector: Selector, writer: Writer, *, rank: int | None, layout: str, graft: Any = None
+    ) -> None:
         self.config = config
         self.selector = selector
         self.writer = writer
@@ -100,8 +101,15 @@ class Recorder:
             rec.seq_end = self.state.tick()
         self._gradients = []
         parts = self.snap.take_stats()
-        end = StepEnd(step=step, order=list(self.state.order), calls=self._calls, info=info, complete=complete,
-                      incomplete_reason=why, dropped=self._dropped)
+        end = StepEnd(
+            step=step,
+            order=list(self.state.order),
+            calls=self._calls,
+            info=info,
+            complete=complete,
+            incomplete_reason=why,
+            dropped=self._dropped,
+        )
         if parts:
             gathered = _stats.gather(parts)
             host = []
@@ -121,8 +129,16 @@ class Recorder:
 
     # -- calls ---------------------------------------------------------------------------
 
-    def enter(self, name: str, cls: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None,
-              calls: frozenset[int] | None, *, backward: bool = False) -> tuple[Call, Any]:
+    def enter(
+        self,
+        name: str,
+        cls: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        calls: frozenset[int] | None,
+        *,
+        backward: bool = False,
+    ) -> tuple[Call, Any]:
         """A call starts. Returns the open call and, with a graft, the replacement ``(args, kwargs)``."""
         k = self.state.next_call(name)
         call = Call(None)
@@ -132,8 +148,15 @@ class Recorder:
         leaves, structure = flatten_inputs(args, kwargs)
         if not self._device_selected(leaves):
             return call, None
-        rec = CallRecord(step=self.state.index, module=name, dirname=self.state.claim_dirname(name, k), cls=cls,
-                         call_index=k, seq_start=self.state.tick(), backward=backward)
+        rec = CallRecord(
+            step=self.state.index,
+            module=name,
+            dirname=self.state.claim_dirname(name, k),
+            cls=cls,
+            call_index=k,
+            seq_start=self.state.tick(),
+            backward=backward,
+        )
         used: set[str] = set()
         job = WriteJob(rec, [], {})
         if "input" in self._directions:
@@ -184,8 +207,15 @@ class Recorder:
         """A ``<module>.backward`` call, opened by the first gradient that arrives for it."""
         if not self.logging:
             return None
-        rec = CallRecord(step=self.state.index, module=name, dirname=self.state.claim_dirname(name, k), cls=cls,
-                         call_index=k, seq_start=self.state.tick(), backward=True)
+        rec = CallRecord(
+            step=self.state.index,
+            module=name,
+            dirname=self.state.claim_dirname(name, k),
+            cls=cls,
+            call_index=k,
+            seq_start=self.state.tick(),
+            backward=True,
+        )
         self._calls.append(rec)
         self._gradients.append(rec)
         return rec
@@ -242,4 +272,3 @@ class Recorder:
     def current_exception() -> BaseException | None:
         """The exception unwinding through an ``always_call`` hook, if any."""
         return sys.exc_info()[1]
-

@@ -100,8 +100,10 @@ def write_module_tree(path: Path, model: torch.nn.Module, rank: int | None) -> N
     """``modules.json``: each module's class and children, for readers that walk the hierarchy."""
     import json
 
-    tree = {n: {"class": type(m).__name__, "children": [f"{n}.{c}" if n else c for c, _ in m.named_children()]}
-            for n, m in model.named_modules()}
+    tree = {
+        n: {"class": type(m).__name__, "children": [f"{n}.{c}" if n else c for c, _ in m.named_children()]}
+        for n, m in model.named_modules()
+    }
     write_atomic(path / names.modules_file(rank), [json.dumps(tree, separators=(",", ":")).encode()])
 
 

@@ -25,13 +25,12 @@ from typing import Any
 
 import torch
 
-from ..config import LogConfig
+from ..config import LogConfig, Selector
 from ..schema import names
 from ..schema import reference as ref
+from ..schema.leaves import Leaf, describe_value
 from ..storage import stats as _stats
 from ..storage.records import TensorSnap
-from ..schema.leaves import Leaf, describe_value
-from ..config import Selector
 
 __all__ = ["Snapshotter"]
 
@@ -70,16 +69,33 @@ class Snapshotter:
             stem = _unique(names.safe_stem(names.tensor_stem(kind, path)), used)
             key = "_".join(path) if path else None
             if not isinstance(v, torch.Tensor):
-                snaps.append(TensorSnap(name=f"{stem}_value" + ("" if self.rank is None else f"_rank{self.rank}"),
-                                        kind=kind, key=key, path=path, stem=stem, tensor=False, value=describe_value(v)))
+                snaps.append(
+                    TensorSnap(
+                        name=f"{stem}_value" + ("" if self.rank is None else f"_rank{self.rank}"),
+                        kind=kind,
+                        key=key,
+                        path=path,
+                        stem=stem,
+                        tensor=False,
+                        value=describe_value(v),
+                    )
+                )
                 continue
             t = v.detach()
             strided = t.layout == torch.strided
             device = str(t.device)
             s = TensorSnap(
-                name=names.tensor_file(stem, device, self.rank, "x")[:-2], kind=kind, key=key, path=path, stem=stem,
-                shape=list(t.shape), dtype=str(t.dtype), device=device, stride=list(t.stride()) if strided else None,
-                numel=t.numel(), parameter=isinstance(v, torch.nn.Parameter),
+                name=names.tensor_file(stem, device, self.rank, "x")[:-2],
+                kind=kind,
+                key=key,
+                path=path,
+                stem=stem,
+                shape=list(t.shape),
+                dtype=str(t.dtype),
+                device=device,
+                stride=list(t.stride()) if strided else None,
+                numel=t.numel(),
+                parameter=isinstance(v, torch.nn.Parameter),
             )
             s.host = v  # the live tensor, until copy() replaces it by a private copy (or drops it)
             if not self.selector.device(t.device):

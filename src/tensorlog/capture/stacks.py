@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+import types
 from typing import Any
 
 __all__ = ["StackRecorder"]
@@ -16,7 +17,7 @@ class StackRecorder:
         self._stacks: dict[tuple[str, str, int], list[str]] = {}
 
     def record(self, name: str) -> None:
-        frame = sys._getframe(1)
+        frame: types.FrameType | None = sys._getframe(1)
         while frame is not None and any(s in frame.f_code.co_filename for s in _SKIP):
             frame = frame.f_back
         if frame is None:

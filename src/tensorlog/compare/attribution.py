@@ -32,10 +32,17 @@ def attribute(results: list[ModuleResult], calls: dict[tuple[int | None, str], M
             if me is not None and me.seq_start is not None and me.seq_end is not None:
                 for other in born:
                     oc = calls.get((other.rank, other.module))
-                    if (other is not r and oc is not None and oc.rank == me.rank and oc.seq_start is not None and oc.seq_end is not None
-                            and me.seq_start < oc.seq_start and oc.seq_end < me.seq_end):
-                        if child is None or oc.seq_end < calls[(child.rank, child.module)].seq_end:  # type: ignore[operator]
-                            child = other
+                    inside = (
+                        other is not r
+                        and oc is not None
+                        and oc.rank == me.rank
+                        and oc.seq_start is not None
+                        and oc.seq_end is not None
+                        and me.seq_start < oc.seq_start
+                        and oc.seq_end < me.seq_end
+                    )
+                    if inside and (child is None or oc.seq_end < calls[(child.rank, child.module)].seq_end):  # type: ignore[operator,union-attr]
+                        child = other
             if child is not None:
                 r = r.model_copy(update={"verdict": "contains", "explained_by": child.module})
             elif r.inputs_match is None and failed_before:
@@ -50,5 +57,3 @@ def innermost_born(results: list[ModuleResult]) -> ModuleResult | None:
         if r.verdict == "born":
             return r
     return None
-
-

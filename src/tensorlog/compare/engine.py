@@ -8,8 +8,9 @@ from :mod:`.pairing` and :mod:`.attribution`. Nothing here prints.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from ..config import ConfigError, Selector, build_config, compile_pattern
 from ..formats import ModuleCall, Run, load_run
@@ -30,9 +31,9 @@ def compare(
     atol: float = 1e-8,
     steps: Iterable[int] | None = None,
     modules: Iterable[str] | None = None,
-    progress: "Callable[[CompareProgress], None] | None" = None,
-    mapping: "str | Path | MappingSpec | None" = None,
-    replay: "ReplayResult | None" = None,
+    progress: Callable[[CompareProgress], None] | None = None,
+    mapping: str | Path | MappingSpec | None = None,
+    replay: ReplayResult | None = None,
     jobs: int | None = None,
 ) -> Comparison:
     """Compare two runs and find, per step, the module where they start to differ.
@@ -98,9 +99,14 @@ def compare(
             if key not in seen and not (pats and not any(p.search(c.module) for p in pats)):
                 pairs.append((None, c))
         plan.append((s, pairs))
-    absent = {(s, id(c)): note for s, pairs in plan for c1, c2 in pairs if (c1 is None) != (c2 is None)
-              for c in (c1 or c2,) if c is not None
-              and (note := _absence(r2 if c2 is None else r1, 2 if c2 is None else 1, c.module, s)) is not None}
+    absent = {
+        (s, id(c)): note
+        for s, pairs in plan
+        for c1, c2 in pairs
+        if (c1 is None) != (c2 is None)
+        for c in (c1 or c2,)
+        if c is not None and (note := _absence(r2 if c2 is None else r1, 2 if c2 is None else 1, c.module, s)) is not None
+    }
     sizes = {id(pair): _pair_bytes(pair) for _, pairs in plan for pair in pairs}
     tracker = CompareProgress(modules_total=sum(len(p) for _, p in plan), bytes_total=sum(sizes.values()))
     tasks = [(c1, c2, s, rtol, atol, completion) for s, pairs in plan for completion, (c1, c2) in enumerate(pairs)]
@@ -110,23 +116,38 @@ def compare(
     divergences: list[Divergence] = []
     for s, pairs in plan:
         results = [next(computed) for _ in pairs]
-        results = [r.model_copy(update={"note": absent[(s, id(c1 or c2))]}) if (s, id(c1 or c2)) in absent else r
-                   for r, (c1, c2) in zip(results, pairs)]
+        results = [
+            r.model_copy(update={"note": absent[(s, id(c1 or c2))]}) if (s, id(c1 or c2)) in absent else r
+            for r, (c1, c2) in zip(results, pairs)
+        ]
         index = {c.key: c for pair in pairs for c in pair if c is not None}
         results = attribute(results, index)
         born = innermost_born(results)
         if born is not None:
             worst = max((t for t in born.tensors if t.kind == "outputs" and t.failed), key=lambda t: t.score, default=None)
             disagree = next((t.mapping for t in born.tensors if t.failed and t.mapping and "RANKS DISAGREE" in t.mapping), None)
-            divergences.append(Divergence(step=s, module=born.module, rank=born.rank, max_abs=born.worst_max_abs,
-                                          max_rel=born.worst_max_rel, rel_diff=born.worst_rel_diff,
-                                          tensor=worst.name if worst else None,
-                                          note=disagree[disagree.index("RANKS DISAGREE"):].split(";")[0] if disagree else None))
+            divergences.append(
+                Divergence(
+                    step=s,
+                    module=born.module,
+                    rank=born.rank,
+                    max_abs=born.worst_max_abs,
+                    max_rel=born.worst_max_rel,
+                    rel_diff=born.worst_rel_diff,
+                    tensor=worst.name if worst else None,
+                    note=disagree[disagree.index("RANKS DISAGREE") :].split(";")[0] if disagree else None,
+                )
+            )
         if replay is not None:
             added = replay.added_error()
-            results = [r.model_copy(update=dict(zip(("added_error", "added_share", "added_floor", "added_excess"),
-                                                    added[(s, r.module)])))
-                       if (s, r.module) in added else r for r in results]
+            results = [
+                r.model_copy(
+                    update=dict(zip(("added_error", "added_share", "added_floor", "added_excess"), added[(s, r.module)]))
+                )
+                if (s, r.module) in added
+                else r
+                for r in results
+            ]
         all_results.extend(sorted(results, key=lambda r: (r.rank or 0, r.position if r.verdict != "only_in_2" else 1 << 30)))
     tensors = [t for m in all_results for t in m.tensors]
     summary = Summary(
@@ -140,8 +161,18 @@ def compare(
         modules_compared=sum(m.verdict not in ("only_in_1", "only_in_2") for m in all_results),
         modules_mismatched=sum(m.verdict in ("born", "contains", "inherited") for m in all_results),
     )
-    return Comparison(dir1=str(r1.path), dir2=str(r2.path), rtol=rtol, atol=atol, steps=step_ids, summary=summary,
-                      first_divergence=divergences, modules=all_results, notes=notes, problems=problems)
+    return Comparison(
+        dir1=str(r1.path),
+        dir2=str(r2.path),
+        rtol=rtol,
+        atol=atol,
+        steps=step_ids,
+        summary=summary,
+        first_divergence=divergences,
+        modules=all_results,
+        notes=notes,
+        problems=problems,
+    )
 
 
 def _absence(other: Run, i: int, module: str, step: int) -> str | None:
@@ -158,11 +189,13 @@ def _absence(other: Run, i: int, module: str, step: int) -> str | None:
         return f"no counterpart: run {i} did not select it"
     if not selector.step(step):
         return f"no counterpart: run {i} did not select step {step}"
-    return (f"not captured: run {i} selected it but logged no call of it at step {step} "
-            "(not called there, or called in a way that bypassed its hooks)")
+    return (
+        f"not captured: run {i} selected it but logged no call of it at step {step} "
+        "(not called there, or called in a way that bypassed its hooks)"
+    )
 
 
-def _choose_mapping(r1: Run, r2: Run, mapping: "str | Path | MappingSpec | None") -> MappingSpec | None:
+def _choose_mapping(r1: Run, r2: Run, mapping: str | Path | MappingSpec | None) -> MappingSpec | None:
     if mapping is not None:
         return load_mapping(mapping)
     preset = detect_preset(r1, r2)
@@ -199,7 +232,9 @@ def _task(args: tuple[Any, ...]) -> ModuleResult:
     return module_result(c1, c2, s, rtol, atol, completion)
 
 
-def _run_tasks(tasks: list[tuple[Any, ...]], workers: int, progress: Any, tracker: CompareProgress, sizes: list[int]) -> list[ModuleResult]:
+def _run_tasks(
+    tasks: list[tuple[Any, ...]], workers: int, progress: Any, tracker: CompareProgress, sizes: list[int]
+) -> list[ModuleResult]:
     """Module pairs compared in order, streamed from disk a few tensors at a time.
 
     With several workers, pairs run on threads: the metric kernels release the GIL, so threads

@@ -85,16 +85,44 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float = 1e-5, ato
         fb = fb.cpu()
     if n == 0:
         return TensorMetrics(
-            allclose=True, numel=0, exact=True, max_abs=0.0, mean_abs=0.0, max_rel=0.0, mean_rel=0.0,
-            cosine=1.0, rel_diff=0.0, snr_db=None, frac_outside=0.0, num_outside=0, nonfinite_mismatch=0,
-            worst_index=None, worst_values=None, min_atol=0.0,
+            allclose=True,
+            numel=0,
+            exact=True,
+            max_abs=0.0,
+            mean_abs=0.0,
+            max_rel=0.0,
+            mean_rel=0.0,
+            cosine=1.0,
+            rel_diff=0.0,
+            snr_db=None,
+            frac_outside=0.0,
+            num_outside=0,
+            nonfinite_mismatch=0,
+            worst_index=None,
+            worst_values=None,
+            min_atol=0.0,
         )
     if fa.dtype == fb.dtype and not fa.dtype.is_complex and torch.equal(fa, fb):
         # Bit-identical (torch.equal is False when NaNs are present): no arithmetic needed.
         return TensorMetrics(
-            allclose=True, numel=n, exact=True, max_abs=0.0, mean_abs=0.0, max_rel=0.0, mean_rel=0.0,
-            cosine=1.0, rel_diff=0.0, snr_db=None, frac_outside=0.0, num_outside=0, nonfinite_mismatch=0,
-            worst_index=None, worst_values=None, min_atol=0.0, abs_p50=0.0, abs_p99=0.0,
+            allclose=True,
+            numel=n,
+            exact=True,
+            max_abs=0.0,
+            mean_abs=0.0,
+            max_rel=0.0,
+            mean_rel=0.0,
+            cosine=1.0,
+            rel_diff=0.0,
+            snr_db=None,
+            frac_outside=0.0,
+            num_outside=0,
+            nonfinite_mismatch=0,
+            worst_index=None,
+            worst_values=None,
+            min_atol=0.0,
+            abs_p50=0.0,
+            abs_p99=0.0,
         )
     sxx = syy = sxy = sdd = sabs = srel = 0.0
     max_abs, max_rel, min_atol = -1.0, 0.0, 0.0
@@ -102,7 +130,7 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float = 1e-5, ato
     outside = nonfinite = finite_n = 0
     first_bad = -1
     want_quantiles = n <= QUANTILE_MAX_ELEMENTS
-    abs_all = [] if want_quantiles else None
+    abs_all: list[torch.Tensor] | None = [] if want_quantiles else None
     for lo in range(0, n, CHUNK_ELEMENTS):
         hi = min(n, lo + CHUNK_ELEMENTS)
         x = fa[lo:hi].to(torch.float64)
@@ -187,7 +215,7 @@ def compare_stats(s1: dict[str, Any], s2: dict[str, Any], *, rtol: float, atol: 
         a, b = _num(s1.get(key)), _num(s2.get(key))
         if a is None or b is None:
             continue
-        if math.isnan(a) and math.isnan(b) or a == b:
+        if (math.isnan(a) and math.isnan(b)) or a == b:
             rel[key] = 0.0
             continue
         d = abs(a - b)

@@ -13,21 +13,34 @@ from .results import ModuleResult, ModuleVerdict, TensorResult
 __all__ = ["module_result", "pair_tensors"]
 
 
-def compare_pair(r1: TensorRecord, r2: TensorRecord, step: int, module: str, rank: int | None, rtol: float, atol: float) -> TensorResult:
+def compare_pair(
+    r1: TensorRecord, r2: TensorRecord, step: int, module: str, rank: int | None, rtol: float, atol: float
+) -> TensorResult:
     base: dict[str, Any] = dict(
-        step=step, module=module, rank=rank, name=r1.name, kind=r1.kind,
+        step=step,
+        module=module,
+        rank=rank,
+        name=r1.name,
+        kind=r1.kind,
         shape1=list(r1.shape) if r1.shape is not None else None,
         shape2=list(r2.shape) if r2.shape is not None else None,
-        dtype1=r1.dtype, dtype2=r2.dtype,
+        dtype1=r1.dtype,
+        dtype2=r2.dtype,
         mapping=_mapping_note(r1, r2),
     )
     if not r1.is_tensor or not r2.is_tensor:
         if r1.is_tensor != r2.is_tensor:
-            return TensorResult(**base, status="value_mismatch", method="value", note="a tensor on one side, a value on the other")
+            return TensorResult(
+                **base, status="value_mismatch", method="value", note="a tensor on one side, a value on the other"
+            )
         v1 = r1.entry.value.model_dump() if r1.entry.value is not None else {}
         v2 = r2.entry.value.model_dump() if r2.entry.value is not None else {}
-        return TensorResult(**base, status="match" if v1 == v2 else "value_mismatch", method="value",
-                            note=None if v1 == v2 else f"{v1.get('value')!r} vs {v2.get('value')!r}")
+        return TensorResult(
+            **base,
+            status="match" if v1 == v2 else "value_mismatch",
+            method="value",
+            note=None if v1 == v2 else f"{v1.get('value')!r} vs {v2.get('value')!r}",
+        )
     if r1.shape is not None and r2.shape is not None and r1.shape != r2.shape:
         return TensorResult(**base, status="shape_mismatch", method="none", note=f"shape {list(r1.shape)} vs {list(r2.shape)}")
     note = None if r1.dtype == r2.dtype else f"dtype {r1.dtype} vs {r2.dtype}; compared in float64"
@@ -48,12 +61,21 @@ def compare_pair(r1: TensorRecord, r2: TensorRecord, step: int, module: str, ran
         return TensorResult(**base, status="match" if m.allclose else "mismatch", method="tensor", metrics=m, note=note)
     if r1.checksum and r2.checksum and r1.checksum_algorithm == r2.checksum_algorithm:
         same = r1.checksum == r2.checksum
-        return TensorResult(**base, status="match" if same else "mismatch", method="checksum",
-                            note="checksums equal (bit-exact)" if same else "checksums differ (not bit-exact)")
+        return TensorResult(
+            **base,
+            status="match" if same else "mismatch",
+            method="checksum",
+            note="checksums equal (bit-exact)" if same else "checksums differ (not bit-exact)",
+        )
     if r1.stats and r2.stats:
         ok, rel, _ = compare_stats(r1.stats, r2.stats, rtol=rtol, atol=atol)
-        return TensorResult(**base, status="match" if ok else "mismatch", method="statistics", stat_rel=rel,
-                            note="compared by statistics (one side has no tensor data)" + (f"; {note}" if note else ""))
+        return TensorResult(
+            **base,
+            status="match" if ok else "mismatch",
+            method="statistics",
+            stat_rel=rel,
+            note="compared by statistics (one side has no tensor data)" + (f"; {note}" if note else ""),
+        )
     return TensorResult(**base, status="not_comparable", method="none", note="no data or statistics on one side")
 
 
@@ -69,9 +91,17 @@ def _mapping_note(r1: TensorRecord, r2: TensorRecord) -> str | None:
 
 
 def _only(r: TensorRecord, side: Literal["only_in_1", "only_in_2"], step: int, module: str, rank: int | None) -> TensorResult:
-    return TensorResult(step=step, module=module, rank=rank, name=r.name, kind=r.kind, status=side, method="none",
-                        shape1=list(r.shape) if side == "only_in_1" and r.shape else None,
-                        shape2=list(r.shape) if side == "only_in_2" and r.shape else None)
+    return TensorResult(
+        step=step,
+        module=module,
+        rank=rank,
+        name=r.name,
+        kind=r.kind,
+        status=side,
+        method="none",
+        shape1=list(r.shape) if side == "only_in_1" and r.shape else None,
+        shape2=list(r.shape) if side == "only_in_2" and r.shape else None,
+    )
 
 
 def pair_tensors(
@@ -118,20 +148,33 @@ def _unreadable(errors: list[str], step: int, module: str, rank: int | None) -> 
     if not errors:
         return []
     text = "; ".join(errors[:5]) + (f" (and {len(errors) - 5} more)" if len(errors) > 5 else "")
-    return [TensorResult(step=step, module=module, rank=rank, name="<files>", kind="meta", status="unreadable",
-                         method="none", note=text)]
+    return [
+        TensorResult(
+            step=step, module=module, rank=rank, name="<files>", kind="meta", status="unreadable", method="none", note=text
+        )
+    ]
 
 
-def module_result(c1: ModuleCall | None, c2: ModuleCall | None, step: int, rtol: float, atol: float, completion: int) -> ModuleResult:
+def module_result(
+    c1: ModuleCall | None, c2: ModuleCall | None, step: int, rtol: float, atol: float, completion: int
+) -> ModuleResult:
     ref = c1 or c2
     assert ref is not None
     if c1 is None or c2 is None:
         side: Literal["only_in_1", "only_in_2"] = "only_in_1" if c2 is None else "only_in_2"
-        tensors = [_only(t, side, step, ref.dirname, ref.rank) for t in ref.tensors]
-        tensors += _unreadable(ref.errors, step, ref.dirname, ref.rank)
-        return ModuleResult(step=step, module=ref.dirname, rank=ref.rank, position=ref.position, completion=completion,
-                            verdict="unreadable" if ref.errors else side, inputs_match=None, outputs_match=None,
-                            tensors=tensors)
+        alone = [_only(t, side, step, ref.dirname, ref.rank) for t in ref.tensors]
+        alone += _unreadable(ref.errors, step, ref.dirname, ref.rank)
+        return ModuleResult(
+            step=step,
+            module=ref.dirname,
+            rank=ref.rank,
+            position=ref.position,
+            completion=completion,
+            verdict="unreadable" if ref.errors else side,
+            inputs_match=None,
+            outputs_match=None,
+            tensors=alone,
+        )
     tensors: list[TensorResult] = []
     for kind in ("inputs", "outputs"):
         pairs, only1, only2 = pair_tensors(getattr(c1, kind), getattr(c2, kind))
@@ -153,8 +196,14 @@ def module_result(c1: ModuleCall | None, c2: ModuleCall | None, step: int, rtol:
     failing = [t.metrics for t in tensors if t.metrics is not None]
     pool = metrics or failing
     return ModuleResult(
-        step=step, module=c1.dirname, rank=c1.rank, position=c1.position, completion=completion, verdict=verdict,
-        inputs_match=inputs_ok, outputs_match=outputs_ok,
+        step=step,
+        module=c1.dirname,
+        rank=c1.rank,
+        position=c1.position,
+        completion=completion,
+        verdict=verdict,
+        inputs_match=inputs_ok,
+        outputs_match=outputs_ok,
         worst_max_abs=max((m.max_abs for m in pool), default=None),
         worst_max_rel=max((m.max_rel for m in pool), default=None),
         worst_rel_diff=max((m.rel_diff for m in pool), default=None),
@@ -162,5 +211,3 @@ def module_result(c1: ModuleCall | None, c2: ModuleCall | None, step: int, rtol:
         min_snr_db=min((m.snr_db for m in pool if m.snr_db is not None), default=None),
         tensors=tensors,
     )
-
-

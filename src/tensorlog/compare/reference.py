@@ -78,7 +78,7 @@ class ReferenceReport(_M):
     """Files that could not be read safely (the reference would have printed an error and counted a mismatch)."""
 
 
-def _files(d: Path, unreadable: list[str]) -> dict[str, dict[str, dict[str, Path]]]:
+def _files(d: Path, unreadable: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
     """step -> module -> {"inputs": {name: path}, "outputs": ..., "inputs_json": ..., "outputs_json": ...}."""
     top = Listing(d)
     unreadable.extend(top.refused)
@@ -154,8 +154,10 @@ def _tensor_pair(t1: torch.Tensor | None, t2: torch.Tensor | None, rtol: float, 
             close = torch.allclose(t1, t2, rtol=rtol, atol=atol)
         else:
             a, b = t1.reshape(-1), t2.reshape(-1)
-            close = all(torch.allclose(a[i:i + _WHOLE_TENSOR], b[i:i + _WHOLE_TENSOR], rtol=rtol, atol=atol)
-                        for i in range(0, a.numel(), _WHOLE_TENSOR))
+            close = all(
+                torch.allclose(a[i : i + _WHOLE_TENSOR], b[i : i + _WHOLE_TENSOR], rtol=rtol, atol=atol)
+                for i in range(0, a.numel(), _WHOLE_TENSOR)
+            )
     except Exception as e:
         return RefTensor(match=False, error=f"Error comparing tensors: {e}")
     if close:
@@ -164,15 +166,28 @@ def _tensor_pair(t1: torch.Tensor | None, t2: torch.Tensor | None, rtol: float, 
         abs_diff = (t1 - t2).abs()
         rel_diff = abs_diff / (t1.abs() + 1e-10)
         not_close = ~torch.isclose(t1, t2, rtol=rtol, atol=atol)
-        return RefTensor(match=False, max_abs_diff=float(abs_diff.max().item()), mean_abs_diff=float(abs_diff.mean().item()),
-                         max_rel_diff=float(rel_diff.max().item()), mean_rel_diff=float(rel_diff.mean().item()),
-                         num_diff_elements=int(not_close.sum().item()), total_elements=int(t1.numel()))
+        return RefTensor(
+            match=False,
+            max_abs_diff=float(abs_diff.max().item()),
+            mean_abs_diff=float(abs_diff.mean().item()),
+            max_rel_diff=float(rel_diff.max().item()),
+            mean_rel_diff=float(rel_diff.mean().item()),
+            num_diff_elements=int(not_close.sum().item()),
+            total_elements=int(t1.numel()),
+        )
     except Exception as e:  # e.g. integer or bool tensors, whose difference the reference cannot average either
         return RefTensor(match=False, error=f"Error comparing tensors: {e}")
 
 
-def reference_compare(dir1: str | Path, dir2: str | Path, *, rtol: float = 1e-5, atol: float = 1e-8,
-                      steps: list[str] | None = None, modules: list[str] | None = None) -> ReferenceReport:
+def reference_compare(
+    dir1: str | Path,
+    dir2: str | Path,
+    *,
+    rtol: float = 1e-5,
+    atol: float = 1e-8,
+    steps: list[str] | None = None,
+    modules: list[str] | None = None,
+) -> ReferenceReport:
     """Compare two runs as the reference's ``compare_directories`` does.
 
     Args:
@@ -185,8 +200,14 @@ def reference_compare(dir1: str | Path, dir2: str | Path, *, rtol: float = 1e-5,
     if steps or modules:
         keep = {f"step_{s}" for s in steps} if steps else None
         pats = [re.compile(p) for p in modules] if modules else None
-        f1, f2 = ({s: {m: v for m, v in mods.items() if not pats or any(p.search(m) for p in pats)}
-                   for s, mods in f.items() if keep is None or s in keep} for f in (f1, f2))
+        f1, f2 = (
+            {
+                s: {m: v for m, v in mods.items() if not pats or any(p.search(m) for p in pats)}
+                for s, mods in f.items()
+                if keep is None or s in keep
+            }
+            for f in (f1, f2)
+        )
     report = ReferenceReport(dir1=str(d1), dir2=str(d2), rtol=rtol, atol=atol)
     for step in sorted(set(f1) | set(f2)):
         sr = RefStep()
@@ -206,7 +227,8 @@ def reference_compare(dir1: str | Path, dir2: str | Path, *, rtol: float = 1e-5,
                         c.update(file1=str(j1), file2=str(j2))
                     mr.metadata[kind] = c
             for kind in ("inputs", "outputs"):
-                t1, t2 = m1[module].get(kind, {}), m2[module].get(kind, {})
+                t1: dict[str, Path] = m1[module].get(kind, {})
+                t2: dict[str, Path] = m2[module].get(kind, {})
                 side: dict[str, RefTensor] = getattr(mr, kind)
                 for name in sorted(set(t1) | set(t2)):
                     mr.tensors.total += 1

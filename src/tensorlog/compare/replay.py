@@ -22,16 +22,17 @@ that received an object replay cannot rebuild, is ``not_replayable``, with the r
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import compile_pattern
-from ..schema.leaves import flatten_value
 from ..errors import AlignmentError, RunReadError
 from ..formats import ModuleCall, Run, TensorRecord, load_run
+from ..schema.leaves import flatten_value
 from .metrics import TensorMetrics, compare_tensors
 
 __all__ = ["replay", "ReplayResult", "ReplayedModule", "relative_error", "STANDS_OUT"]
@@ -93,8 +94,11 @@ class ReplayResult(BaseModel):
 
     def added_error(self) -> dict[tuple[int, str], tuple[float, float | None, float | None, float | None]]:
         """``(step, module) -> (isolated, share, floor, excess)`` for ``compare --replay``."""
-        return {(m.step, m.module): (m.isolated_error or 0.0, m.share, m.floor_error, m.excess)
-                for m in self.modules if m.status == "ok" and m.isolated_error is not None}
+        return {
+            (m.step, m.module): (m.isolated_error or 0.0, m.share, m.floor_error, m.excess)
+            for m in self.modules
+            if m.status == "ok" and m.isolated_error is not None
+        }
 
 
 def relative_error(m: TensorMetrics) -> float:
@@ -116,7 +120,7 @@ class _Runner:
 
     def __init__(self, module: torch.nn.Module, states: StateFactories) -> None:
         self.module = module
-        p = next(iter(module.parameters()), None)
+        p: torch.Tensor | None = next(iter(module.parameters()), None)
         if p is None:
             p = next(iter(module.buffers()), None)
         self.device = p.device if p is not None else torch.device("cpu")
@@ -178,7 +182,9 @@ def _primary(call: ModuleCall) -> TensorRecord | None:
 
 def _output(got: Any, expected: TensorRecord) -> torch.Tensor:
     flat = {"_".join(p) if p else None: v for p, v in flatten_value(got)}
-    mine = flat.get(expected.key) if expected.key in flat else next((v for v in flat.values() if isinstance(v, torch.Tensor)), None)
+    mine = (
+        flat.get(expected.key) if expected.key in flat else next((v for v in flat.values() if isinstance(v, torch.Tensor)), None)
+    )
     if not isinstance(mine, torch.Tensor):
         raise _NotReplayable("the module returned no tensor output")
     return mine
@@ -246,8 +252,13 @@ def replay(
     sequences: dict[str, list[tuple[int, ModuleCall]]] = {}
     for s in sorted(r.steps):
         for call in r.steps[s].calls:
-            if call.module and call.module in named_b and not call.extra.get("backward") and call.rank in (None, 0) \
-                    and (pats is None or any(p.search(call.module) for p in pats)):
+            if (
+                call.module
+                and call.module in named_b
+                and not call.extra.get("backward")
+                and call.rank in (None, 0)
+                and (pats is None or any(p.search(call.module) for p in pats))
+            ):
                 sequences.setdefault(call.dirname, []).append((s, call))
     b_dtype = _dtype(model)
     out: list[ReplayedModule] = []
@@ -256,12 +267,20 @@ def replay(
     out = _with_shares(sorted(out, key=lambda m: (m.step, _position(r, m))), r)
     checked = [m for m in out if m.self_error is not None]
     failed = [m for m in out if m.status == "not_replayable"]
-    self_check = ("not run: pass model_a (model A) to check that replay reproduces the run" if model_a is None else
-                  f"self-replay reproduced run A on {len(checked)} module call(s) (max relative error "
-                  f"{max((m.self_error or 0.0 for m in checked), default=0.0):.2g})"
-                  + (f"; {len(failed)} module call(s) not replayable, left out of the ranking" if failed else ""))
-    floor = ("not measured: no model A" if model_a is None else
-             f"model A's modules cast to {b_dtype}" if b_dtype != _dtype(model_a) else "model A's modules (same dtype as B)")
+    self_check = (
+        "not run: pass model_a (model A) to check that replay reproduces the run"
+        if model_a is None
+        else f"self-replay reproduced run A on {len(checked)} module call(s) (max relative error "
+        f"{max((m.self_error or 0.0 for m in checked), default=0.0):.2g})"
+        + (f"; {len(failed)} module call(s) not replayable, left out of the ranking" if failed else "")
+    )
+    floor = (
+        "not measured: no model A"
+        if model_a is None
+        else f"model A's modules cast to {b_dtype}"
+        if b_dtype != _dtype(model_a)
+        else "model A's modules (same dtype as B)"
+    )
     return ReplayResult(run=str(r.path), self_check=self_check, floor=floor, modules=out)
 
 
@@ -276,9 +295,18 @@ def _position(r: Run, m: ReplayedModule) -> int:
     return c.position if c else 0
 
 
-def _replay_one(dirname: str, seq: list[tuple[int, ModuleCall]], named_b: dict[str, torch.nn.Module],
-                named_a: dict[str, torch.nn.Module], factories: StateFactories, b_dtype: torch.dtype | None, r: Run,
-                wanted: set[int] | None, rtol: float, atol: float) -> list[ReplayedModule]:
+def _replay_one(
+    dirname: str,
+    seq: list[tuple[int, ModuleCall]],
+    named_b: dict[str, torch.nn.Module],
+    named_a: dict[str, torch.nn.Module],
+    factories: StateFactories,
+    b_dtype: torch.dtype | None,
+    r: Run,
+    wanted: set[int] | None,
+    rtol: float,
+    atol: float,
+) -> list[ReplayedModule]:
     module = seq[0][1].module
     b = _Runner(named_b[module], factories)
     a = _Runner(named_a[module], factories) if module in named_a else None
@@ -298,8 +326,10 @@ def _replay_one(dirname: str, seq: list[tuple[int, ModuleCall]], named_b: dict[s
                 runner.state = {}  # a new sequence starts here (a prefill): its state starts empty
             blocked, prev = None, s - 1
         if blocked is None and stateful and (prev is None or s != prev + 1):
-            blocked = (f"it carries state (a cache) across steps, and the steps before step {s} of its sequence were not "
-                       "logged: replaying it needs every step from the prefill")
+            blocked = (
+                f"it carries state (a cache) across steps, and the steps before step {s} of its sequence were not "
+                "logged: replaying it needs every step from the prefill"
+            )
         prev = s
         expected = _primary(call)
         if blocked is not None:
@@ -322,8 +352,14 @@ def _replay_one(dirname: str, seq: list[tuple[int, ModuleCall]], named_b: dict[s
             continue
         except (RunReadError, AlignmentError, RuntimeError, TypeError, ValueError) as e:
             if report:
-                out.append(ReplayedModule(step=s, module=dirname, status="not_replayable",
-                                          note=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"))
+                out.append(
+                    ReplayedModule(
+                        step=s,
+                        module=dirname,
+                        status="not_replayable",
+                        note=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}",
+                    )
+                )
             continue
         if not report:
             continue
@@ -333,14 +369,32 @@ def _replay_one(dirname: str, seq: list[tuple[int, ModuleCall]], named_b: dict[s
         iso = relative_error(mb)
         self_err = relative_error(ma) if ma is not None else None
         if ma is not None and not ma.allclose:
-            out.append(ReplayedModule(step=s, module=dirname, status="not_replayable", isolated=mb, isolated_error=iso,
-                                      self_error=self_err,
-                                      note=f"self-replay differs from the recorded output (relative error {self_err:.2g}): "
-                                           "some input of this call was not recorded exactly"))
+            out.append(
+                ReplayedModule(
+                    step=s,
+                    module=dirname,
+                    status="not_replayable",
+                    isolated=mb,
+                    isolated_error=iso,
+                    self_error=self_err,
+                    note=f"self-replay differs from the recorded output (relative error {self_err:.2g}): "
+                    "some input of this call was not recorded exactly",
+                )
+            )
             continue
         fl = relative_error(mf) if mf is not None else None
-        out.append(ReplayedModule(step=s, module=dirname, status="ok", isolated=mb, isolated_error=iso, self_error=self_err,
-                                  floor_error=fl, excess=_excess(out_b, out_f, want) if out_f is not None else None))
+        out.append(
+            ReplayedModule(
+                step=s,
+                module=dirname,
+                status="ok",
+                isolated=mb,
+                isolated_error=iso,
+                self_error=self_err,
+                floor_error=fl,
+                excess=_excess(out_b, out_f, want) if out_f is not None else None,
+            )
+        )
     return out
 
 
@@ -352,7 +406,7 @@ def _with_shares(rows: list[ReplayedModule], run: Run) -> list[ReplayedModule]:
         calls = run.steps[step].calls if step in run.steps else []
         spans = {c.dirname: (c.seq_start, c.seq_end) for c in calls}
 
-        def contains(a: str, b: str) -> bool:
+        def contains(a: str, b: str, spans: dict[str, tuple[int | None, int | None]] = spans) -> bool:
             sa, sb = spans.get(a), spans.get(b)
             if not sa or not sb or None in sa or None in sb:
                 return False
@@ -370,4 +424,3 @@ def _with_shares(rows: list[ReplayedModule], run: Run) -> list[ReplayedModule]:
                 m = m.model_copy(update={"share": weight(m) / total})
             out.append(m)
     return out
-

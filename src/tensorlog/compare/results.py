@@ -11,8 +11,20 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .metrics import TensorMetrics
 
-__all__ = ["TensorResult", "ModuleResult", "Divergence", "CompareProgress", "Summary", "Comparison", "SCHEMA_VERSION",
-           "TensorStatus", "ModuleVerdict", "EXIT_OK", "EXIT_MISMATCH", "EXIT_UNREADABLE"]
+__all__ = [
+    "TensorResult",
+    "ModuleResult",
+    "Divergence",
+    "CompareProgress",
+    "Summary",
+    "Comparison",
+    "SCHEMA_VERSION",
+    "TensorStatus",
+    "ModuleVerdict",
+    "EXIT_OK",
+    "EXIT_MISMATCH",
+    "EXIT_UNREADABLE",
+]
 
 SCHEMA_VERSION = 2
 EXIT_OK, EXIT_MISMATCH, EXIT_UNREADABLE = 0, 1, 2
@@ -161,5 +173,3 @@ class Comparison(_Model):
         if self.unreadable or self.summary.pairs_compared == 0:
             return EXIT_UNREADABLE
         return EXIT_OK if self.summary.mismatched == 0 else EXIT_MISMATCH
-
-

@@ -11,8 +11,9 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -20,97 +21,19 @@ from ..errors import ConfigError
 from .patterns import compile_pattern, split_call_index
 from .selection import Selector
 
-__all__ = ["LogConfig", "load_config", "build_config", "ConfigError", "DEFAULT_OUTPUT_DIR", "compile_pattern",
-           "split_call_index", "Selector", "ConfigLike"]
+__all__ = [
+    "LogConfig",
+    "load_config",
+    "build_config",
+    "ConfigError",
+    "DEFAULT_OUTPUT_DIR",
+    "compile_pattern",
+    "split_call_index",
+    "Selector",
+    "ConfigLike",
+]
 
 DEFAULT_OUTPUT_DIR = "/tmp/tensorlog"
-
-
-def compile_pattern(pattern: str) -> re.Pattern[str]:
-    """A module-name regex, refused when it could take exponential time.
-
-    Python's ``re`` backtracks: a quantified group that itself contains a
-    quantifier, or an alternation whose branches can start alike (``(a+)+$``,
-    ``(a|ab)*c``), can take minutes on one long name. Such patterns are refused
-    with a ``ValueError`` that says how to write them; lookarounds (the
-    reference's ``(?!.*rotary_emb)``) and everything else ``re`` takes are fine.
-    """
-    try:
-        compiled = re.compile(pattern)
-    except re.error as e:
-        raise ValueError(f"regex {pattern!r} does not compile: {e}") from None
-    except RecursionError:
-        raise ValueError(f"regex {pattern[:40]!r}... nests too deeply") from None
-    problem = _backtracking_risk(pattern)
-    if problem:
-        raise ValueError(f"regex {pattern!r} {problem}: it can take exponential time on long module names; "
-                         "write it without a repeated group that repeats inside (e.g. 'a+' instead of '(a+)+')")
-    return compiled
-
-
-def _backtracking_risk(pattern: str) -> str | None:
-    from re import _constants as c, _parser as p  # type: ignore[attr-defined]
-
-    try:
-        tree = p.parse(pattern)
-    except Exception:
-        return None
-
-    def repeats(items: Any) -> bool:
-        for op, av in items:
-            if op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT) and av[1] > 1:
-                return True
-            if op is c.SUBPATTERN and repeats(av[-1]):
-                return True
-            if op is c.BRANCH and any(repeats(b) for b in av[1]):
-                return True
-        return False
-
-    def first(items: Any) -> Any:
-        for op, av in items:
-            if op is c.LITERAL:
-                return av
-            if op is c.SUBPATTERN:
-                return first(av[-1])
-            return None  # anything else may start with many characters
-        return "empty"
-
-    def ambiguous(items: Any) -> bool:
-        """An alternation (anywhere inside) whose branches can start alike, or match nothing."""
-        for op, av in items:
-            if op is c.BRANCH:
-                starts = [first(b) for b in av[1]]
-                if None in starts or "empty" in starts or len(set(starts)) < len(starts):
-                    return True
-                if any(ambiguous(b) for b in av[1]):
-                    return True
-            elif op is c.SUBPATTERN and ambiguous(av[-1]):
-                return True
-        return False
-
-    def risky(items: Any) -> str | None:
-        for op, av in items:
-            if op in (c.MAX_REPEAT, c.MIN_REPEAT) and av[1] > 1:
-                if repeats(av[2]):
-                    return "repeats a group that itself repeats"
-                if ambiguous(av[2]):
-                    return "repeats an alternation whose branches can match alike"
-            elif op is c.SUBPATTERN:
-                inner = risky(av[-1])
-                if inner:
-                    return inner
-            elif op is c.BRANCH:
-                for b in av[1]:
-                    inner = risky(b)
-                    if inner:
-                        return inner
-            elif op in (c.ASSERT, c.ASSERT_NOT):
-                inner = risky(av[1])
-                if inner:
-                    return inner
-        return None
-
-    return risky(tree)
 
 
 class LogConfig(BaseModel):
@@ -162,7 +85,7 @@ class LogConfig(BaseModel):
     """Global ranks that log; ``[]`` means all."""
     level: Literal["module", "op", "mix"] = "module"
     """``op`` logs torch operations (named ``<enclosing module>.<op>_<k>``); ``mix`` modules and ops."""
-    data_mode: list[Literal["all", "forward", "backward", "input", "output"]] = Field(default_factory=lambda: ["all"])
+    data_mode: list[Literal["all", "forward", "backward", "input", "output"]] = Field(default_factory=lambda: ["all"])  # type: ignore[arg-type]
     """Which tensors: ``input``/``output`` restrict directions; ``backward`` adds gradients (opt-in: full
     backward hooks interfere with in-place ops when a model runs with grad enabled)."""
     stack: bool = False
@@ -274,7 +197,7 @@ class LogConfig(BaseModel):
     def run_dir(self) -> Path:
         return Path(self.output_dir).expanduser() / self.run_name
 
-    def with_overrides(self, **overrides: Any) -> "LogConfig":
+    def with_overrides(self, **overrides: Any) -> LogConfig:
         """A copy with some keys replaced, validated, keeping this config's ``run_name`` unless one is given."""
         return build_config({**self.model_dump(exclude_unset=True), "run_name": self.run_name, **overrides})
 

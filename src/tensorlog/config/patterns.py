@@ -27,13 +27,16 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
         raise ValueError(f"regex {pattern[:40]!r}... nests too deeply") from None
     problem = _backtracking_risk(pattern)
     if problem:
-        raise ValueError(f"regex {pattern!r} {problem}: it can take exponential time on long module names; "
-                         "write it without a repeated group that repeats inside (e.g. 'a+' instead of '(a+)+')")
+        raise ValueError(
+            f"regex {pattern!r} {problem}: it can take exponential time on long module names; "
+            "write it without a repeated group that repeats inside (e.g. 'a+' instead of '(a+)+')"
+        )
     return compiled
 
 
 def _backtracking_risk(pattern: str) -> str | None:
-    from re import _constants as c, _parser as p  # type: ignore[attr-defined]
+    from re import _constants as c  # type: ignore[attr-defined]
+    from re import _parser as p  # type: ignore[attr-defined]
 
     try:
         tree = p.parse(pattern)

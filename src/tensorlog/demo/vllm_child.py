@@ -17,9 +17,15 @@ def main(argv: list[str]) -> int:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    cfg = {"output_dir": output_dir, "run_name": run_name, "module_call_match": None, "log_step_ids": []}
-    llm = LLM(model=model, skip_tokenizer_init=True, dtype="float32", max_model_len=128, seed=0,
-              additional_config={"intermediate_log_config": cfg})
+    cfg: dict[str, object] = {"output_dir": output_dir, "run_name": run_name, "module_call_match": None, "log_step_ids": []}
+    llm = LLM(
+        model=model,
+        skip_tokenizer_init=True,
+        dtype="float32",
+        max_model_len=128,
+        seed=0,
+        additional_config={"intermediate_log_config": cfg},
+    )
     prompt = TokensPrompt(prompt_token_ids=[int(t) for t in ids.split(",")])
     out = llm.generate([prompt], SamplingParams(max_tokens=int(max_tokens), temperature=0, ignore_eos=True), use_tqdm=False)
     print(json.dumps(list(out[0].outputs[0].token_ids)))

@@ -8,8 +8,8 @@ and one more line in :data:`_READERS`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..errors import RunReadError
 from .model import ModuleCall, Run, Step, TensorRecord
@@ -45,7 +45,7 @@ def resolve_run_dir(path: str | Path) -> tuple[Path, Listing]:
     if _reader(p, listing) is not None:
         return p, listing
     runs = []
-    for name, d in sorted(listing.dirs.items()):
+    for _, d in sorted(listing.dirs.items()):
         sub = Listing(d)
         if _reader(d, sub) is not None:
             runs.append((d, sub))

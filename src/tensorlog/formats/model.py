@@ -9,17 +9,28 @@ typed :class:`Source`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
 from ..errors import RunReadError
 from ..schema.records import RunManifest, StepInfo, TensorEntry
 
-__all__ = ["Source", "FileSource", "PackedSource", "MemorySource", "DerivedSource", "TensorRecord", "ModuleCall",
-           "Step", "Run", "dtype_of"]
+__all__ = [
+    "Source",
+    "FileSource",
+    "PackedSource",
+    "MemorySource",
+    "DerivedSource",
+    "TensorRecord",
+    "ModuleCall",
+    "Step",
+    "Run",
+    "dtype_of",
+]
 
 
 class Source:
@@ -148,7 +159,7 @@ class TensorRecord:
             raise RunReadError(f"{self.name}: no tensor data was saved ({self.entry.skipped or 'statistics only'})")
         return self.source.load()
 
-    def with_(self, **changes: Any) -> "TensorRecord":
+    def with_(self, **changes: Any) -> TensorRecord:
         return replace(self, **changes)
 
 

@@ -45,8 +45,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..schema import names as _layout
 from ..errors import RunReadError
+from ..schema import names as _layout
 from ..schema.records import RunManifest, TensorEntry
 from .model import FileSource, ModuleCall, Run, Step, TensorRecord
 from .safeio import INDEX_JSON, Listing, first_error, read_json
@@ -327,9 +327,12 @@ def _tensor_fields(leaf: dict[str, Any]) -> dict[str, Any]:
     shape = shape if ok else None
     dtype = leaf.get("dtype")
     fields: dict[str, Any] = {
-        "shape": shape, "dtype": dtype if isinstance(dtype, str) else None, "device": _DEVICE,
+        "shape": shape,
+        "dtype": dtype if isinstance(dtype, str) else None,
+        "device": _DEVICE,
         "numel": math.prod(shape) if shape is not None else None,
-        "stats": _stats(leaf), "checksum": _checksum(leaf),
+        "stats": _stats(leaf),
+        "checksum": _checksum(leaf),
     }
     return fields
 
@@ -340,7 +343,9 @@ class _DataFiles:
     def __init__(self, d: Path) -> None:
         self.dir = d
         self.listing = Listing(d) if d.is_dir() and not d.is_symlink() else None
-        self.refused = ([f"refusing {d}: a symbolic link"] if d.is_symlink() else []) + (self.listing.refused if self.listing else [])
+        self.refused = ([f"refusing {d}: a symbolic link"] if d.is_symlink() else []) + (
+            self.listing.refused if self.listing else []
+        )
 
     def resolve(self, name: Any) -> tuple[Path | None, str | None]:
         """``(path, why not)`` for a ``data_name``."""
@@ -358,14 +363,17 @@ def _record(kind: str, path: tuple[str, ...], leaf: Any, rank: int | None, files
     stem = _layout.tensor_stem(kind, path)
     if not _is_tensor_leaf(leaf):
         name = f"{stem}_value" + ("" if rank is None else f"_rank{rank}")
-        entry = TensorEntry.model_validate({"name": name, "kind": kind, "key": key, "path": list(path), "tensor": False,
-                                            "value": _value_desc(leaf)})
+        entry = TensorEntry.model_validate(
+            {"name": name, "kind": kind, "key": key, "path": list(path), "tensor": False, "value": _value_desc(leaf)}
+        )
         return TensorRecord(entry=entry)
     name = _layout.tensor_file(stem, _DEVICE, rank, "x")[:-2]
     fields = {"name": name, "kind": kind, "key": key, "path": list(path), **_tensor_fields(leaf)}
     source, error = None, None
     if fields["shape"] is None or fields["dtype"] is None:
-        error = f"msProbe entry {name}: shape {str(leaf.get('shape'))[:40]!r} or dtype {str(leaf.get('dtype'))[:40]!r} is not valid"
+        error = (
+            f"msProbe entry {name}: shape {str(leaf.get('shape'))[:40]!r} or dtype {str(leaf.get('dtype'))[:40]!r} is not valid"
+        )
         errors.append(error)
     if "data_name" in leaf:
         found, why = files.resolve(leaf["data_name"])
@@ -437,14 +445,15 @@ def _read_json(f: Path) -> Any:
     return read_json(f, INDEX_JSON)
 
 
-def _load_rank_dir(step: int, rank: int | None, d: Path, include_backward: bool, problems: list[str],
-                   info: dict[str, Any]) -> tuple[list[ModuleCall], dict[str, int]]:
+def _load_rank_dir(
+    step: int, rank: int | None, d: Path, include_backward: bool, problems: list[str], info: dict[str, Any]
+) -> tuple[list[ModuleCall], dict[str, int]]:
     """The calls of one ``dump.json``, in start order, and counts of the entries left out."""
     skipped = {"backward": 0, "parameters_grad": 0, "unrecognised": 0}
     try:
         doc = _read_json(d / _DUMP_FILE)
         if not isinstance(doc, dict) or not isinstance(doc.get("data"), dict):
-            raise RunReadError(f"{d / _DUMP_FILE}: not an msProbe dump.json (no \"data\" object)")
+            raise RunReadError(f'{d / _DUMP_FILE}: not an msProbe dump.json (no "data" object)')
     except RunReadError as e:
         problems.append(str(e))
         return [], skipped
@@ -549,12 +558,19 @@ def load_msprobe_dump(path: Path, *, include_backward: bool = False) -> Run:
             s.extra["skipped_entries"][k] = s.extra["skipped_entries"].get(k, 0) + v
     for s in steps.values():  # by rank (None first), each rank in start order, like tensorlog runs
         s.calls.sort(key=lambda c: (-1 if c.rank is None else c.rank, c.position))
-    manifest = RunManifest.model_validate({
-        "layout": "msprobe", "layout_version": 0, "complete": not problems,
-        "msprobe": {k: v for k, v in info.items() if isinstance(v, str)},
-        "world_size": max(1, len(ranks)),
-        "ranks": {r: {"dir": n, **({"pid": int(n[4:])} if n.startswith("proc") and n[4:].isdigit() else {})}
-                  for n, r in sorted(ranks.items()) if r is not None},
-        "incomplete_reason": ("; ".join(problems[:3]) + (" ..." if len(problems) > 3 else "")) if problems else None,
-    })
+    manifest = RunManifest.model_validate(
+        {
+            "layout": "msprobe",
+            "layout_version": 0,
+            "complete": not problems,
+            "msprobe": {k: v for k, v in info.items() if isinstance(v, str)},
+            "world_size": max(1, len(ranks)),
+            "ranks": {
+                r: {"dir": n, **({"pid": int(n[4:])} if n.startswith("proc") and n[4:].isdigit() else {})}
+                for n, r in sorted(ranks.items())
+                if r is not None
+            },
+            "incomplete_reason": ("; ".join(problems[:3]) + (" ..." if len(problems) > 3 else "")) if problems else None,
+        }
+    )
     return Run(path=path, manifest=manifest, steps=dict(sorted(steps.items())), layout="msprobe", problems=problems)

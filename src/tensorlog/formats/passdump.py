@@ -60,12 +60,22 @@ def _split_key(key: str, keys: set[str]) -> tuple[str, int | None]:
 
 def _entry(name: str, key: str | None, t: torch.Tensor) -> TensorEntry:
     st = _stats.host_stats(t)
-    return TensorEntry.model_validate({
-        "name": name, "kind": "outputs", "key": key, "path": [key] if key else [], "shape": list(t.shape),
-        "dtype": str(t.dtype), "device": "cpu", "numel": t.numel(),
-        "stats": dict(zip(("min", "max", "mean", "std", "abs_max", "l2_norm"), st[:6])) | {
-            "nan_count": int(st[6]), "inf_count": int(st[7])} if st else None,
-    })
+    return TensorEntry.model_validate(
+        {
+            "name": name,
+            "kind": "outputs",
+            "key": key,
+            "path": [key] if key else [],
+            "shape": list(t.shape),
+            "dtype": str(t.dtype),
+            "device": "cpu",
+            "numel": t.numel(),
+            "stats": dict(zip(("min", "max", "mean", "std", "abs_max", "l2_norm"), st[:6]))
+            | {"nan_count": int(st[6]), "inf_count": int(st[7])}
+            if st
+            else None,
+        }
+    )
 
 
 def load_pass_dump(path: Path, listing: Listing) -> Run:
@@ -102,8 +112,9 @@ def load_pass_dump(path: Path, listing: Listing) -> Run:
                 base, idx = _split_key(key, keys)
                 call = calls.get(base)
                 if call is None:
-                    call = calls[base] = ModuleCall(step=step, dirname=names.safe_name(base), module=base, rank=r,
-                                                    position=len(calls))
+                    call = calls[base] = ModuleCall(
+                        step=step, dirname=names.safe_name(base), module=base, rank=r, position=len(calls)
+                    )
                     call.seq_end = call.position  # dict order = completion order (forward hooks)
                 if not isinstance(tensor, torch.Tensor):
                     call.errors.append(f"{f}: {key!r} is a {type(tensor).__name__}, not a tensor")
@@ -114,16 +125,29 @@ def load_pass_dump(path: Path, listing: Listing) -> Run:
                     call.errors.append(str(e))
                     continue
                 k = None if idx is None else str(idx)
-                call.outputs.append(TensorRecord(entry=_entry("outputs_" + (f"{k}_" if k else "") + tag, k, tensor),
-                                                 source=MemorySource(tensor)))
+                call.outputs.append(
+                    TensorRecord(entry=_entry("outputs_" + (f"{k}_" if k else "") + tag, k, tensor), source=MemorySource(tensor))
+                )
             for call in calls.values():  # "<name>" is output 0 when "<name>.1" exists
                 if len(call.outputs) > 1 and call.outputs[0].key is None:
                     first = call.outputs[0]
                     entry = first.entry.model_copy(update={"name": f"outputs_0_{tag}", "key": "0", "path": ["0"]})
                     call.outputs[0] = first.with_(entry=entry)
             steps.setdefault(step, []).extend(calls.values())
-    manifest = RunManifest.model_validate({"layout_version": 0, "complete": not problems, "world_size": len(rank_dirs) or 1,
-                                           "incomplete_reason": "; ".join(problems[:3]) or None, "ranks": ranks,
-                                           "layout": "vllm-debug-tensor-dump"})
-    return Run(path=path, manifest=manifest, steps={i: Step(index=i, calls=c) for i, c in sorted(steps.items())},
-               layout="pass-dump", problems=problems)
+    manifest = RunManifest.model_validate(
+        {
+            "layout_version": 0,
+            "complete": not problems,
+            "world_size": len(rank_dirs) or 1,
+            "incomplete_reason": "; ".join(problems[:3]) or None,
+            "ranks": ranks,
+            "layout": "vllm-debug-tensor-dump",
+        }
+    )
+    return Run(
+        path=path,
+        manifest=manifest,
+        steps={i: Step(index=i, calls=c) for i, c in sorted(steps.items())},
+        layout="pass-dump",
+        problems=problems,
+    )

@@ -44,21 +44,21 @@ class Listing:
         except OSError as e:
             self.refused.append(f"cannot list {d}: {e.strerror or e}")
             return
-        for e in entries:
-            name = e.name
+        for entry in entries:
+            name = entry.name
             if names.is_temp_name(name):
                 continue
             try:
-                if e.is_symlink():
-                    self.refused.append(f"refusing {Path(e.path)}: a symbolic link (a run never contains one)")
-                elif e.is_dir(follow_symlinks=False):
-                    self.dirs[name] = Path(e.path)
-                elif e.is_file(follow_symlinks=False):
-                    self.files[name] = Path(e.path)
+                if entry.is_symlink():
+                    self.refused.append(f"refusing {Path(entry.path)}: a symbolic link (a run never contains one)")
+                elif entry.is_dir(follow_symlinks=False):
+                    self.dirs[name] = Path(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    self.files[name] = Path(entry.path)
                 else:
-                    self.refused.append(f"refusing {Path(e.path)}: not a regular file")
+                    self.refused.append(f"refusing {Path(entry.path)}: not a regular file")
             except OSError as err:
-                self.refused.append(f"cannot read {Path(e.path)}: {err.strerror or err}")
+                self.refused.append(f"cannot read {Path(entry.path)}: {err.strerror or err}")
 
 
 def list_dir(d: Path) -> Listing:

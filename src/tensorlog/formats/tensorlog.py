@@ -22,12 +22,14 @@ from ..schema import names
 from ..schema.records import CallEntry, Checksum, ModuleNode, RunManifest, Stats, StepIndex, StepInfo, TensorEntry, ValueDesc
 from ..storage.atomic import sweep_temps
 from ..storage.tensorfile import read_limited, read_safetensors_header
-from .model import FileSource, ModuleCall, PackedSource, Run, Step, TensorRecord
+from .model import FileSource, ModuleCall, PackedSource, Run, Source, Step, TensorRecord
 from .safeio import INDEX_JSON, SMALL_JSON, Listing, first_error, read_json, read_model
 
 __all__ = ["is_tensorlog_run", "load_tensorlog_run"]
 
-_DEVICE_TAIL = re.compile(r"^(?P<rest>.*?)_?(?P<dev>cpu|meta|mps|(?:cuda|xpu|hpu|npu|privateuseone)(?:_\d+)?)(?:_rank(?P<rank>\d+))?$")
+_DEVICE_TAIL = re.compile(
+    r"^(?P<rest>.*?)_?(?P<dev>cpu|meta|mps|(?:cuda|xpu|hpu|npu|privateuseone)(?:_\d+)?)(?:_rank(?P<rank>\d+))?$"
+)
 
 
 def is_tensorlog_run(listing: Listing) -> bool:
@@ -49,8 +51,9 @@ def load_tensorlog_run(p: Path, listing: Listing) -> Run:
     incomplete = [f"step {s.index}: {s.incomplete_reason}" for s in steps.values() if not s.complete]
     if incomplete and manifest.complete:
         manifest = manifest.model_copy(update={"complete": False, "incomplete_reason": "; ".join(incomplete[:3])})
-    return Run(path=p, manifest=manifest, steps=dict(sorted(steps.items())), problems=problems,
-               modules=_module_tree(listing, problems))
+    return Run(
+        path=p, manifest=manifest, steps=dict(sorted(steps.items())), problems=problems, modules=_module_tree(listing, problems)
+    )
 
 
 def _module_tree(listing: Listing, problems: list[str]) -> dict[str, str] | None:
@@ -85,19 +88,32 @@ def _read_manifests(p: Path, listing: Listing, problems: list[str]) -> RunManife
         first = by_rank[min(by_rank)]
         base = main or first
         bad = [f"rank {r}: {m.incomplete_reason}" for r, m in sorted(by_rank.items()) if not m.complete]
-        ranks = {r: {"complete": m.complete, "incomplete_reason": m.incomplete_reason, "pid": m.pid, "host": m.host,
-                     "steps_written": m.steps_done(), "node": m.node.model_dump() if m.node else None}
-                 for r, m in sorted(by_rank.items())}
-        return base.model_copy(update={
-            "complete": not bad and (main is None or main.complete), "incomplete_reason": "; ".join(bad) or None,
-            "world_size": base.world_size or len(by_rank), "ranks": ranks,
-        })
+        ranks = {
+            r: {
+                "complete": m.complete,
+                "incomplete_reason": m.incomplete_reason,
+                "pid": m.pid,
+                "host": m.host,
+                "steps_written": m.steps_done(),
+                "node": m.node.model_dump() if m.node else None,
+            }
+            for r, m in sorted(by_rank.items())
+        }
+        return base.model_copy(
+            update={
+                "complete": not bad and (main is None or main.complete),
+                "incomplete_reason": "; ".join(bad) or None,
+                "world_size": base.world_size or len(by_rank),
+                "ranks": ranks,
+            }
+        )
     if main is not None:
         return main
     has_run_file = any(names.RUN_FILE_RE.match(n) for n in listing.files)
     reason = "run.json unreadable" if has_run_file else "no run.json (a reference dump, or a run that never started cleanly)"
-    return RunManifest(complete=not has_run_file, incomplete_reason=None if not has_run_file else reason, layout_version=0,
-                       tensorlog_version="")
+    return RunManifest(
+        complete=not has_run_file, incomplete_reason=None if not has_run_file else reason, layout_version=0, tensorlog_version=""
+    )
 
 
 def _legacy_step_info(manifest: RunManifest) -> dict[int, StepInfo]:
@@ -139,7 +155,8 @@ def _load_step(index: int, d: Path, manifest: RunManifest, problems: list[str], 
         ranks = sorted({c.rank for c in scanned}, key=lambda r: -1 if r is None else r)
         step.complete = False
         step.incomplete_reason = "cut short before its index was written" + (
-            f" (rank {', '.join(map(str, ranks))})" if ranks != [None] else "")
+            f" (rank {', '.join(map(str, ranks))})" if ranks != [None] else ""
+        )
     calls.extend(scanned)
     return step
 
@@ -167,7 +184,8 @@ def _calls_from_index(step: int, d: Path, listing: Listing, idx: StepIndex, prob
                 sub = dirs[c.dirname] = Listing(listing.dirs[c.dirname])
                 call.errors.extend(sub.refused)  # a link or special file among the call's files: refused
         for e in c.tensors:
-            source, error = None, None
+            source: Source | None = None
+            error: str | None = None
             if e.file is not None:
                 where = _safe_relative(e.file, listing)
                 if where is None or sub is None or where[0] != c.dirname or where[1] not in sub.files:
@@ -202,10 +220,19 @@ def _packed_header(d: Path, listing: Listing, name: str, problems: list[str]) ->
 
 
 def _call(step: int, c: CallEntry, rank: int | None, pos: int) -> ModuleCall:
-    return ModuleCall(step=step, dirname=c.dirname, module=c.module, call_index=c.call_index, cls=c.class_name or None,
-                      seq_start=c.seq_start, seq_end=c.seq_end, rank=rank, position=pos,
-                      structure=c.structure.model_dump() if c.structure is not None else None,
-                      extra={"backward": c.backward, "grafted": c.grafted} if (c.backward or c.grafted) else {})
+    return ModuleCall(
+        step=step,
+        dirname=c.dirname,
+        module=c.module,
+        call_index=c.call_index,
+        cls=c.class_name or None,
+        seq_start=c.seq_start,
+        seq_end=c.seq_end,
+        rank=rank,
+        position=pos,
+        structure=c.structure.model_dump() if c.structure is not None else None,
+        extra={"backward": c.backward, "grafted": c.grafted} if (c.backward or c.grafted) else {},
+    )
 
 
 def _add(call: ModuleCall, rec: TensorRecord) -> None:
@@ -228,7 +255,7 @@ def _calls_from_dirs(step: int, d: Path, listing: Listing, skip_ranks: set[int |
             except RunReadError as e:
                 problems.append(str(e))
     calls: list[ModuleCall] = []
-    for name, sub in sorted(listing.dirs.items()):
+    for _, sub in sorted(listing.dirs.items()):
         calls.extend(_load_call_dir(step, sub, skip_ranks, problems))
     ranks = sorted({c.rank for c in calls}, key=lambda r: -1 if r is None else r)
     ordered: list[ModuleCall] = []
@@ -321,22 +348,48 @@ def _load_call_dir(step: int, d: Path, skip_ranks: set[int | None], problems: li
             continue
         kind = m.group(1)
         stem = name.rsplit(".", 1)[0]
-        tail = _DEVICE_TAIL.match(stem[len(kind):].lstrip("_")) if len(stem) > len(kind) else None
+        tail = _DEVICE_TAIL.match(stem[len(kind) :].lstrip("_")) if len(stem) > len(kind) else None
         rank = int(tail.group("rank")) if tail and tail.group("rank") else None
         if rank in skip_ranks:
             continue
         key = (tail.group("rest") or None) if tail else None
-        device = tail.group("dev").replace("_", ":", 1) if tail and "_" in tail.group("dev") else (tail.group("dev") if tail else None)
-        entry = TensorEntry.model_construct(name=stem, kind=kind, key=key, path=key.split("_") if key else [], tensor=True,
-                                            device=device, shape=None, dtype=None, stride=None, numel=None, stats=None,
-                                            values=None, checksum=None, skipped=None, file=None, packed=None,
-                                            parameter=False, value=None)
+        device = (
+            tail.group("dev").replace("_", ":", 1) if tail and "_" in tail.group("dev") else (tail.group("dev") if tail else None)
+        )
+        entry = TensorEntry.model_construct(
+            name=stem,
+            kind=kind,
+            key=key,
+            path=key.split("_") if key else [],
+            tensor=True,
+            device=device,
+            shape=None,
+            dtype=None,
+            stride=None,
+            numel=None,
+            stats=None,
+            values=None,
+            checksum=None,
+            skipped=None,
+            file=None,
+            packed=None,
+            parameter=False,
+            value=None,
+        )
         _add(call_for(rank), TensorRecord(entry=entry, source=FileSource(f)))
     return list(by_rank.values())
 
 
-def _apply_legacy(call: ModuleCall, kind: str, legacy: _LegacyCall, doc: dict[str, Any], d: Path, listing: Listing,
-                  referenced: set[str], rank: int | None) -> None:
+def _apply_legacy(
+    call: ModuleCall,
+    kind: str,
+    legacy: _LegacyCall,
+    doc: dict[str, Any],
+    d: Path,
+    listing: Listing,
+    referenced: set[str],
+    rank: int | None,
+) -> None:
     call.module = legacy.module
     call.call_index = legacy.call_index
     call.cls = doc.get("class") if isinstance(doc.get("class"), str) else call.cls
@@ -357,15 +410,38 @@ def _apply_legacy(call: ModuleCall, kind: str, legacy: _LegacyCall, doc: dict[st
         if e.file:
             name = e.file.rsplit(".", 1)[0]
         else:
-            name = names.tensor_file(names.tensor_stem(kind, tuple(stem_key.split("_")) if stem_key else ()),
-                                     "value" if e.kind == "value" else (e.device or "cpu"), rank, "x")[:-2]
+            name = names.tensor_file(
+                names.tensor_stem(kind, tuple(stem_key.split("_")) if stem_key else ()),
+                "value" if e.kind == "value" else (e.device or "cpu"),
+                rank,
+                "x",
+            )[:-2]
         entry = TensorEntry.model_construct(
-            name=name, kind=kind, key=stem_key, path=key.split(".") if key else [], tensor=e.kind != "value",
-            shape=e.shape, dtype=e.dtype, device=e.device, stride=e.stride, numel=e.numel, stats=_legacy_stats(e.stats),
-            values=e.values, checksum=_legacy_checksum(e.checksum), skipped=e.skipped, file=None, packed=None,
+            name=name,
+            kind=kind,
+            key=stem_key,
+            path=key.split(".") if key else [],
+            tensor=e.kind != "value",
+            shape=e.shape,
+            dtype=e.dtype,
+            device=e.device,
+            stride=e.stride,
+            numel=e.numel,
+            stats=_legacy_stats(e.stats),
+            values=e.values,
+            checksum=_legacy_checksum(e.checksum),
+            skipped=e.skipped,
+            file=None,
+            packed=None,
             parameter=e.parameter,
-            value=ValueDesc.model_construct(type=e.type or "unknown", value=e.value if isinstance(e.value, (str, int, float, bool)) or e.value is None else str(e.value), cls=None)
-            if e.kind == "value" else None)
+            value=ValueDesc.model_construct(
+                type=e.type or "unknown",
+                value=e.value if isinstance(e.value, (str, int, float, bool)) or e.value is None else str(e.value),
+                cls=None,
+            )
+            if e.kind == "value"
+            else None,
+        )
         rec = TensorRecord(entry=entry, source=source, error=error)
         if error:
             call.errors.append(error)

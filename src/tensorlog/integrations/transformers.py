@@ -58,8 +58,13 @@ def step_layout(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]
         cache_pos = kwargs.get("cache_position")
         start = int(cache_pos[0]) if isinstance(cache_pos, torch.Tensor) and cache_pos.numel() else 0
         starts = [start] * batch
-    return {"req_ids": [str(i) for i in range(batch)], "num_tokens": [int(n)] * batch, "start_positions": starts,
-            "total_tokens": int(batch * n), "layout": "batch_major"}
+    return {
+        "req_ids": [str(i) for i in range(batch)],
+        "num_tokens": [int(n)] * batch,
+        "start_positions": starts,
+        "total_tokens": int(batch * n),
+        "layout": "batch_major",
+    }
 
 
 def load_causal_lm(model: str, *, dtype: str = "float32", device: str = "cpu") -> torch.nn.Module:
@@ -71,7 +76,8 @@ def load_causal_lm(model: str, *, dtype: str = "float32", device: str = "cpu") -
     if dtype not in DTYPES:
         raise UsageError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     try:
-        m = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype])
+        auto: Any = AutoModelForCausalLM
+        m = auto.from_pretrained(model, dtype=DTYPES[dtype])
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
     return m.to(device).eval()
@@ -109,10 +115,16 @@ def capture_generate(
     ids = torch.tensor(input_ids, device=device)
     handle: CaptureHandle = start_capture(m, cfg, info=RunInfo(facts=run_facts(m, path)), step_info=step_layout, **overrides)
     with torch.no_grad(), handle:
-        out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=getattr(m.config, "pad_token_id", None) or 0)
+        generate: Any = m.generate
+        out = generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=getattr(m.config, "pad_token_id", None) or 0,
+        )
     return handle.path, out
-
 
 
 def replay_states() -> dict[str, Any]:

@@ -53,8 +53,10 @@ def _plot_svg(mods: list[ModuleResult], step: int) -> str:
 
 def render_html(c: Comparison, *, verbose: bool = False) -> str:
     """One self-contained page: no external script, style or font."""
+
     def e(x: object) -> str:
         return html.escape(clean(x))
+
     s = c.summary
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>tensorlog comparison</title><style>",
@@ -75,7 +77,9 @@ def render_html(c: Comparison, *, verbose: bool = False) -> str:
         mods = [m for m in c.modules if m.step == step]
         parts.append(f"<h2>Step {step}</h2>")
         parts.append(_plot_svg(mods, step))
-        parts.append(f"<table class='modules' id='modules-step-{step}'><tr><th>#</th><th>module</th><th>verdict</th><th>max abs</th><th>max rel</th><th>rel diff</th><th>cosine</th><th>SNR dB</th></tr>")
+        parts.append(
+            f"<table class='modules' id='modules-step-{step}'><tr><th>#</th><th>module</th><th>verdict</th><th>max abs</th><th>max rel</th><th>rel diff</th><th>cosine</th><th>SNR dB</th></tr>"
+        )
         for m in mods:
             parts.append(
                 f"<tr class='{m.verdict}'><td class=num>{m.position}</td><td><code>{e(m.module)}</code></td><td>{e(verdict_text(m, md=False))}</td>"
@@ -85,7 +89,9 @@ def render_html(c: Comparison, *, verbose: bool = False) -> str:
         parts.append("</table>")
         if verbose:
             parts.append("<details open><summary>tensors</summary><table class='tensors'>")
-            parts.append("<tr><th>module</th><th>tensor</th><th>status</th><th>max abs</th><th>max rel</th><th>cosine</th><th>note</th></tr>")
+            parts.append(
+                "<tr><th>module</th><th>tensor</th><th>status</th><th>max abs</th><th>max rel</th><th>cosine</th><th>note</th></tr>"
+            )
             for m in mods:
                 for t in m.tensors:
                     mt = t.metrics
@@ -97,5 +103,3 @@ def render_html(c: Comparison, *, verbose: bool = False) -> str:
             parts.append("</table></details>")
     parts.append("</body></html>")
     return "\n".join(parts)
-
-

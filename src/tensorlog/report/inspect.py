@@ -35,7 +35,9 @@ def render_run(run: Run, console: Console, *, steps: list[int] | None = None, mo
     status = "complete" if run.complete else f"INCOMPLETE ({run.incomplete_reason})"
     console.print(f"[bold]{_t(run.path)}[/]  layout={run.layout}  {_t(status)}", highlight=False)
     data = {**m.model_dump(), "mode": m.config.get("mode")}
-    facts = [f"{k}={data[k]}" for k in ("model_class", "torch_version", "vllm_version", "world_size", "mode", "layout") if data.get(k)]
+    facts = [
+        f"{k}={data[k]}" for k in ("model_class", "torch_version", "vllm_version", "world_size", "mode", "layout") if data.get(k)
+    ]
     if facts:
         console.print(_t("  " + "  ".join(facts)), highlight=False)
     pats = [compile_pattern(p) for p in modules] if modules else None
@@ -46,7 +48,9 @@ def render_run(run: Run, console: Console, *, steps: list[int] | None = None, mo
             continue
         table = Table(title=f"step {index}: {len(step.calls)} module calls", title_justify="left", show_lines=False)
         for col in ("#", "module", "tensor", "shape", "dtype", "min", "max", "mean", "abs max", "nan/inf"):
-            table.add_column(col, justify="right" if col in ("#", "min", "max", "mean", "abs max") else "left", no_wrap=col != "module")
+            table.add_column(
+                col, justify="right" if col in ("#", "min", "max", "mean", "abs max") else "left", no_wrap=col != "module"
+            )
         for call in step.calls:
             if pats and not any(p.search(call.module) for p in pats):
                 continue

@@ -39,8 +39,10 @@ def render_markdown(c: Comparison, *, verbose: bool = False) -> str:
         out += [f"## Step {step}", "", head, rule]
         for m in mods:
             rank = f" [rank {m.rank}]" if m.rank is not None else ""
-            row = (f"| {m.position} | `{clean(m.module)}`{rank} | {verdict_text(m)} | {fmt(m.worst_max_abs)} | {fmt(m.worst_max_rel)} | "
-                   f"{fmt(m.worst_rel_diff)} | {fmt(m.min_cosine, 6)} | {fmt(m.min_snr_db)} |")
+            row = (
+                f"| {m.position} | `{clean(m.module)}`{rank} | {verdict_text(m)} | {fmt(m.worst_max_abs)} | {fmt(m.worst_max_rel)} | "
+                f"{fmt(m.worst_rel_diff)} | {fmt(m.min_cosine, 6)} | {fmt(m.min_snr_db)} |"
+            )
             if replayed:
                 share = "" if m.added_share is None else f"{m.added_share:.0%}"
                 row += f" {fmt(m.added_error)} | {fmt(m.added_floor)} | {fmt(m.added_excess)} | {share} |"
@@ -63,19 +65,35 @@ def _tensor_table(mods: list[ModuleResult]) -> list[str]:
 
 
 def _tensor_row(m: ModuleResult, t: TensorResult) -> str:
-    shape = "x".join(map(str, t.shape1 or t.shape2 or [])) if (t.shape1 == t.shape2 or not (t.shape1 and t.shape2)) else f"{t.shape1} vs {t.shape2}"
-    dtype = (t.dtype1 or t.dtype2 or "").replace("torch.", "") if t.dtype1 == t.dtype2 or not (t.dtype1 and t.dtype2) else f"{t.dtype1} vs {t.dtype2}".replace("torch.", "")
+    shape = (
+        "x".join(map(str, t.shape1 or t.shape2 or []))
+        if (t.shape1 == t.shape2 or not (t.shape1 and t.shape2))
+        else f"{t.shape1} vs {t.shape2}"
+    )
+    dtype = (
+        (t.dtype1 or t.dtype2 or "").replace("torch.", "")
+        if t.dtype1 == t.dtype2 or not (t.dtype1 and t.dtype2)
+        else f"{t.dtype1} vs {t.dtype2}".replace("torch.", "")
+    )
     mt = t.metrics
     cells = [f"`{clean(m.module)}`", clean(t.name), t.status, t.method, shape, dtype]
     if mt is not None:
-        worst = f"{mt.worst_index} ({fmt(mt.worst_values[0], 6)}, {fmt(mt.worst_values[1], 6)})" if mt.worst_index is not None and mt.worst_values else ""
-        cells += [fmt(mt.max_abs), fmt(mt.mean_abs), fmt(mt.max_rel), fmt(mt.cosine, 6), fmt(mt.rel_diff), fmt(mt.snr_db),
-                  f"{mt.num_outside} ({mt.frac_outside:.2%})", worst, fmt(mt.min_atol)]
+        a, b = mt.worst_values or (None, None)
+        worst = f"{mt.worst_index} ({fmt(a, 6)}, {fmt(b, 6)})" if mt.worst_index is not None and mt.worst_values else ""
+        cells += [
+            fmt(mt.max_abs),
+            fmt(mt.mean_abs),
+            fmt(mt.max_rel),
+            fmt(mt.cosine, 6),
+            fmt(mt.rel_diff),
+            fmt(mt.snr_db),
+            f"{mt.num_outside} ({mt.frac_outside:.2%})",
+            worst,
+            fmt(mt.min_atol),
+        ]
     elif t.stat_rel:
         cells += ["", "", fmt(max(t.stat_rel.values())), "", "", "", "", "", ""]
     else:
         cells += [""] * 9
     cells.append(clean(t.note or "").replace("|", "\\|"))
     return "| " + " | ".join(cells) + " |"
-
-

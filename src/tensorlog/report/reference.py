@@ -21,8 +21,10 @@ def _details(c: RefTensor, files: bool) -> tuple[str, str]:
         return "✅", "Tensors match"
     if c.error is not None:
         return "❌", c.error
-    text = (f"Max abs diff: {c.max_abs_diff:.2e}, Mean abs diff: {c.mean_abs_diff:.2e}, "
-            f"Diff elements: {c.num_diff_elements}/{c.total_elements}")
+    text = (
+        f"Max abs diff: {c.max_abs_diff:.2e}, Mean abs diff: {c.mean_abs_diff:.2e}, "
+        f"Diff elements: {c.num_diff_elements}/{c.total_elements}"
+    )
     if files and c.file1 and c.file2:
         text += f"<br>Files: `{c.file1}` vs `{c.file2}`"
     return "❌", text
@@ -31,32 +33,45 @@ def _details(c: RefTensor, files: bool) -> tuple[str, str]:
 def render_reference(r: ReferenceReport, *, verbose: bool = False, findings: Comparison | None = None) -> str:
     """The reference's markdown (no trailing newline, as its ``--output`` writes it)."""
     out = [
-        "# Intermediate Logging Comparison Report", "",
+        "# Intermediate Logging Comparison Report",
+        "",
         "Comparing intermediate logging outputs between:",
         f"- **Directory 1**: `{r.dir1}`",
-        f"- **Directory 2**: `{r.dir2}`", "",
+        f"- **Directory 2**: `{r.dir2}`",
+        "",
         "Comparison parameters:",
         f"- Relative tolerance (rtol): {r.rtol}",
-        f"- Absolute tolerance (atol): {r.atol}", "",
-        "## Overall Summary", "",
+        f"- Absolute tolerance (atol): {r.atol}",
+        "",
+        "## Overall Summary",
+        "",
         "| Category | Total | Matching | Mismatched | Missing |",
         "|----------|-------|----------|------------|---------|",
         f"| Steps | {len(r.steps)} | - | - | - |",
         f"| Modules | {r.modules.total} | {r.modules.matching} | {r.modules.mismatched} | {r.modules.missing} |",
-        f"| Tensors | {r.tensors.total} | {r.tensors.matching} | {r.tensors.mismatched} | {r.tensors.missing} |", "",
+        f"| Tensors | {r.tensors.total} | {r.tensors.matching} | {r.tensors.mismatched} | {r.tensors.missing} |",
+        "",
     ]
     for step, sr in sorted(r.steps.items()):
-        out += [f"## {step}", "",
-                f"**Summary**: {sr.counts.matching} matching modules, {sr.counts.mismatched} mismatched modules, "
-                f"{sr.counts.missing} missing modules", ""]
+        out += [
+            f"## {step}",
+            "",
+            f"**Summary**: {sr.counts.matching} matching modules, {sr.counts.mismatched} mismatched modules, "
+            f"{sr.counts.missing} missing modules",
+            "",
+        ]
         for module, mr in sorted(sr.modules.items()):
             if mr.error is not None:
                 out += [f"### ❌ {module}", "", f"**Error**: {mr.error}", ""]
                 continue
             status = "❌" if mr.tensors.mismatched else "✅"
-            out += [f"### {status} {module}", "",
-                    f"**Summary**: {mr.tensors.matching} matching tensors, {mr.tensors.mismatched} mismatched tensors, "
-                    f"{mr.tensors.missing} missing tensors", ""]
+            out += [
+                f"### {status} {module}",
+                "",
+                f"**Summary**: {mr.tensors.matching} matching tensors, {mr.tensors.mismatched} mismatched tensors, "
+                f"{mr.tensors.missing} missing tensors",
+                "",
+            ]
             for kind in ("inputs", "outputs"):
                 meta = mr.metadata.get(kind)
                 if meta is not None and not meta.get("match", True):
@@ -86,15 +101,20 @@ def _findings(r: ReferenceReport, c: Comparison | None) -> str:
     out = ["## tensorlog findings", ""]
     if r.unreadable:
         out += [f"**Unreadable files ({len(r.unreadable)})**: exit code 2; these pairs count as mismatched above.", ""]
-        out += [f"- {clean(u)}" for u in r.unreadable[:20]] + ([f"- ... and {len(r.unreadable) - 20} more"] if len(r.unreadable) > 20 else [])
+        out += [f"- {clean(u)}" for u in r.unreadable[:20]] + (
+            [f"- ... and {len(r.unreadable) - 20} more"] if len(r.unreadable) > 20 else []
+        )
         out.append("")
     if c is not None:
         out += [f"**{headline(c)}**", ""]
         failing = [m for m in c.modules if m.verdict in ("born", "contains")]
         if failing:
             out += ["| step | module | verdict | max abs | max rel | cosine |", "|---:|---|---|---:|---:|---:|"]
-            out += [f"| {m.step} | `{clean(m.module)}` | {m.verdict} | {fmt(m.worst_max_abs)} | {fmt(m.worst_max_rel)} | "
-                    f"{fmt(m.min_cosine, 6)} |" for m in failing]
+            out += [
+                f"| {m.step} | `{clean(m.module)}` | {m.verdict} | {fmt(m.worst_max_abs)} | {fmt(m.worst_max_rel)} | "
+                f"{fmt(m.min_cosine, 6)} |"
+                for m in failing
+            ]
             out.append("")
         out += [f"- {clean(n)}" for n in c.notes]
     return "\n".join(out)

@@ -39,7 +39,7 @@ VERDICT_TEXT = {
 }
 
 
-def fmt(v: float | None, digits: int = 3) -> str:
+def fmt(v: float | str | None, digits: int = 3) -> str:
     if v is None:
         return ""
     if isinstance(v, str):
@@ -64,17 +64,30 @@ def headline(c: Comparison) -> str:
             what.append(f"{len(c.problems)} file(s) of the runs could not be read (first: {clean(c.problems[0])[:200]})")
         if bad:
             why = next((t.note for t in bad[0].tensors if t.status == "unreadable" and t.note), None)
-            what.append(f"{len(bad)} module call(s) hold unreadable data (first: `{clean(bad[0].module)}`, step {bad[0].step}"
-                        + (f": {clean(why)[:300]}" if why else "") + ")")
-        text = "UNREADABLE DATA: " + "; ".join(what) + ". The results are incomplete. " + (
-            text if c.summary.mismatched or c.first_divergence else f"Of what could be read, {c.summary.pairs_compared} pairs match.")
+            what.append(
+                f"{len(bad)} module call(s) hold unreadable data (first: `{clean(bad[0].module)}`, step {bad[0].step}"
+                + (f": {clean(why)[:300]}" if why else "")
+                + ")"
+            )
+        text = (
+            "UNREADABLE DATA: "
+            + "; ".join(what)
+            + ". The results are incomplete. "
+            + (
+                text
+                if c.summary.mismatched or c.first_divergence
+                else f"Of what could be read, {c.summary.pairs_compared} pairs match."
+            )
+        )
     elif c.summary.pairs_compared == 0:
         text = "NOTHING COMPARED: no tensor of one run has a counterpart in the other (see the notes and the table)."
     replayed = [m for m in c.modules if m.added_error is not None]
     top = max(replayed, key=lambda m: m.added_excess if m.added_excess is not None else m.added_error or 0.0, default=None)
     if top is not None and top.added_excess is not None:
-        text += (f" Replay: `{clean(top.module)}` adds the most beyond its precision floor (excess {fmt(top.added_excess)}, "
-                 f"isolated {fmt(top.added_error)}, floor {fmt(top.added_floor)}; step {top.step}).")
+        text += (
+            f" Replay: `{clean(top.module)}` adds the most beyond its precision floor (excess {fmt(top.added_excess)}, "
+            f"isolated {fmt(top.added_error)}, floor {fmt(top.added_floor)}; step {top.step})."
+        )
     elif top is not None and top.added_share:
         text += f" Replay: `{clean(top.module)}` adds {top.added_share:.0%} of the error by itself (step {top.step})."
     return text
@@ -86,14 +99,18 @@ def _divergence_line(c: Comparison) -> str:
             return f"All {c.summary.pairs_compared} compared tensor pairs match (rtol={c.rtol:g}, atol={c.atol:g})."
         first = min((m for m in c.modules if m.verdict == "inherited"), key=lambda m: (m.step, m.position), default=None)
         if first is not None:
-            return (f"No logged module is where the difference is born: the inputs of `{clean(first.module)}` (step {first.step}), "
-                    "the first logged module to see it, already differ.")
+            return (
+                f"No logged module is where the difference is born: the inputs of `{clean(first.module)}` (step {first.step}), "
+                "the first logged module to see it, already differ."
+            )
         return "Tensors differ, but no module has matching inputs and differing outputs (see the table)."
     parts = []
     for d in c.first_divergence:
         rank = f" (rank {d.rank})" if d.rank is not None else ""
         note = f"; {clean(d.note).lower()}" if d.note else ""
-        parts.append(f"step {d.step}: `{clean(d.module)}`{rank} (max abs diff {fmt(d.max_abs)}, max rel diff {fmt(d.max_rel)}{note})")
+        parts.append(
+            f"step {d.step}: `{clean(d.module)}`{rank} (max abs diff {fmt(d.max_abs)}, max rel diff {fmt(d.max_rel)}{note})"
+        )
     return "First divergence: " + "; ".join(parts)
 
 
@@ -102,5 +119,3 @@ def verdict_text(m: ModuleResult, md: bool = True) -> str:
     if m.note:
         text += f": {clean(m.note)}"
     return text if md else text.replace("**", "")
-
-

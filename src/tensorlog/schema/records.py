@@ -15,9 +15,28 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 __all__ = [
-    "STAT_KEYS", "Stats", "Checksum", "ValueDesc", "PackedRef", "TensorEntry", "CallStructure", "CallEntry",
-    "StepInfo", "Dropped", "StepIndex", "Anomaly", "ModelDims", "ShardLayout", "CompiledInfo", "NodeInfo",
-    "RunManifest", "ModuleNode", "INDEX_FORMAT", "INDEX_VERSION", "LAYOUT_VERSION", "Kind",
+    "STAT_KEYS",
+    "Stats",
+    "Checksum",
+    "ValueDesc",
+    "PackedRef",
+    "TensorEntry",
+    "CallStructure",
+    "CallEntry",
+    "StepInfo",
+    "Dropped",
+    "StepIndex",
+    "Anomaly",
+    "ModelDims",
+    "ShardLayout",
+    "CompiledInfo",
+    "NodeInfo",
+    "RunManifest",
+    "ModuleNode",
+    "INDEX_FORMAT",
+    "INDEX_VERSION",
+    "LAYOUT_VERSION",
+    "Kind",
 ]
 
 INDEX_FORMAT = "tensorlog-step-index"
@@ -57,7 +76,7 @@ class ValueDesc(_Record):
     """A non-tensor argument or output, recorded by type and value, never pickled."""
 
     type: str
-    value: Union[None, StrictBool, StrictInt, float, str] = None
+    value: Union[StrictBool, StrictInt, float, str, None] = None
     class_name: str | None = None
     """For a module passed as an argument: its class."""
 
@@ -148,7 +167,7 @@ class Dropped(_Record):
 class StepIndex(_Record):
     """``step_<N>/tensorlog_index.json``: written once, when the step ends, after all its files."""
 
-    format: Literal["tensorlog-step-index"] = INDEX_FORMAT
+    format: Literal["tensorlog-step-index"] = "tensorlog-step-index"
     version: StrictInt = INDEX_VERSION
     step: StrictInt
     rank: StrictInt | None = None
@@ -191,8 +210,9 @@ class ShardLayout(_Record):
     """The vLLM layer class that stated it."""
     vocab: StrictInt | None = None
     """The unpadded vocabulary size for ``vocab``."""
-    inputs: Literal["replicated", "concat"] | None = None
-    """How its input lies across ranks (``concat`` for a row-parallel layer's sharded input)."""
+    inputs: Literal["replicated", "concat", "concat_halves"] | None = None
+    """How its input lies across ranks: ``concat`` for a row-parallel layer's sharded input, ``concat_halves``
+    for a gated activation's (each rank holds its slice of both halves, gate and up)."""
 
 
 class CompiledInfo(_Record):

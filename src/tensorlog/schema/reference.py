@@ -38,15 +38,23 @@ def describe(value: Any, depth: int = 0) -> Any:
         kind = "list" if isinstance(value, list) else "tuple"
         if len(value) > BIG_CONTAINER:
             # The reference's sample takes up to 100 items while its note says 20: both kept as written.
-            return {"type": kind, "length": len(value), "sample": [describe(v, depth + 1) for v in value[:100]],
-                    "note": f"Showing only first {BIG_CONTAINER} of {len(value)} items"}
+            return {
+                "type": kind,
+                "length": len(value),
+                "sample": [describe(v, depth + 1) for v in value[:100]],
+                "note": f"Showing only first {BIG_CONTAINER} of {len(value)} items",
+            }
         return {"type": kind, "items": [describe(v, depth + 1) for v in value]}
     if isinstance(value, dict):
         if len(value) > BIG_CONTAINER:
             keys = [_key(k) for k in value]
-            return {"type": "dict", "length": len(value), "keys": keys,
-                    "sample": {_key(k): describe(value[k], depth + 1) for k in list(value)[:BIG_CONTAINER]},
-                    "note": f"Showing only first {BIG_CONTAINER} of {len(value)} items"}
+            return {
+                "type": "dict",
+                "length": len(value),
+                "keys": keys,
+                "sample": {_key(k): describe(value[k], depth + 1) for k in list(value)[:BIG_CONTAINER]},
+                "note": f"Showing only first {BIG_CONTAINER} of {len(value)} items",
+            }
         return {"type": "dict", "items": {_key(k): describe(v, depth + 1) for k, v in value.items()}}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -68,5 +76,10 @@ def dumps(doc: Any) -> bytes:
 
 def sidecar(t: torch.Tensor, limit: int) -> dict[str, Any]:
     """What the reference writes as ``<stem>.json`` in place of a tensor over ``max_tensor_size``."""
-    return {"shape": list(t.shape), "dtype": str(t.dtype), "device": str(t.device), "numel": t.numel(),
-            "skipped": f"Tensor size {t.numel()} exceeds max_tensor_size {limit}"}
+    return {
+        "shape": list(t.shape),
+        "dtype": str(t.dtype),
+        "device": str(t.device),
+        "numel": t.numel(),
+        "skipped": f"Tensor size {t.numel()} exceeds max_tensor_size {limit}",
+    }

@@ -13,8 +13,8 @@ import errno
 import mmap
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -67,7 +67,7 @@ def _write_buffered(path: str, views: list[memoryview]) -> None:
         os.close(fd)
 
 
-def _bounce() -> torch.Tensor:
+def _bounce() -> tuple[mmap.mmap, torch.Tensor]:
     """A page-aligned staging buffer, one per thread, reused: O_DIRECT needs aligned memory."""
     buf = getattr(_local, "buf", None)
     if buf is None:

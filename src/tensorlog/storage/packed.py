@@ -58,8 +58,11 @@ class PackedFile:
         n = t.numel() * t.element_size()
         data = t.reshape(-1).view(torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
         with self._lock:
-            self._entries[key] = {"dtype": st_dtype_name(t.dtype), "shape": list(t.shape),
-                                  "data_offsets": [self._size, self._size + n]}
+            self._entries[key] = {
+                "dtype": st_dtype_name(t.dtype),
+                "shape": list(t.shape),
+                "data_offsets": [self._size, self._size + n],
+            }
             self._size += n
             pos = 0
             while pos < n:

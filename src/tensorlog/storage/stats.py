@@ -20,7 +20,18 @@ import torch
 
 from ..schema.records import STAT_KEYS
 
-__all__ = ["partial_stats", "gather", "split_rows", "finish", "host_stats", "PARTIAL", "checksum", "CHECKSUM_ALGORITHM", "small_values", "stat_source"]
+__all__ = [
+    "partial_stats",
+    "gather",
+    "split_rows",
+    "finish",
+    "host_stats",
+    "PARTIAL",
+    "checksum",
+    "CHECKSUM_ALGORITHM",
+    "small_values",
+    "stat_source",
+]
 
 PARTIAL = 6
 """Columns of a partial row: min, max, mean, var, nan count, inf count."""
@@ -47,9 +58,8 @@ def partial_stats(t: torch.Tensor) -> list[torch.Tensor]:
         return [nan, nan, nan, nan, nan, nan]
     mn, mx = torch.aminmax(x)
     var, mean = torch.var_mean(x, correction=1 if x.numel() > 1 else 0)
-    if x.device.type == "cpu":
-        if math.isfinite(mn) and math.isfinite(mx):  # no NaN (it would propagate) and no Inf
-            return [mn, mx, mean, var]
+    if x.device.type == "cpu" and math.isfinite(mn) and math.isfinite(mx):  # no NaN (it would propagate), no Inf
+        return [mn, mx, mean, var]
     nan = torch.isnan(x).sum().to(x.dtype)
     inf = torch.isinf(x).sum().to(x.dtype)
     return [mn, mx, mean, var, nan, inf]
@@ -116,7 +126,7 @@ def checksum(t: torch.Tensor) -> str:
     h.update(str(t.dtype).encode())
     h.update(json.dumps(list(t.shape)).encode())
     if t.numel():
-        h.update(memoryview(t.view(torch.uint8).numpy()))
+        h.update(memoryview(t.view(torch.uint8).numpy()))  # type: ignore[arg-type]
     return h.hexdigest()
 
 

@@ -103,23 +103,49 @@ def _zip(entries: list[tuple[str, memoryview | bytes]]) -> list[memoryview | byt
         extra = z64 + struct.pack("<HH", 0x4246, pad) + b"Z" * pad
         crc = zlib.crc32(data)
         size32 = 0xFFFFFFFF if big else n
-        out.append(struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if big else 20, 0, 0, 0, 0x21, crc, size32, size32,
-                               len(fname), len(extra)) + fname + extra)
+        out.append(
+            struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if big else 20, 0, 0, 0, 0x21, crc, size32, size32, len(fname), len(extra))
+            + fname
+            + extra
+        )
         out.append(data)
         cz64 = b""
         if big or off >= 0xFFFFFFFF:
             cz64 = struct.pack("<HHQQQ", 0x0001, 24, n, n, off)
-        central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45 if cz64 else 20, 45 if cz64 else 20, 0, 0, 0,
-                                   0x21, crc, size32, size32, len(fname), len(cz64), 0, 0, 0, 0,
-                                   0xFFFFFFFF if cz64 else off) + fname + cz64)
+        central.append(
+            struct.pack(
+                "<IHHHHHHIIIHHHHHII",
+                0x02014B50,
+                45 if cz64 else 20,
+                45 if cz64 else 20,
+                0,
+                0,
+                0,
+                0x21,
+                crc,
+                size32,
+                size32,
+                len(fname),
+                len(cz64),
+                0,
+                0,
+                0,
+                0,
+                0xFFFFFFFF if cz64 else off,
+            )
+            + fname
+            + cz64
+        )
         off += len(out[-2]) + n
     cd = b"".join(central)
     tail = b""
     if off >= 0xFFFFFFFF or len(cd) >= 0xFFFFFFFF:
-        tail = (struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, len(entries), len(entries), len(cd), off)
-                + struct.pack("<IIQI", 0x07064B50, 0, off + len(cd), 1))
-    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(entries), len(entries), min(len(cd), 0xFFFFFFFF),
-                      min(off, 0xFFFFFFFF), 0)
+        tail = struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, len(entries), len(entries), len(cd), off) + struct.pack(
+            "<IIQI", 0x07064B50, 0, off + len(cd), 1
+        )
+    end = struct.pack(
+        "<IHHHHIIH", 0x06054B50, 0, 0, len(entries), len(entries), min(len(cd), 0xFFFFFFFF), min(off, 0xFFFFFFFF), 0
+    )
     out.append(cd + tail + end)
     return out
 
@@ -128,33 +154,48 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor, without a copy."""
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def encode_pt(t: torch.Tensor) -> list[memoryview | bytes]:
     """The chunks of a ``.pt`` file holding ``t`` (a contiguous CPU tensor); its data is not copied."""
     if not t.is_contiguous() or t.device.type != "cpu":
         t = t.to("cpu").contiguous()
-    return _zip([
-        ("data.pkl", _tensor_pickle(t.dtype, tuple(t.shape))),
-        (".format_version", b"1"),
-        (".storage_alignment", b"64"),
-        ("byteorder", b"little"),
-        ("data/0", _bytes_of(t)),
-        ("version", b"3\n"),
-    ])
+    return _zip(
+        [
+            ("data.pkl", _tensor_pickle(t.dtype, tuple(t.shape))),
+            (".format_version", b"1"),
+            (".storage_alignment", b"64"),
+            ("byteorder", b"little"),
+            ("data/0", _bytes_of(t)),
+            ("version", b"3\n"),
+        ]
+    )
 
 
 # -- safetensors -----------------------------------------------------------------------------
 
 ST_DTYPES: dict[str, torch.dtype] = {
-    name: dt for name, dt in {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-        "U16": getattr(torch, "uint16", None), "U32": getattr(torch, "uint32", None), "U64": getattr(torch, "uint64", None),
-        "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
+    name: dt
+    for name, dt in {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "U16": getattr(torch, "uint16", None),
+        "U32": getattr(torch, "uint32", None),
+        "U64": getattr(torch, "uint64", None),
+        "BOOL": torch.bool,
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+        "F8_E5M2": getattr(torch, "float8_e5m2", None),
         "C64": torch.complex64,
-    }.items() if dt is not None
+    }.items()
+    if dt is not None
 }
 _ST_NAMES = {dt: name for name, dt in ST_DTYPES.items()}
 
@@ -171,8 +212,9 @@ def encode_safetensors(t: torch.Tensor, key: str = "tensor") -> list[memoryview 
     if not t.is_contiguous() or t.device.type != "cpu":
         t = t.to("cpu").contiguous()
     n = t.numel() * t.element_size()
-    header = json.dumps({key: {"dtype": st_dtype_name(t.dtype), "shape": list(t.shape), "data_offsets": [0, n]}},
-                        separators=(",", ":")).encode()
+    header = json.dumps(
+        {key: {"dtype": st_dtype_name(t.dtype), "shape": list(t.shape), "data_offsets": [0, n]}}, separators=(",", ":")
+    ).encode()
     header += b" " * ((-len(header)) % 8)
     return [struct.pack("<Q", len(header)) + header, _bytes_of(t) if n else b""]
 
@@ -263,8 +305,10 @@ def check_dense(t: torch.Tensor, path: Any) -> None:
     need = t.numel() * t.element_size()
     have = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
     if need > have or (t.numel() > 1 and any(s == 0 and d > 1 for s, d in zip(t.stride(), t.shape))):
-        raise RunReadError(f"{path}: claims {t.numel()} elements of {t.dtype} but its storage holds {max(have, 0)} bytes "
-                           "(zero or overlapping strides); refused")
+        raise RunReadError(
+            f"{path}: claims {t.numel()} elements of {t.dtype} but its storage holds {max(have, 0)} bytes "
+            "(zero or overlapping strides); refused"
+        )
 
 
 def _mmap_safetensors(path: Path) -> torch.Tensor:

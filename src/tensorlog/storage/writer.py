@@ -39,8 +39,18 @@ from typing import Any
 from ..schema import names
 from ..schema import reference as ref
 from ..schema.records import (
-    Anomaly, CallEntry, CallStructure, Checksum, Dropped, PackedRef, RunManifest, Stats, StepIndex, StepInfo,
-    TensorEntry, ValueDesc,
+    Anomaly,
+    CallEntry,
+    CallStructure,
+    Checksum,
+    Dropped,
+    PackedRef,
+    RunManifest,
+    Stats,
+    StepIndex,
+    StepInfo,
+    TensorEntry,
+    ValueDesc,
 )
 from . import stats as _stats
 from .atomic import link_atomic, write_atomic, write_in_place
@@ -110,8 +120,9 @@ class Writer:
         self._incomplete_steps: dict[int, str] = {}
         self._anomaly: Anomaly | None = None
         self._manifest_room = 0
-        self._workers = [threading.Thread(target=self._work, name=f"tensorlog-writer-{i}", daemon=True)
-                         for i in range(max(1, threads))]
+        self._workers = [
+            threading.Thread(target=self._work, name=f"tensorlog-writer-{i}", daemon=True) for i in range(max(1, threads))
+        ]
         self._finisher = threading.Thread(target=self._finish_loop, name="tensorlog-finisher", daemon=True)
         for t in self._workers:
             t.start()
@@ -360,8 +371,9 @@ class Writer:
             complete, reason = closing if closing is not None else (False, None)
             for step in list(self._packed):
                 self._abort_packed(step)
-            self._write_manifest(complete=complete and not self._stopped and not self._incomplete_steps,
-                                 reason=reason, final=True)
+            self._write_manifest(
+                complete=complete and not self._stopped and not self._incomplete_steps, reason=reason, final=True
+            )
             with self._cv:
                 self._last_finished = 1 << 62
                 self._cv.notify_all()
@@ -406,12 +418,16 @@ class Writer:
             self._account(len(data))
             write_atomic(step_dir / names.calls_file(self.rank), [data])
         index = StepIndex.model_construct(
-            step=end.step, rank=self.rank, layout=self.layout, complete=end.complete,
+            step=end.step,
+            rank=self.rank,
+            layout=self.layout,
+            complete=end.complete,
             incomplete_reason=end.incomplete_reason,
             calls=[_call_entry(rec, packed) for rec in end.calls],
             info=StepInfo.model_validate(end.info) if end.info else None,
             dropped=[Dropped(**d) for d in end.dropped],
-            format="tensorlog-step-index", version=1,
+            format="tensorlog-step-index",
+            version=1,
         )
         data = index.model_dump_json().encode()
         self._account(len(data))
@@ -434,16 +450,18 @@ class Writer:
 
     def _find_anomaly(self, end: StepEnd) -> None:
         """The first call, in completion order, whose outputs hold a NaN or Inf: where it was born."""
-        for rec in sorted(end.calls, key=lambda r: (r.seq_end if r.seq_end is not None else 1 << 62)):
+        for rec in sorted(end.calls, key=lambda r: r.seq_end if r.seq_end is not None else 1 << 62):
             bad_out = [s.name for s in rec.tensors if s.kind == "outputs" and _nonfinite(s)]
             if not bad_out:
                 continue
             bad_in = [s.name for s in rec.tensors if s.kind == "inputs" and _nonfinite(s)]
-            self._anomaly = Anomaly(step=end.step, module=rec.dirname, born_here=not bad_in,
-                                    nonfinite_outputs=bad_out, nonfinite_inputs=bad_in)
+            self._anomaly = Anomaly(
+                step=end.step, module=rec.dirname, born_here=not bad_in, nonfinite_outputs=bad_out, nonfinite_inputs=bad_in
+            )
             where = "born in" if not bad_in else "first seen in (its inputs were already bad)"
-            warnings.warn(f"tensorlog: NaN/Inf {where} {rec.dirname!r} at step {end.step} (outputs {bad_out})",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"tensorlog: NaN/Inf {where} {rec.dirname!r} at step {end.step} (outputs {bad_out})", RuntimeWarning, stacklevel=2
+            )
             return
 
     def _write_manifest(self, *, complete: bool, reason: str | None = None, final: bool = False) -> None:
@@ -457,10 +475,16 @@ class Writer:
         if not complete:
             parts = [p for p in (self._stopped, reason) if p]
             parts += [f"step {s} cut short: {r}" for s, r in sorted(self._incomplete_steps.items())]
-            why = "; ".join(dict.fromkeys(parts)) or ("run still in progress or process died" if not final else "not closed cleanly")
+            why = "; ".join(dict.fromkeys(parts)) or (
+                "run still in progress or process died" if not final else "not closed cleanly"
+            )
         update = {
-            "steps_written": _ranges(self._steps_written), "bytes_written": self._bytes_written,
-            "dropped": list(self._dropped), "anomaly": self._anomaly, "complete": complete, "incomplete_reason": why,
+            "steps_written": _ranges(self._steps_written),
+            "bytes_written": self._bytes_written,
+            "dropped": list(self._dropped),
+            "anomaly": self._anomaly,
+            "complete": complete,
+            "incomplete_reason": why,
             "end_time": _now() if final else None,
         }
         data = m.model_copy(update=update).model_dump_json(indent=1).encode()
@@ -511,18 +535,41 @@ def _mkdir(d: Path) -> None:
 def _stats_model(row: list[float] | None) -> Stats | None:
     if row is None:
         return None
-    return Stats.model_construct(min=row[0], max=row[1], mean=row[2], std=row[3], abs_max=row[4], l2_norm=row[5],
-                                 nan_count=int(row[6]), inf_count=int(row[7]))
+    return Stats.model_construct(
+        min=row[0],
+        max=row[1],
+        mean=row[2],
+        std=row[3],
+        abs_max=row[4],
+        l2_norm=row[5],
+        nan_count=int(row[6]),
+        inf_count=int(row[7]),
+    )
 
 
 def _call_entry(rec: CallRecord, packed: str | None) -> CallEntry:
     tensors = []
     for s in rec.tensors:
-        fields: dict[str, Any] = dict(name=s.name, kind=s.kind, key=s.key, path=list(s.path), tensor=s.tensor,
-                                      shape=s.shape, dtype=s.dtype, device=s.device, stride=s.stride, numel=s.numel,
-                                      stats=_stats_model(s.stats), values=s.values, skipped=s.skipped,
-                                      parameter=s.parameter, file=None, packed=None, checksum=None,
-                                      value=ValueDesc.model_validate(s.value) if s.value is not None else None)
+        fields: dict[str, Any] = dict(
+            name=s.name,
+            kind=s.kind,
+            key=s.key,
+            path=list(s.path),
+            tensor=s.tensor,
+            shape=s.shape,
+            dtype=s.dtype,
+            device=s.device,
+            stride=s.stride,
+            numel=s.numel,
+            stats=_stats_model(s.stats),
+            values=s.values,
+            skipped=s.skipped,
+            parameter=s.parameter,
+            file=None,
+            packed=None,
+            checksum=None,
+            value=ValueDesc.model_validate(s.value) if s.value is not None else None,
+        )
         if s.checksum is not None:
             fields["checksum"] = Checksum.model_construct(algorithm=_stats.CHECKSUM_ALGORITHM, digest=s.checksum)
         origin = _origin(s)
@@ -532,13 +579,21 @@ def _call_entry(rec: CallRecord, packed: str | None) -> CallEntry:
             fields["file"] = s.written
         tensors.append(TensorEntry.model_construct(**fields))
     structure = CallStructure.model_construct(**rec.structure) if rec.structure is not None else None
-    return CallEntry.model_construct(module=rec.module, dirname=rec.dirname, class_name=rec.cls, call_index=rec.call_index,
-                                     seq_start=rec.seq_start, seq_end=rec.seq_end, backward=rec.backward,
-                                     structure=structure, tensors=tensors, grafted=rec.grafted)
+    return CallEntry.model_construct(
+        module=rec.module,
+        dirname=rec.dirname,
+        class_name=rec.cls,
+        call_index=rec.call_index,
+        seq_start=rec.seq_start,
+        seq_end=rec.seq_end,
+        backward=rec.backward,
+        structure=structure,
+        tensors=tensors,
+        grafted=rec.grafted,
+    )
 
 
 def _now() -> str:
     import datetime as dt
 
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
-

@@ -48,7 +48,8 @@ class ShardPlan:
     def describe(self, ranks: int) -> str:
         what = {
             "concat": f"shards concatenated along dim {self.dim}",
-            "concat_parts": f"each rank's parts {list(self.parts or [])} concatenated part by part along dim {self.dim}",
+            "concat_parts": f"each rank's parts {list(self.parts) if self.parts else '(two halves)'} concatenated part by part "
+            f"along dim {self.dim}",
             "replicated": "replicated (each rank's copy compared)",
             "partial_sum": "partial sums added",
             "vocab": "logits gathered" + (f", vocabulary cut to {self.vocab}" if self.vocab else ""),
@@ -68,15 +69,25 @@ def plan_for(layout: ShardLayout | None, rule: ShardRule | None, kind: str) -> S
     if kind != "outputs":
         if layout.inputs is None:
             return ShardPlan("infer")
+        if layout.inputs == "concat_halves":
+            return ShardPlan("concat_parts", -1, None, source=source)  # two equal halves per rank
         return ShardPlan("replicated" if layout.inputs == "replicated" else "concat", -1, source=source)
     if layout.rule == "concat_parts":
-        return ShardPlan("concat_parts", layout.dim, tuple(layout.parts or ()), tuple(layout.replicas or ()) or None, source=source)
-    how = {"concat": "concat", "replicated": "replicated", "partial_sum": "partial_sum", "vocab": "vocab"}[layout.rule]
-    return ShardPlan(how, layout.dim, vocab=layout.vocab, source=source)  # type: ignore[arg-type]
+        return ShardPlan(
+            "concat_parts", layout.dim, tuple(layout.parts or ()), tuple(layout.replicas or ()) or None, source=source
+        )
+    recorded: How = layout.rule
+    return ShardPlan(recorded, layout.dim, vocab=layout.vocab, source=source)
 
 
-def merge(parts: list[torch.Tensor | None], plan: ShardPlan, other: torch.Tensor | None) -> tuple[torch.Tensor, str]:
-    """The whole tensor from per-rank ``parts`` (``None`` where a rank holds none), and what was done."""
+def merge(
+    parts: list[torch.Tensor | None], plan: ShardPlan, other: torch.Tensor | None, *, tokens: bool = False
+) -> tuple[torch.Tensor, str]:
+    """The whole tensor from per-rank ``parts`` (``None`` where a rank holds none), and what was done.
+
+    ``other`` is the other run's tensor, for layers with no record; with ``tokens`` its rows are other
+    tokens than these (another step, another batch), so only the feature dimension can be compared.
+    """
     present = [p for p in parts if p is not None]
     if not present:
         raise AlignmentError("no rank holds this tensor")
@@ -98,17 +109,19 @@ def merge(parts: list[torch.Tensor | None], plan: ShardPlan, other: torch.Tensor
         return _sum(present), plan.describe(n)
     if plan.how == "replicated":
         return present[0], plan.describe(n)
-    return _infer(present, other, n)
+    return _infer(present, other, n, tokens)
 
 
 def _concat_parts(parts: list[torch.Tensor], plan: ShardPlan) -> torch.Tensor:
-    sizes = list(plan.parts or [])
+    width = parts[0].shape[plan.dim]
+    sizes = list(plan.parts) if plan.parts else [width // 2, width - width // 2]
     if any(p.shape[plan.dim] != sum(sizes) for p in parts):
         raise AlignmentError(f"recorded parts {sizes} do not fill the shards' width {parts[0].shape[plan.dim]}")
     split = [torch.split(p, sizes, dim=plan.dim) for p in parts]
     replicas = list(plan.replicas or [1] * len(sizes))
-    pieces = [torch.cat([split[r][i] for r in range(0, len(parts), max(1, replicas[i]))], dim=plan.dim)
-              for i in range(len(sizes))]
+    pieces = [
+        torch.cat([split[r][i] for r in range(0, len(parts), max(1, replicas[i]))], dim=plan.dim) for i in range(len(sizes))
+    ]
     return torch.cat(pieces, dim=plan.dim)
 
 
@@ -122,28 +135,35 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a64 - b64)) / den
 
 
-def _infer(parts: list[torch.Tensor], other: torch.Tensor | None, n: int) -> tuple[torch.Tensor, str]:
+def _infer(parts: list[torch.Tensor], other: torch.Tensor | None, n: int, tokens: bool) -> tuple[torch.Tensor, str]:
     """No record: decide from shapes, and from the data where shapes cannot tell (replicated or partial sums)."""
     tag = "[inferred from shapes: no recorded layout]"
     first = parts[0]
-    same_shape = all(p.shape == first.shape for p in parts)
-    if same_shape and (other is None or other.shape == first.shape):
-        if all(torch.equal(p, first) for p in parts[1:]):
-            return first, f"{n} ranks: replicated, all equal {tag}"
-        if other is not None and _rel(_sum(parts), other) < 0.5 * _rel(first, other):
-            return _sum(parts), f"{n} ranks: partial sums added (their sum matches the other run; the copies differ) {tag}"
-        rank, worst = disagreement(parts)
-        return first, (f"{n} ranks: RANKS DISAGREE: rank {rank} differs from rank 0 by max abs {worst:.3g}; rank 0's copy "
-                       f"compared {tag}")
-    if same_shape and other is not None and other.dim() == first.dim():
-        for d in range(first.dim()):
-            if other.shape[d] == n * first.shape[d] and all(other.shape[k] == first.shape[k] for k in range(first.dim()) if k != d):
-                return torch.cat(parts, dim=d), f"{n} ranks: shards concatenated along dim {d} {tag}"
-    if not same_shape:
+    if not all(p.shape == first.shape for p in parts):
         diff = [d for d in range(first.dim()) if any(p.shape[d] != first.shape[d] for p in parts)]
         if len(diff) == 1 and all(p.dim() == first.dim() for p in parts):
             return torch.cat(parts, dim=diff[0]), f"{n} ranks: shards concatenated along dim {diff[0]} {tag}"
-    return torch.cat(parts, dim=-1), f"{n} ranks: shards concatenated along dim -1 {tag}"
+        raise AlignmentError(f"the ranks' shapes {[list(p.shape) for p in parts]} fit no layout")
+    if all(torch.equal(p, first) for p in parts[1:]):
+        return first, f"{n} ranks: replicated, all equal {tag}"
+    ref = other if other is not None and other.dim() > 0 and first.dim() > 0 else None
+    whole = ref is not None and (ref.shape[-1] == first.shape[-1] if tokens else ref.shape == first.shape)
+    if ref is not None and whole:
+        if not tokens and _rel(_sum(parts), ref) < 0.5 * _rel(first, ref):
+            return _sum(parts), f"{n} ranks: partial sums added (their sum matches the other run; the copies differ) {tag}"
+        rank, worst = disagreement(parts)
+        return first, (
+            f"{n} ranks: RANKS DISAGREE: rank {rank}'s copy differs from rank 0's by max abs {worst:.3g}; "
+            f"rank 0's copy compared {tag}"
+        )
+    if ref is not None and not tokens and ref.dim() == first.dim():
+        for d in range(first.dim()):
+            others_equal = all(ref.shape[k] == first.shape[k] for k in range(first.dim()) if k != d)
+            if ref.shape[d] == n * first.shape[d] and others_equal:
+                return torch.cat(parts, dim=d), f"{n} ranks: shards concatenated along dim {d} {tag}"
+    if ref is not None and ref.shape[-1] == n * first.shape[-1]:
+        return torch.cat(parts, dim=-1), f"{n} ranks: shards concatenated along dim -1 {tag}"
+    return torch.cat(parts, dim=-1), f"{n} ranks: shards concatenated along dim -1 (a guess: nothing to check it against) {tag}"
 
 
 def disagreement(parts: list[torch.Tensor]) -> tuple[int, float]:

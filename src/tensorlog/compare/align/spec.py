@@ -16,8 +16,17 @@ from ...config import compile_pattern
 from ...errors import ConfigError
 from ...formats import Run
 
-__all__ = ["RenameRule", "SplitRule", "CombineRule", "ShardRule", "MappingSpec", "PRESETS", "HF_VLLM", "load_mapping",
-           "detect_preset"]
+__all__ = [
+    "RenameRule",
+    "SplitRule",
+    "CombineRule",
+    "ShardRule",
+    "MappingSpec",
+    "PRESETS",
+    "HF_VLLM",
+    "load_mapping",
+    "detect_preset",
+]
 
 
 class _Rule(BaseModel):
@@ -114,8 +123,13 @@ def load_mapping(spec: str | Path | MappingSpec | dict[str, Any]) -> MappingSpec
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
         raise ConfigError(f"invalid mapping: {problems}") from None
-    for pattern in [*(r.pattern for r in [*spec_obj.rename, *spec_obj.split, *spec_obj.combine, *spec_obj.shard]),
-                    *spec_obj.ignore]:
+    rules: list[RenameRule | SplitRule | CombineRule | ShardRule] = [
+        *spec_obj.rename,
+        *spec_obj.split,
+        *spec_obj.combine,
+        *spec_obj.shard,
+    ]
+    for pattern in [*(r.pattern for r in rules), *spec_obj.ignore]:
         try:
             compile_pattern(pattern)
         except ValueError as err:

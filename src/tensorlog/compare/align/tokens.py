@@ -10,7 +10,8 @@ runs, steps and chunked prefills.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -45,7 +46,9 @@ def request_keys(run1: Run, run2: Run) -> tuple[Callable[[str], str], Callable[[
     return (lambda r: order_a.get(norm(r), norm(r))), (lambda r: order_b.get(norm(r), norm(r)))
 
 
-def rows_by_token(t: torch.Tensor, info: dict[str, Any], req_key: Callable[[str], str]) -> dict[tuple[str, int], torch.Tensor] | None:
+def rows_by_token(
+    t: torch.Tensor, info: dict[str, Any], req_key: Callable[[str], str]
+) -> dict[tuple[str, int], torch.Tensor] | None:
     """(request, position) -> row, or None when the tensor is not laid out by tokens."""
     reqs, nums = info["req_ids"], info["num_tokens"]
     starts = info.get("start_positions") or [0] * len(reqs)

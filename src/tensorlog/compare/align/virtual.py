@@ -19,8 +19,9 @@ from __future__ import annotations
 import functools
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -135,18 +136,18 @@ class _Side:
         ref = group[0]
         name = ref.dirname
         rules: list[str] = []
-        for r in self.spec.rename:
-            new = re.sub(r.pattern, r.replace, name)
+        for rename in self.spec.rename:
+            new = re.sub(rename.pattern, rename.replace, name)
             if new != name:
                 rules.append(f"rename {name} -> {new}")
                 name = new
         layout = self.layouts.get(ref.module)
         if not self.spec.outputs_only:
             by_key: dict[tuple[str, str | None, str], list[TensorRecord | None]] = {}
-            for r, c in enumerate(group):
+            for rank, c in enumerate(group):
                 for t in c.tensors:
                     slot = by_key.setdefault((t.kind, t.key, _strip_rank(t.name)), [None] * len(group))
-                    slot[r] = t
+                    slot[rank] = t
             out = []
             for (kind, key, base), recs in by_key.items():
                 plan = plan_for(layout, self.rule(ref.dirname), kind)
@@ -157,15 +158,25 @@ class _Side:
         if not any(per_rank):
             return {}
         plan = plan_for(layout, self.rule(ref.dirname), "outputs")
-        for rule in self.spec.combine:
-            if re.search(rule.pattern, ref.dirname) and max(len(p) for p in per_rank) > 1:
+        for combine in self.spec.combine:
+            if re.search(combine.pattern, ref.dirname) and max(len(p) for p in per_rank) > 1:
                 summed = [self._summed(recs) if recs else None for recs in per_rank]
                 return {name: [_Entry("outputs", None, summed, rules + [f"sum of {len(per_rank[0])} outputs"], plan)]}
-        for rule in self.spec.split:
-            if re.search(rule.pattern, ref.dirname):
-                return self._split(ref, rule, per_rank, layout, rules)
-        return {name: [_Entry("outputs", None, [self.loader(recs[0]) if recs else None for recs in per_rank], rules, plan,
-                              records=[recs[0] for recs in per_rank if recs])]}
+        for split in self.spec.split:
+            if re.search(split.pattern, ref.dirname):
+                return self._split(ref, split, per_rank, layout, rules)
+        return {
+            name: [
+                _Entry(
+                    "outputs",
+                    None,
+                    [self.loader(recs[0]) if recs else None for recs in per_rank],
+                    rules,
+                    plan,
+                    records=[recs[0] for recs in per_rank if recs],
+                )
+            ]
+        }
 
     def _summed(self, recs: list[TensorRecord]) -> _Loader:
         def load() -> torch.Tensor:
@@ -174,20 +185,28 @@ class _Side:
 
         return load
 
-    def _split(self, ref: ModuleCall, rule: SplitRule, per_rank: list[list[TensorRecord]], layout: ShardLayout | None,
-               rules: list[str]) -> dict[str, list[_Entry]]:
+    def _split(
+        self, ref: ModuleCall, rule: SplitRule, per_rank: list[list[TensorRecord]], layout: ShardLayout | None, rules: list[str]
+    ) -> dict[str, list[_Entry]]:
         out: dict[str, list[_Entry]] = {}
         for i, template in enumerate(rule.into):
             part = re.sub(rule.pattern, template, ref.dirname)
             stride = (layout.replicas or [1] * len(rule.into))[i] if layout and layout.replicas else 1
-            source = (f"recorded: {layout.layer}, part {i}" + (f", one in {stride} ranks" if stride > 1 else "")) if layout \
+            source = (
+                (f"recorded: {layout.layer}, part {i}" + (f", one in {stride} ranks" if stride > 1 else ""))
+                if layout
                 else "per part; no recorded layout"
+            )
             plan = ShardPlan("concat", rule.dim, source=source)
 
             def piece(rec: TensorRecord, i: int = i) -> _Loader:
                 def load() -> torch.Tensor:
                     t = self.cache.get(id(rec), rec.load)
-                    sizes = list(layout.parts) if layout and layout.parts else _split_sizes(rule, t.shape[rule.dim], self.dims, self.tp)
+                    sizes = (
+                        list(layout.parts)
+                        if layout and layout.parts
+                        else _split_sizes(rule, t.shape[rule.dim], self.dims, self.tp)
+                    )
                     return torch.split(t, sizes, dim=rule.dim)[i]
 
                 return load
@@ -216,11 +235,12 @@ class _Whole:
 
     def variants(self) -> list[str]:
         """``[""]``, or one suffix per rank for a replicated tensor: each copy is compared on its own."""
-        if len(self.e.ranks) > 1 and self.e.plan.how == "replicated":
+        tensor = not self.e.records or self.e.records[0].is_tensor
+        if tensor and len(self.e.ranks) > 1 and self.e.plan.how == "replicated":
             return [f"@rank{r}" for r in range(len(self.e.ranks))]
         return [""]
 
-    def get(self, variant: str, other: Callable[[], torch.Tensor | None]) -> torch.Tensor:
+    def get(self, variant: str, other: Callable[[], torch.Tensor | None], *, tokens: bool = False) -> torch.Tensor:
         notes = self.notes.setdefault(variant, [])
         parts = [f() if f is not None else None for f in self.e.ranks]
         if variant:
@@ -238,10 +258,14 @@ class _Whole:
                     else:
                         notes.append(f"rank {r}'s copy equals rank 0's")
             return t
-        t, how = merge(parts, self.e.plan, other())
+        t, how = merge(parts, self.e.plan, other(), tokens=tokens)
         if how and not notes:
             notes.append(how)
         return t
+
+
+def _nothing() -> torch.Tensor | None:
+    return None
 
 
 def _record(e: _Entry, name: str, load: _Loader, rules: list[str], notes: list[str], meta: dict[str, Any]) -> TensorRecord:
@@ -266,41 +290,70 @@ def _pairs(s1: list[str], s2: list[str]) -> list[tuple[str, str]]:
     return [(v, s2[0]) for v in s1]  # both sides replicated over several ranks: each of run 1's copies vs run 2's first
 
 
+class _Both:
+    """One tensor pair, made whole lazily and once: the side with fewer ranks first, as the other's reference."""
+
+    def __init__(self, w1: _Whole, w2: _Whole, tokens: bool) -> None:
+        self.sides = {1: w1, 2: w2}
+        self.tokens = tokens
+        self.done: dict[tuple[int, str], torch.Tensor] = {}
+
+    def get(self, side: int, variant: str) -> torch.Tensor:
+        key = (side, variant)
+        if key not in self.done:
+            me, them = self.sides[side], self.sides[3 - side]
+            if len(me.e.ranks) <= len(them.e.ranks):
+                ref: Callable[[], torch.Tensor | None] = lambda: None  # noqa: E731
+            else:
+                ref = lambda: self.get(3 - side, them.variants()[0])  # noqa: E731
+            self.done[key] = me.get(variant, ref, tokens=self.tokens)
+        return self.done[key]
+
+
 def _step_pairs(e1: _Entry, e2: _Entry) -> list[tuple[TensorRecord, TensorRecord]]:
     w1, w2 = _Whole(e1), _Whole(e2)
-    first2 = functools.lru_cache(maxsize=1)(lambda: w2.get(w2.variants()[0], lambda: None))
-    first1 = functools.lru_cache(maxsize=1)(lambda: w1.get(w1.variants()[0], lambda: None))
+    both = _Both(w1, w2, tokens=False)
     out = []
     for v1, v2 in _pairs(w1.variants(), w2.variants()):
         name = e1.tensor_name + (v1 or v2)
-        r1 = _record(e1, name, lambda v1=v1: w1.get(v1, first2), e1.rules, w1.notes.setdefault(v1, []),
-                     _shape_meta(e1) if not v1 else {})
-        r2 = _record(e2, name, lambda v2=v2: w2.get(v2, first1), e2.rules, w2.notes.setdefault(v2, []),
-                     _shape_meta(e2) if not v2 else {})
+        r1 = _record(
+            e1, name, functools.partial(both.get, 1, v1), e1.rules, w1.notes.setdefault(v1, []), _shape_meta(e1) if not v1 else {}
+        )
+        r2 = _record(
+            e2, name, functools.partial(both.get, 2, v2), e2.rules, w2.notes.setdefault(v2, []), _shape_meta(e2) if not v2 else {}
+        )
         out.append((r1, r2))
     return out
 
 
-def _token_pairs(e1: _Entry, matches: list[tuple[int, _Entry]], step: int, info1: dict[int, Any], info2: dict[int, Any],
-                 key1: Callable[[str], str], key2: Callable[[str], str]) -> list[tuple[TensorRecord, TensorRecord]]:
+def _token_pairs(
+    e1: _Entry,
+    matches: list[tuple[int, _Entry]],
+    step: int,
+    info1: dict[int, Any],
+    info2: dict[int, Any],
+    key1: Callable[[str], str],
+    key2: Callable[[str], str],
+) -> list[tuple[TensorRecord, TensorRecord]]:
+    """Run 1's tensor of one step against the rows of run 2's tensors, from whichever steps hold the same tokens."""
     w1 = _Whole(e1)
-    w2s = [(s2, _Whole(e2)) for s2, e2 in matches]
-    v2s = w2s[0][1].variants()
+    per_step = [(s2, _Both(w1, _Whole(e2), tokens=True)) for s2, e2 in matches]
+    v2s = per_step[0][1].sides[2].variants()
     state: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def both(v1: str, v2: str) -> tuple[torch.Tensor, torch.Tensor]:
         if (v1, v2) in state:
             return state[(v1, v2)]
-        t1 = w1.get(v1, lambda: None)
+        t1 = per_step[0][1].get(1, v1)
         rows1 = rows_by_token(t1, info1[step], key1) if step in info1 else None
         if rows1 is None:
             raise AlignmentError(f"run 1's tensor {tuple(t1.shape)} is not laid out by tokens")
         rows2: dict[tuple[str, int], torch.Tensor] = {}
-        for s2, w2 in w2s:
+        for s2, pair in per_step:
             if s2 not in info2:
                 continue
-            t2 = w2.get(v2 if v2 in w2.variants() else w2.variants()[0], lambda t1=t1: t1)
-            r = rows_by_token(t2, info2[s2], key2)
+            w2 = pair.sides[2]
+            r = rows_by_token(pair.get(2, v2 if v2 in w2.variants() else w2.variants()[0]), info2[s2], key2)
             if r:
                 rows2.update(r)
         common = [k for k in rows1 if k in rows2]
@@ -311,12 +364,18 @@ def _token_pairs(e1: _Entry, matches: list[tuple[int, _Entry]], step: int, info1
 
     out = []
     e2 = matches[0][1]
+    w2 = per_step[0][1].sides[2]
     for v1, v2 in _pairs(w1.variants(), v2s):
         name = e1.tensor_name + (v1 or v2)
-        notes2 = w2s[0][1].notes.setdefault(v2, [])
-        r1 = _record(e1, name, lambda v1=v1, v2=v2: both(v1, v2)[0], e1.rules, w1.notes.setdefault(v1, []), {})
-        r2 = _record(e2, name, lambda v1=v1, v2=v2: both(v1, v2)[1], e2.rules + ["rows gathered by (request, position)"],
-                     notes2, {})
+        r1 = _record(e1, name, functools.partial(lambda a, b: both(a, b)[0], v1, v2), e1.rules, w1.notes.setdefault(v1, []), {})
+        r2 = _record(
+            e2,
+            name,
+            functools.partial(lambda a, b: both(a, b)[1], v1, v2),
+            e2.rules + ["rows gathered by (request, position)"],
+            w2.notes.setdefault(v2, []),
+            {},
+        )
         out.append((r1, r2))
     return out
 
@@ -345,19 +404,29 @@ def align_runs(run1: Run, run2: Run, spec: MappingSpec) -> tuple[Run, Run, list[
     for s, rows in c1.items():
         calls1, calls2 = [], []
         for name, src, entries in rows:
-            v1, v2 = (ModuleCall(step=s, dirname=name, module=name, cls=src.cls, seq_start=src.seq_start, seq_end=src.seq_end,
-                                 position=src.position) for _ in range(2))
+            v1, v2 = (
+                ModuleCall(
+                    step=s,
+                    dirname=name,
+                    module=name,
+                    cls=src.cls,
+                    seq_start=src.seq_start,
+                    seq_end=src.seq_end,
+                    position=src.position,
+                )
+                for _ in range(2)
+            )
             for e in entries:
                 matches = index2.get((name, e.kind, e.ident), [])
                 if not by_tokens:
                     matches = [(s2, e2) for s2, e2 in matches if s2 == s]
                 if not matches:
                     w = _Whole(e)
-                    v1.outputs.append(_record(e, e.tensor_name, lambda w=w: w.get("", lambda: None), e.rules,
-                                              w.notes.setdefault("", []), {}))
+                    v1.outputs.append(
+                        _record(e, e.tensor_name, functools.partial(w.get, "", _nothing), e.rules, w.notes.setdefault("", []), {})
+                    )
                     continue
-                pairs = (_token_pairs(e, matches, s, info1, info2, key1, key2) if by_tokens
-                         else _step_pairs(e, matches[0][1]))
+                pairs = _token_pairs(e, matches, s, info1, info2, key1, key2) if by_tokens else _step_pairs(e, matches[0][1])
                 for rec1, rec2 in pairs:
                     getattr(v1, e.kind).append(rec1)
                     getattr(v2, e.kind).append(rec2)
@@ -373,9 +442,10 @@ def align_runs(run1: Run, run2: Run, spec: MappingSpec) -> tuple[Run, Run, list[
                 v = ModuleCall(step=s, dirname=name, module=name, cls=src.cls, position=10**6 + src.position)
                 for e in entries:
                     w = _Whole(e)
-                    getattr(v, e.kind).append(_record(e, e.tensor_name, lambda w=w: w.get("", lambda: None), e.rules,
-                                                      w.notes.setdefault("", []), {}))
+                    getattr(v, e.kind).append(
+                        _record(e, e.tensor_name, functools.partial(w.get, "", _nothing), e.rules, w.notes.setdefault("", []), {})
+                    )
                 steps2[s].calls.append(v)
-    v1 = Run(path=run1.path, manifest=run1.manifest, steps=steps1, layout=run1.layout, problems=run1.problems)
-    v2 = Run(path=run2.path, manifest=run2.manifest, steps=steps2, layout=run2.layout, problems=run2.problems)
-    return v1, v2, notes
+    aligned1 = Run(path=run1.path, manifest=run1.manifest, steps=steps1, layout=run1.layout, problems=run1.problems)
+    aligned2 = Run(path=run2.path, manifest=run2.manifest, steps=steps2, layout=run2.layout, problems=run2.problems)
+    return aligned1, aligned2, notes

@@ -21,8 +21,8 @@ import importlib.metadata as md
 import os
 import runpy
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ...config import LogConfig, load_config
 from ...errors import ConfigError, DependencyError, UsageError
@@ -68,8 +68,11 @@ def _check_output_dir(cfg: LogConfig) -> None:
 def _warn_if_excluded() -> None:
     plugins = os.environ.get("VLLM_PLUGINS")
     if plugins is not None and "tensorlog" not in [p.strip() for p in plugins.split(",")]:
-        print(f"tensorlog: warning: VLLM_PLUGINS={plugins!r} does not include 'tensorlog': vLLM will not load it and "
-              "nothing will be logged; add tensorlog to the list, or unset VLLM_PLUGINS", file=sys.stderr)
+        print(
+            f"tensorlog: warning: VLLM_PLUGINS={plugins!r} does not include 'tensorlog': vLLM will not load it and "
+            "nothing will be logged; add tensorlog to the list, or unset VLLM_PLUGINS",
+            file=sys.stderr,
+        )
 
 
 @contextlib.contextmanager
@@ -136,8 +139,10 @@ def launch(command: str, argv: list[str]) -> int:
         _warn_if_excluded()
     if command == "run":
         if not rest:
-            raise UsageError("usage: tensorlog vllm run SCRIPT.py [script args] "
-                             "[--intermediate-log-config JSON | --intermediate-log-config-path FILE]")
+            raise UsageError(
+                "usage: tensorlog vllm run SCRIPT.py [script args] "
+                "[--intermediate-log-config JSON | --intermediate-log-config-path FILE]"
+            )
         script = rest[0]
         if not Path(script).is_file():
             raise UsageError(f"no such script: {script}")

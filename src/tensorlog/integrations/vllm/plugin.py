@@ -33,8 +33,9 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -82,7 +83,7 @@ class PassDumpConfig:
         self.folder, self.layers, self.skip_passes = folder, layers, skip_passes
 
     @classmethod
-    def from_env(cls) -> "PassDumpConfig | None":
+    def from_env(cls) -> PassDumpConfig | None:
         folder = os.environ.get("VLLM_DEBUG_TENSOR_DUMP_OUTPUT_FOLDER")
         if not folder:
             return None
@@ -254,7 +255,7 @@ def _wrap_runner_class(cls: type) -> None:
                 _guard(steps.end)
 
     execute_model._tensorlog = True  # type: ignore[attr-defined]
-    klass.execute_model = execute_model
+    klass.execute_model = execute_model  # type: ignore[attr-defined]
 
     if orig_sample is not None:
 
@@ -267,7 +268,7 @@ def _wrap_runner_class(cls: type) -> None:
                 if steps is not None:
                     _guard(steps.end)
 
-        klass.sample_tokens = sample_tokens
+        klass.sample_tokens = sample_tokens  # type: ignore[attr-defined]
 
 
 def _guard(fn: Callable[..., None], *args: Any) -> None:
@@ -280,7 +281,13 @@ def _guard(fn: Callable[..., None], *args: Any) -> None:
 
 def _rank_layout(vllm_config: Any) -> dict[str, int]:
     pc = vllm_config.parallel_config
-    out = {"tp_size": int(pc.tensor_parallel_size), "pp_size": int(pc.pipeline_parallel_size), "tp_rank": 0, "pp_rank": 0, "rank": 0}
+    out = {
+        "tp_size": int(pc.tensor_parallel_size),
+        "pp_size": int(pc.pipeline_parallel_size),
+        "tp_rank": 0,
+        "pp_rank": 0,
+        "rank": 0,
+    }
     try:
         from vllm.distributed import parallel_state as ps
 
@@ -328,8 +335,8 @@ class _Plugin:
         except ImportError as e:  # a vLLM whose layout we do not know: say so, change nothing
             logger.warning("tensorlog: this vLLM has no %s; intermediate logging is unavailable", e.name)
             return
-        EngineArgs.create_engine_config = self._wrap_engine_config(EngineArgs.create_engine_config)
-        Worker.load_model = self._wrap_load_model(Worker.load_model)
+        EngineArgs.create_engine_config = self._wrap_engine_config(EngineArgs.create_engine_config)  # type: ignore[method-assign]
+        Worker.load_model = self._wrap_load_model(Worker.load_model)  # type: ignore[method-assign]
 
     def _wrap_engine_config(self, orig: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(orig)

@@ -15,27 +15,46 @@ import torch
 __all__ = ["shard_layouts"]
 
 
-def _layout(m: torch.nn.Module) -> dict[str, Any] | None:
+def _layout(m: Any) -> dict[str, Any] | None:
     names = {k.__name__ for k in type(m).__mro__}
     tp = int(getattr(m, "tp_size", 1) or 1)
     if "QKVParallelLinear" in names:
         head, v_head = int(m.head_size), int(getattr(m, "v_head_size", m.head_size))
         replicas = int(getattr(m, "num_kv_head_replicas", 1) or 1)
-        return {"rule": "concat_parts", "dim": -1, "layer": "QKVParallelLinear", "inputs": "replicated",
-                "parts": [int(m.num_heads) * head, int(m.num_kv_heads) * head, int(m.num_kv_heads) * v_head],
-                "replicas": [1, replicas, replicas]}
+        return {
+            "rule": "concat_parts",
+            "dim": -1,
+            "layer": "QKVParallelLinear",
+            "inputs": "replicated",
+            "parts": [int(m.num_heads) * head, int(m.num_kv_heads) * head, int(m.num_kv_heads) * v_head],
+            "replicas": [1, replicas, replicas],
+        }
     if "MergedColumnParallelLinear" in names:
-        return {"rule": "concat_parts", "dim": -1, "layer": "MergedColumnParallelLinear", "inputs": "replicated",
-                "parts": [int(s) // tp for s in m.output_sizes]}
+        return {
+            "rule": "concat_parts",
+            "dim": -1,
+            "layer": "MergedColumnParallelLinear",
+            "inputs": "replicated",
+            "parts": [int(s) // tp for s in m.output_sizes],
+        }
     if "ColumnParallelLinear" in names:
         gathered = bool(getattr(m, "gather_output", False))
-        return {"rule": "replicated" if gathered else "concat", "dim": -1, "inputs": "replicated",
-                "layer": f"ColumnParallelLinear(gather_output={gathered})"}
+        return {
+            "rule": "replicated" if gathered else "concat",
+            "dim": -1,
+            "inputs": "replicated",
+            "layer": f"ColumnParallelLinear(gather_output={gathered})",
+        }
     if "RowParallelLinear" in names:
         reduced = bool(getattr(m, "reduce_results", True))
-        return {"rule": "replicated" if reduced else "partial_sum", "dim": -1,
-                "inputs": "concat" if getattr(m, "input_is_parallel", True) else "replicated",
-                "layer": f"RowParallelLinear(reduce_results={reduced})"}
+        return {
+            "rule": "replicated" if reduced else "partial_sum",
+            "dim": -1,
+            "inputs": "concat" if getattr(m, "input_is_parallel", True) else "replicated",
+            "layer": f"RowParallelLinear(reduce_results={reduced})",
+        }
+    if type(m).__name__.endswith("AndMul"):  # SiluAndMul, GeluAndMul: act(gate) * up over a merged column output
+        return {"rule": "concat", "dim": -1, "inputs": "concat_halves", "layer": type(m).__name__}
     if "ParallelLMHead" in names:
         return None  # its weight is used by the logits processor; the module itself is not called
     if "VocabParallelEmbedding" in names:
