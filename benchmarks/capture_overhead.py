@@ -1,18 +1,28 @@
-"""Capture overhead: forward-time ratio against no tool, tensorlog beside its peers, in one run.
+"""Capture overhead: forward time with each tool, as a ratio against no tool, in one run, beside the physical floor.
 
-Usage (the peers need `make .venv-peers/.done`; `make bench` runs this there):
+Usage (the peers need the peers' venv: ``make bench`` runs it there):
 
-    python benchmarks/capture_overhead.py [--model issue8|big] [--reps 7] [--device cpu|cuda] [--no-peers]
+    python benchmarks/capture_overhead.py [--model issue8|big] [--reps 10] [--rounds 3]
+                                          [--dir DIR] [--no-peers] [--device cpu|cuda]
 
 Models: ``issue8`` is a tiny HF Llama (hidden 256, intermediate 688, 4 layers, 4 heads,
 vocab 2000, one sequence of 128 tokens, float32, ``use_cache=False``); ``big`` is the built-in
 Llama-style model at hidden 1024, 8 layers, seq 256 (compute dominates).
 
-Every variant selects all modules and every step. Each is set up once (untimed), then its
-forwards are timed; tensorlog's include getting the data to disk (``flush()``), as the peers
-write synchronously. All variants run in turn, twice, and the median forward is reported. msProbe's debugger is a process-wide singleton that wraps torch APIs, and
-TorchLens wraps torch functions for good, so each peer runs in a fresh process that times its own
-no-tool baseline the same way; each ratio is against the baseline of its own process.
+Every variant selects all modules and every step. A step returns only once its files are
+written (tensorlog's default), so each forward's time includes getting its data out of the
+process; the peers write synchronously too. Output goes to ``--dir`` (default: a directory
+under the current one, i.e. the machine's disk); the file system is printed, and a RAM disk is
+labelled as such. Between variants the output is synced and deleted (untimed), so one variant's
+writeback does not slow the next. Variants run in turn, ``--rounds`` times; the median forward
+is reported.
+
+The floors: **full tensors** = the forward plus writing the bytes tensorlog wrote per step at
+the speed ``dd oflag=direct`` measures on the same disk, in the same run; **statistics** = bare
+forward hooks that take the same four reductions of each output and read them back once per
+step, with no bookkeeping. msProbe's debugger is a process-wide singleton that wraps torch APIs
+and TorchLens wraps torch functions for good, so each peer runs in a process of its own that
+times its own no-tool baseline; its ratio is against that baseline.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -68,7 +79,7 @@ def build(kind: str, device: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model, {"input_ids": torch.randint(0, 8192, (1, 256)).to(device)}
 
 
-# A variant sets itself up (untimed), yields the function to time once per forward, and cleans up.
+# A variant sets itself up (untimed) and yields the function to time once per forward.
 Variant = Callable[[torch.nn.Module, dict[str, Any], Path], "contextmanager[Callable[[], None]]"]
 
 
@@ -90,19 +101,24 @@ def no_tool(model, inputs, out) -> Iterator[Callable[[], None]]:
 def tensorlog_variant(**cfg: Any) -> Variant:
     @contextmanager
     def go(model, inputs, out):
-        with tensorlog.capture(model, {"output_dir": str(out), "log_step_ids": [], **cfg}) as run:
-
-            def forward() -> None:
-                run_forward(model, inputs)
-                run.flush()  # the cost of getting the data to disk counts
-
-            yield forward
+        with tensorlog.capture(model, {"output_dir": str(out), "run_name": "run", "log_step_ids": [], **cfg}) as run:
+            yield lambda: run_forward(model, inputs)
+            run.flush()  # async_write: the tail is written before the next variant runs (untimed)
+        go.bytes_per_step = _bytes_per_step(run.path)  # type: ignore[attr-defined]
 
     return go
 
 
+def _bytes_per_step(run_dir: Path) -> float:
+    if not (run_dir / "run.json").exists():  # disabled
+        return 0.0
+    m = json.loads((run_dir / "run.json").read_text())
+    steps = sum(b - a + 1 for a, b in m["steps_written"]) or 1
+    return m["bytes_written"] / steps
+
+
 @contextmanager
-def _output_hooks(model, inputs, on_output: Callable[[str, torch.Tensor], None]) -> Iterator[Callable[[], None]]:
+def _output_hooks(model, inputs, on_output: Callable[[str, torch.Tensor], None], at_end=None) -> Iterator[Callable[[], None]]:
     """A forward hook on every module passing its (first) tensor output to ``on_output``: the naive peers."""
 
     def make(name: str):
@@ -114,62 +130,113 @@ def _output_hooks(model, inputs, on_output: Callable[[str, torch.Tensor], None])
         return hook
 
     handles = [m.register_forward_hook(make(n)) for n, m in model.named_modules() if n]
+
+    def forward() -> None:
+        run_forward(model, inputs)
+        if at_end is not None:
+            at_end()
+
     try:
-        yield lambda: run_forward(model, inputs)
+        yield forward
     finally:
         for h in handles:
             h.remove()
 
 
 def torch_save_hooks(model, inputs, out):
-    """The naive peer: torch.save of each module's output."""
-    return _output_hooks(model, inputs, lambda n, t: torch.save(t.detach().cpu().clone(), out / f"{n}.pt"))
+    """The naive peer: ``torch.save`` of each module's output, in the hook."""
+    step = [0]
+
+    def save(n: str, t: torch.Tensor) -> None:
+        d = out / f"step_{step[0]}"
+        d.mkdir(exist_ok=True)
+        torch.save(t.detach().cpu(), d / f"{n}.pt")
+
+    def next_step() -> None:
+        step[0] += 1
+
+    return _output_hooks(model, inputs, save, next_step)
 
 
-def stats_list_hooks(model, inputs, out):
-    """The other naive peer: max/min/mean/norm of each output into a Python list."""
-    stats: list[list[float]] = []
+def bare_stat_hooks(model, inputs, out):
+    """The statistics floor: min, max, mean and the centred norm of each output, read back once per step."""
+    parts: list[torch.Tensor] = []
 
-    def record(n: str, t: torch.Tensor) -> None:
+    def reduce(n: str, t: torch.Tensor) -> None:
         if t.is_floating_point():
-            stats.append([t.max().item(), t.min().item(), t.mean().item(), t.norm().item()])
+            x = t.detach()
+            mn, mx = torch.aminmax(x)
+            mean = x.mean()
+            parts.extend((mn, mx, mean, torch.dist(x, mean)))
 
-    return _output_hooks(model, inputs, record)
+    def read_back() -> None:
+        if parts:
+            torch.stack(parts).tolist()
+            parts.clear()
+
+    return _output_hooks(model, inputs, reduce, read_back)
 
 
 OURS: dict[str, Variant] = {
     "no tool": no_tool,
     "tensorlog: disabled": tensorlog_variant(enabled=False),
     "tensorlog: enabled, step not selected": tensorlog_variant(log_step_ids=[10**9]),
-    "tensorlog: statistics, all modules": tensorlog_variant(mode="statistics"),
-    "tensorlog: full tensors, all modules": tensorlog_variant(),
+    "tensorlog: statistics": tensorlog_variant(mode="statistics"),
     "tensorlog: statistics, op level": tensorlog_variant(mode="statistics", level="op"),
-    "hooks: torch.save per module": torch_save_hooks,
-    "hooks: max/min/mean/norm into a list": stats_list_hooks,
+    "tensorlog: full tensors, reference layout": tensorlog_variant(),
+    "tensorlog: full tensors, packed layout": tensorlog_variant(layout="packed"),
+    "tensorlog: full tensors, packed, async_write": tensorlog_variant(layout="packed", async_write=True),
+    "floor (statistics): the same reductions in bare hooks": bare_stat_hooks,
+    "hooks: torch.save of each output": torch_save_hooks,
 }
 
 
 def time_variants(
-    variants: dict[str, Variant], model, inputs, reps: int, device: str, out: Path, rounds: int = 2
+    variants: dict[str, Variant], model, inputs, reps: int, device: str, out: Path, rounds: int
 ) -> dict[str, list[float]]:
-    """Each variant set up once, then ``reps`` timed forwards; all variants in turn, ``rounds`` times."""
+    """Each variant set up once per round, then ``reps`` timed forwards; all variants in turn."""
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(3):
         run_forward(model, inputs)
     for _ in range(rounds):
         for name, make in variants.items():
-            d = out / f"{''.join(c if c.isalnum() else '_' for c in name)}"
+            d = out / re.sub(r"\W+", "_", name)
             d.mkdir(parents=True, exist_ok=True)
             with make(model, inputs, d) as forward:
-                forward()
+                forward()  # warm-up: first-call costs (file-name caches, the first step's directory)
                 for _ in range(reps):
                     _sync(device)
                     t0 = time.perf_counter()
                     forward()
                     _sync(device)
                     times[name].append(time.perf_counter() - t0)
+            os.sync()
             shutil.rmtree(d, ignore_errors=True)
     return times
+
+
+def dd_direct(out: Path, mib: int = 1024) -> float:
+    """Bytes per second that ``dd oflag=direct`` writes to ``out``'s disk."""
+    target = out / "dd.bin"
+    r = subprocess.run(
+        ["dd", "if=/dev/zero", f"of={target}", "bs=4M", f"count={mib // 4}", "oflag=direct"], capture_output=True, text=True
+    )
+    target.unlink(missing_ok=True)
+    m = re.search(r"([\d.]+) s, ", r.stderr)
+    return mib * (1 << 20) / float(m.group(1)) if m else float("nan")
+
+
+def filesystem(path: Path) -> str:
+    """``<type> on <device>`` for the mount that holds ``path``."""
+    best, found = "", "unknown"
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            dev, mnt, fstype = line.split()[:3]
+            if str(path.resolve()).startswith(mnt) and len(mnt) >= len(best):
+                best, found = mnt, f"{fstype} on {dev}"
+    except OSError:
+        pass
+    return found + (" (a RAM disk)" if found.startswith(("tmpfs", "ramfs")) else "")
 
 
 # -- peers, each in a process of its own ----------------------------------------------------------
@@ -228,21 +295,37 @@ PEERS: dict[str, Callable[[], Variant]] = {
 
 def peer_child(args: argparse.Namespace) -> None:
     model, inputs = build(args.model, args.device)
-    out = Path(tempfile.mkdtemp(prefix="tensorlog-bench-peer-"))
-    # msProbe's debugger is one per process: one round, baseline before and after it
-    times = time_variants(
-        {"no tool": no_tool, args.peer: PEERS[args.peer]()}, model, inputs, args.reps, args.device, out, rounds=1
-    )
-    times["no tool"] += time_variants({"no tool": no_tool}, model, inputs, args.reps, args.device, out, rounds=1)["no tool"]
+    out = Path(tempfile.mkdtemp(prefix="tensorlog-bench-peer-", dir=args.dir))
+    # msProbe's debugger is one per process: one setup, baseline before and after it
+    times = time_variants({"no tool": no_tool, args.peer: PEERS[args.peer]()}, model, inputs, args.reps, args.device, out, 1)
+    times["no tool"] += time_variants({"no tool": no_tool}, model, inputs, args.reps, args.device, out, 1)["no tool"]
     shutil.rmtree(out, ignore_errors=True)
     print(json.dumps(times))
+
+
+def run_peers(args: argparse.Namespace) -> list[tuple[str, float, float, str]]:
+    rows = []
+    for peer in PEERS:
+        cmd = [sys.executable, __file__, "--peer", peer, "--model", args.model, "--reps", str(args.reps)]
+        cmd += ["--device", args.device, "--dir", args.dir]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["?"])[-1]
+            rows.append((peer, float("nan"), float("nan"), f"failed: {last[:80]}"))
+            continue
+        pt = json.loads(r.stdout.strip().splitlines()[-1])
+        med = statistics.median(pt[peer])
+        rows.append((peer, med, med / statistics.median(pt["no tool"]), "own process"))
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=["issue8", "big"], default="issue8")
     ap.add_argument("--reps", type=int, default=10, help="timed forwards per variant and round")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dir", default=".", help="where the variants write (default: here, on this machine's disk)")
     ap.add_argument("--no-peers", action="store_true", help="skip msProbe and TorchLens")
     ap.add_argument("--peer", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -250,43 +333,31 @@ def main() -> None:
         peer_child(args)
         return
     model, inputs = build(args.model, args.device)
-    out = Path(tempfile.mkdtemp(prefix="tensorlog-bench-"))
-    times = time_variants(OURS, model, inputs, args.reps, args.device, out)
-    shutil.rmtree(out, ignore_errors=True)
+    out = Path(tempfile.mkdtemp(prefix="tensorlog-bench-", dir=args.dir))
+    try:
+        disk = dd_direct(out)
+        times = time_variants(OURS, model, inputs, args.reps, args.device, out, args.rounds)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
     base = statistics.median(times["no tool"])
-    rows = [(name, statistics.median(ts), statistics.median(ts) / base) for name, ts in times.items()]
+    rows = [(name, statistics.median(ts), statistics.median(ts) / base, "") for name, ts in times.items()]
+    packed = OURS["tensorlog: full tensors, packed layout"].bytes_per_step  # type: ignore[attr-defined]
+    floor = base + packed / disk
+    rows.append(
+        ("floor (full tensors): forward + bytes at dd oflag=direct speed", floor, floor / base, f"{packed / 1e6:.1f} MB per step")
+    )
     if not args.no_peers:
-        for peer in PEERS:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--peer",
-                peer,
-                "--model",
-                args.model,
-                "--reps",
-                str(args.reps),
-                "--device",
-                args.device,
-            ]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                last = (r.stderr.strip().splitlines() or ["?"])[-1]
-                rows.append((f"{peer} (failed: {last[:80]})", float("nan"), float("nan")))
-                continue
-            pt = json.loads(r.stdout.strip().splitlines()[-1])
-            own = statistics.median(pt["no tool"])
-            med = statistics.median(pt[peer])
-            rows.append((peer, med, med / own))
+        rows += run_peers(args)
     n_modules = sum(1 for n, _ in model.named_modules() if n)
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or platform.machine())
     print(
-        f"# capture overhead: model {args.model} ({n_modules} modules), device {args.device} ({dev}), "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, median of {args.reps}"
+        f"# capture overhead: model {args.model} ({n_modules} modules), {args.device} ({dev}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} cores; output on {filesystem(Path(args.dir))}, "
+        f"dd oflag=direct {disk / 1e9:.2f} GB/s; median of {args.rounds} x {args.reps} forwards"
     )
-    print("| variant | median ms | ratio vs no tool |\n|---|---:|---:|")
-    for name, med, ratio in rows:
-        print(f"| {name} | {med * 1e3:.1f} | {ratio:.2f}x |")
+    print("| variant | median ms | ratio vs no tool | note |\n|---|---:|---:|---|")
+    for name, med, ratio, note in rows:
+        print(f"| {name} | {med * 1e3:.1f} | {ratio:.2f}x | {note} |")
 
 
 if __name__ == "__main__":

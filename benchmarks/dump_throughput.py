@@ -2,6 +2,8 @@
 
 Usage: python benchmarks/dump_throughput.py [--gb 8] [--tensor-mb 32] [--dir DIR] [--compare]
 
+Both layouts are measured, each writing about ``--gb`` GB.
+
 A model of ``Scale`` layers (each output a new 32 MiB tensor) is captured for many steps until
 about ``--gb`` GB have been written; the rate counts the whole run, the final flush included.
 In the same run, ``dd if=/dev/zero of=DIR/dd.bin bs=16M oflag=direct`` measures what the disk
@@ -26,6 +28,9 @@ import torch
 
 import tensorlog
 
+sys.path.insert(0, str(Path(__file__).parent))
+from capture_overhead import filesystem
+
 
 class Scale(torch.nn.Module):
     def __init__(self, factor: float) -> None:
@@ -36,7 +41,7 @@ class Scale(torch.nn.Module):
         return x * self.factor
 
 
-def dump(root: Path, name: str, gb: float, tensor_mb: int, noise: float) -> tuple[int, float]:
+def dump(root: Path, name: str, gb: float, tensor_mb: int, noise: float, layout: str = "reference") -> tuple[int, float]:
     numel = tensor_mb * (1 << 20) // 4
     layers = 8
     model = torch.nn.Sequential(*[Scale(1.0 + 1e-3 * i + noise) for i in range(layers)])
@@ -45,7 +50,7 @@ def dump(root: Path, name: str, gb: float, tensor_mb: int, noise: float) -> tupl
     steps = max(1, int(gb * 1024 / tensor_mb / layers))
     t0 = time.perf_counter()
     with tensorlog.capture(
-        model, {"output_dir": str(root), "run_name": name, "log_step_ids": [], "module_call_match": r"^\d+$"}
+        model, {"output_dir": str(root), "run_name": name, "log_step_ids": [], "module_call_match": r"^\d+$", "layout": layout}
     ) as run:
         with torch.no_grad():
             for _ in range(steps):
@@ -70,22 +75,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gb", type=float, default=8.0)
     ap.add_argument("--tensor-mb", type=int, default=32)
-    ap.add_argument("--dir", help="where to write (default: a temp dir on the same disk as /tmp)")
+    ap.add_argument("--dir", default=".", help="where to write (default: here, on this machine's disk)")
     ap.add_argument("--compare", action="store_true", help="also write a second dump and compare the two")
     args = ap.parse_args()
-    root = Path(args.dir or tempfile.mkdtemp(prefix="tensorlog-dump-"))
-    root.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="tensorlog-dump-", dir=args.dir))
     try:
         disk = dd_direct(root, min(args.gb, 4.0))
-        written, dt = dump(root, "a", args.gb, args.tensor_mb, 0.0)
+        rows = []
+        for layout in ("reference", "packed"):
+            os.sync()
+            written, dt = dump(root, layout, args.gb, args.tensor_mb, 0.0, layout)
+            shutil.rmtree(root / layout, ignore_errors=True)
+            rows.append((layout, written, dt))
         print(
-            f"# sustained dump: {written / 1e9:.2f} GB in {dt:.1f} s, tensors of {args.tensor_mb} MiB, torch {torch.__version__}, {os.cpu_count()} cores"
+            f"# sustained dump: {args.gb:.0f} GB per layout, tensors of {args.tensor_mb} MiB, torch {torch.__version__}, "
+            f"{os.cpu_count()} cores; output on {filesystem(root)}"
         )
-        print("| measure | value |\n|---|---:|")
-        print(f"| dd oflag=direct (same disk, same run) | {disk / 1e9:.2f} GB/s |")
-        print(f"| tensorlog full-tensor capture, sustained | {written / dt / 1e9:.2f} GB/s |")
-        print(f"| capture / direct write | {written / dt / disk:.0%} |")
+        print("| measure | GB/s | of dd oflag=direct |\n|---|---:|---:|")
+        print(f"| dd oflag=direct (same disk, same run) | {disk / 1e9:.2f} | 100% |")
+        for layout, written, dt in rows:
+            print(
+                f"| tensorlog full tensors, {layout} layout, sustained | {written / dt / 1e9:.2f} | {written / dt / disk:.0%} |"
+            )
         if args.compare:
+            dump(root, "a", args.gb, args.tensor_mb, 0.0)
             dump(root, "b", args.gb, args.tensor_mb, 1e-6)
             bench = Path(__file__).with_name("compare_throughput.py")
             out = subprocess.check_output(

@@ -237,8 +237,9 @@ def test_kill_9_mid_run_leaves_a_readable_incomplete_run(tmp_path):
     assert not run.complete
     finished = [s for s in run.steps.values() if s.complete]
     assert len(finished) >= 6
-    # run.json was rewritten after every step, so it names the steps that are whole with no exit handler run
-    assert set(run.manifest.steps_done()) <= {s.index for s in finished} and len(run.manifest.steps_done()) >= 5
+    # run.json is rewritten at most once a second while all goes well: it may lag, but never names a step
+    # that is not whole; the step indexes are what the reader trusts
+    assert set(run.manifest.steps_done()) <= {s.index for s in finished}
     res = tensorlog.compare(tmp_path / "r", tmp_path / "r", steps=[s.index for s in finished])
     assert res.exit_code == 0 and "incomplete" in " ".join(res.notes)
     # temporary files of the killed writer are never read, and the next reader sweeps them

@@ -249,7 +249,8 @@ def test_a_step_is_on_disk_when_the_forward_returns(tmp_path):
             model(x)
             index = run.path / f"step_{step}" / "tensorlog_index.json"
             assert index.exists() and (run.path / f"step_{step}" / "c" / "outputs_cpu.pt").exists()
-            assert json.loads((run.path / "run.json").read_text())["steps_written"] == [[0, step]]
+            assert tensorlog.load_run(run.path).steps[step].complete
+    assert json.loads((run.path / "run.json").read_text())["steps_written"] == [[0, 2]]
 
 
 def test_a_debugger_step_is_on_disk_when_step_returns(tmp_path):

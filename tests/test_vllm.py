@@ -387,9 +387,11 @@ def test_vllm_serve_logs_a_completion_request(model_dir, tmp_path):
         log.close()
     assert (run / "step_0" / "module_calls.txt").read_text() == "model.embed_tokens\nmodel.norm\n"
     assert torch.load(run / "step_0" / "model.embed_tokens" / "inputs_0_cpu.pt").tolist() == [5, 6, 7, 8, 9]
-    # the server's workers were killed, not closed: run.json, rewritten after every step, still says what is whole
+    # the server's workers were killed, not closed: the step indexes say what is whole; run.json (rewritten
+    # at most once a second while all goes well) may lag behind them, never run ahead
     loaded = tensorlog.load_run(run)
-    assert sorted(loaded.steps) == loaded.manifest.steps_done() and all(s.complete for s in loaded.steps.values())
+    assert set(loaded.manifest.steps_done()) <= set(loaded.steps) and all(s.complete for s in loaded.steps.values())
+    assert 0 in loaded.manifest.steps_done()
 
 
 def test_tensor_parallel_ranks_share_one_run_without_collisions(model_dir, tmp_path):

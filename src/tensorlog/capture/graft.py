@@ -50,10 +50,10 @@ class Graft:
                 t = load_tensor_file(f)
             except RunReadError as e:
                 raise GraftError(f"reload_input_dir: cannot use {f}: {e}") from None
-            if list(t.shape) != s.shape or str(t.dtype) != s.dtype:
+            if t.shape != s.shape or t.dtype != s.dtype:
                 raise GraftError(
                     f"reload_input_dir: {f} is {list(t.shape)} {t.dtype}, but {rec.dirname!r} was called "
-                    f"with {s.shape} {s.dtype} ({s.kind} {s.key})"
+                    f"with {list(s.shape or ())} {s.dtype} ({s.kind} {s.key})"
                 )
             loaded[s.path] = t
         if not loaded:

@@ -96,7 +96,7 @@ class CaptureHandle:
             rank=rank,
             layout=layout,
             fmt=config.format,
-            threads=config.writer_threads,
+            threads=config.writer_thread_count,
             max_pending_bytes=config.max_pending_bytes,
             drop=config.on_backpressure == "drop",
             max_total_bytes=config.max_total_bytes,
@@ -177,7 +177,7 @@ class CaptureHandle:
             self._open_step()
 
     def end_step(self, info: dict[str, Any] | None = None) -> None:
-        """Close the open step, take every hook off, and wait until its files are on disk.
+        """Close the open step, wait until its files are on disk, and take every hook off unless the next step is logged.
 
         ``info`` (json-safe: request ids, tokens per request) is recorded in the step's index.
         """
@@ -276,8 +276,9 @@ class CaptureHandle:
         rec = self._recorder
         info = info if info is not None else self._pending_info
         step = rec.end_step(info, raised=raised) if rec.in_step else None
-        self._detach()
         rec.state.advance()
+        if not self._selector.step(rec.state.index) or self._writer is None or self._writer.stopped is not None:
+            self._detach()  # hooks stay on only when the next step is logged too: attaching costs a whole forward's worth
         self._pending_info = None
         assert self._writer is not None
         if step is not None and not self.config.async_write:

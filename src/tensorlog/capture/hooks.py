@@ -85,21 +85,18 @@ class ModuleHooks:
         self._wrapped.append((module, before))
 
     def _pre(self, name: str, calls: frozenset[int] | None) -> Callable[..., Any]:
-        rec = self.recorder
+        enter = self.recorder.enter
 
         def pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            replacement = None
-            with rec.guard(f"hook on {name!r}"):
-                _, replacement = rec.enter(name, type(module).__name__, args, kwargs, calls)
-            return replacement  # None (nothing changes) unless reload_input_dir grafts this call's inputs
+            # None (nothing changes) unless reload_input_dir grafts this call's inputs
+            return enter(name, type(module).__name__, args, kwargs, calls)[1]
 
         return pre_hook
 
     def _post(self, name: str) -> Callable[..., None]:
-        rec = self.recorder
+        leave = self.recorder.leave
 
         def post_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            with rec.guard(f"hook on {name!r}"):
-                rec.leave(name, output, args=args, kwargs=kwargs)
+            leave(name, output, args=args, kwargs=kwargs)
 
         return post_hook

@@ -22,6 +22,8 @@ from .recorder import Recorder
 
 __all__ = ["OpCapture"]
 
+_UNSEEN = object()
+
 
 def _op_table() -> dict[Any, str]:
     F = torch.nn.functional
@@ -73,7 +75,7 @@ class OpCapture:
         self._stack: list[str] = []
         self._mode: _Mode | None = None
         self._counts: dict[str, int] = {}
-        self._selected: dict[str, frozenset[int] | bool | None] = {}
+        self._selected: dict[str, Any] = {}
 
     def attach(self) -> None:
         if self._handles:
@@ -138,18 +140,17 @@ class OpCapture:
         if op is None:
             return func(*args, **kwargs)
         base = f"{self._stack[-1]}.{op}"
-        logged = False
-        with rec.guard(f"op hook on {base!r}"):
-            k = self._counts.get(base, 0)
-            self._counts[base] = k + 1
-            calls = self._selected.get(base, 0)
-            if calls == 0:
+        k = self._counts.get(base, 0)
+        self._counts[base] = k + 1
+        calls = self._selected.get(base, _UNSEEN)
+        if calls is _UNSEEN:
+            calls = False
+            with rec.guard(f"op hook on {base!r}"):
                 calls = self._selected[base] = self.selector.calls_for(base)
-            if calls is not False and (calls is None or k in calls):  # type: ignore[operator]
-                call, _ = rec.enter(f"{base}_{k}", op, args, kwargs, None)
-                logged = call.record is not None
+        logged = False
+        if calls is not False and (calls is None or k in calls):  # type: ignore[operator]
+            logged = rec.enter(f"{base}_{k}", op, args, kwargs, None)[0] is not None
         out = func(*args, **kwargs)
         if logged:
-            with rec.guard(f"op hook on {base!r}"):
-                rec.leave(f"{base}_{k}", out)
+            rec.leave(f"{base}_{k}", out)
         return out

@@ -31,16 +31,7 @@ from ..storage.writer import Writer
 from .snapshot import Snapshotter
 from .steps import StepState
 
-__all__ = ["Recorder", "Call"]
-
-
-class Call:
-    """An open call: its record, or None when this call is not logged."""
-
-    __slots__ = ("record",)
-
-    def __init__(self, record: CallRecord | None) -> None:
-        self.record = record
+__all__ = ["Recorder"]
 
 
 class Recorder:
@@ -52,7 +43,7 @@ class Recorder:
         self.writer = writer
         self.layout = layout
         self.state = StepState()
-        self.snap = Snapshotter(config, selector, rank, layout)
+        self.snap = Snapshotter(config, selector, rank, layout, writer)
         self.graft = graft
         self.paused = False
         self.busy = False
@@ -60,7 +51,8 @@ class Recorder:
         """Called with the module name of each logged call (``stack: true`` records call sites)."""
         self.in_step = False
         self._calls: list[CallRecord] = []
-        self._open: dict[str, list[Call]] = {}
+        self._open: dict[str, list[CallRecord | None]] = {}
+        """Open calls per module name, innermost last: the record, or None for a call not logged."""
         self._dropped: list[dict[str, Any]] = []
         self._last_refused = 0
         self._gradients: list[CallRecord] = []
@@ -89,7 +81,7 @@ class Recorder:
             return None
         self.in_step = False
         step = self.state.index
-        unfinished = [c.record.dirname for calls in self._open.values() for c in calls if c.record is not None]
+        unfinished = [r.dirname for calls in self._open.values() for r in calls if r is not None]
         complete, why = True, None
         if raised is not None or unfinished:
             complete = False
@@ -100,6 +92,7 @@ class Recorder:
         for rec in self._gradients:  # the backward pass has run: its calls are whole now
             rec.seq_end = self.state.tick()
         self._gradients = []
+        self.snap.seal(step)
         parts = self.snap.take_stats()
         end = StepEnd(
             step=step,
@@ -114,15 +107,17 @@ class Recorder:
             gathered = _stats.gather(parts)
             host = []
             for dev, rows, flat in gathered:
-                if dev.type == "cuda":
+                if dev.type == "cuda":  # one copy per step and device; the writer waits for it, not the model
                     pinned = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
                     pinned.copy_(flat, non_blocking=True)
                     host.append((rows, pinned))
-                    end.ready = torch.cuda.Event()
-                    end.ready.record()
+                    ev = torch.cuda.Event()
+                    ev.record()
+                    end.ready.append(ev)
                 else:
                     host.append((rows, flat))
             end.stats = ([len(p) for p in parts], host)
+        end.ready += self.snap.copy_events()  # copies that no writer thread waited for (small values)
         self._calls, self._open = [], {}
         self.writer.end_step(end)
         return step
@@ -138,16 +133,51 @@ class Recorder:
         calls: frozenset[int] | None,
         *,
         backward: bool = False,
-    ) -> tuple[Call, Any]:
-        """A call starts. Returns the open call and, with a graft, the replacement ``(args, kwargs)``."""
+    ) -> tuple[CallRecord | None, Any]:
+        """A call starts: its record (None when not logged) and, with a graft, the replacement ``(args, kwargs)``.
+
+        Safe to call from a hook: an error stops logging instead of reaching the model.
+        """
+        self.busy = True
+        try:
+            return self._enter(name, cls, args, kwargs, calls, backward)
+        except (AnomalyError, GraftError):
+            raise
+        except Exception as e:
+            self.writer.stop(f"hook on {name!r} raised {type(e).__name__}: {e}")
+            return None, None
+        finally:
+            self.busy = False
+
+    def leave(self, name: str, output: Any, *, args: tuple[Any, ...] | None = None, kwargs: dict[str, Any] | None = None) -> None:
+        """The innermost open call of ``name`` returned ``output``; as safe as :meth:`enter`."""
+        self.busy = True
+        try:
+            self._leave(name, output, args, kwargs)
+        except Exception as e:
+            self.writer.stop(f"hook on {name!r} raised {type(e).__name__}: {e}")
+        finally:
+            self.busy = False
+
+    def _enter(
+        self,
+        name: str,
+        cls: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        calls: frozenset[int] | None,
+        backward: bool,
+    ) -> tuple[CallRecord | None, Any]:
         k = self.state.next_call(name)
-        call = Call(None)
-        self._open.setdefault(name, []).append(call)
+        stack = self._open.get(name)
+        if stack is None:
+            stack = self._open[name] = []
+        stack.append(None)
         if (calls is not None and k not in calls) or not self.logging:
-            return call, None
+            return None, None
         leaves, structure = flatten_inputs(args, kwargs)
         if not self._device_selected(leaves):
-            return call, None
+            return None, None
         rec = CallRecord(
             step=self.state.index,
             module=name,
@@ -157,16 +187,15 @@ class Recorder:
             seq_start=self.state.tick(),
             backward=backward,
         )
-        used: set[str] = set()
         job = WriteJob(rec, [], {})
         if "input" in self._directions:
-            if not self._add(job, "inputs", leaves, used):
+            if not self._add(job, "inputs", leaves, set()):
                 self._drop(rec, "call")
-                return call, None
+                return None, None
             rec.structure = structure
             if self._docs:
                 job.docs["inputs"] = ref.describe(tuple(args))
-        call.record = rec
+        stack[-1] = rec
         self._calls.append(rec)
         self.writer.submit(job)
         if self.on_call is not None:
@@ -175,14 +204,13 @@ class Recorder:
         if self.graft is not None and not backward:
             replacement = self.graft.inputs_for(rec, args, kwargs)
             rec.grafted = replacement is not None
-        return call, replacement
+        return rec, replacement
 
-    def leave(self, name: str, output: Any, *, args: tuple[Any, ...] | None = None, kwargs: dict[str, Any] | None = None) -> None:
+    def _leave(self, name: str, output: Any, args: tuple[Any, ...] | None, kwargs: dict[str, Any] | None) -> None:
         stack = self._open.get(name)
         if not stack:
             return
-        call = stack.pop()
-        rec = call.record
+        rec = stack.pop()
         if rec is None:
             return
         rec.seq_end = self.state.tick()
@@ -235,7 +263,13 @@ class Recorder:
             self._last_refused = need
             return False
         job.nbytes += need
-        if self.snap.copy(snaps):  # the copies' stream is in order: an event after the last one covers all
+        copying = self.snap.copy(snaps, leaves, job.step)
+        if copying is None:  # the packed layout's staging memory is full
+            self.writer.unreserve(need)
+            job.nbytes -= need
+            self._last_refused = sum((s.numel or 0) * (s.dtype.itemsize if s.dtype else 0) for s in snaps)
+            return False
+        if copying:  # the copies' stream is in order: an event after the last one covers all
             index = next(torch.device(s.device).index for s in snaps if s.device and s.device.startswith("cuda"))
             job.ready = self.snap.ready_event(index)
         job.snaps.extend(snaps)

@@ -20,6 +20,7 @@ The shared-tensor cache holds weak references only: it never keeps a tensor
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any
 
@@ -31,6 +32,8 @@ from ..schema import reference as ref
 from ..schema.leaves import Leaf, describe_value
 from ..storage import stats as _stats
 from ..storage.records import TensorSnap
+from ..storage.tensorfile import ST_NAMES
+from ..storage.writer import Writer
 
 __all__ = ["Snapshotter"]
 
@@ -38,14 +41,18 @@ __all__ = ["Snapshotter"]
 class Snapshotter:
     """Owned by the model's thread. One per capture; :meth:`begin_step` forgets the previous step."""
 
-    def __init__(self, config: LogConfig, selector: Selector, rank: int | None, layout: str) -> None:
+    def __init__(self, config: LogConfig, selector: Selector, rank: int | None, layout: str, writer: Writer) -> None:
         self.config = config
         self.selector = selector
         self.rank = rank
         self.layout = layout  # "reference", "packed" or "statistics"
+        self.writer = writer
+        self.packed = layout == "packed"
         self.ext = "safetensors" if config.format == "safetensors" else "pt"
         self._seen: dict[int, tuple[weakref.ref[torch.Tensor], int, TensorSnap]] = {}
         self._parts: list[list[torch.Tensor]] = []
+        self._weights: dict[int, tuple[weakref.ref[torch.Tensor], int, TensorSnap]] = {}
+        """Weights whose statistics were taken, across steps (``level: op`` hands them to ops every step)."""
         self._streams: dict[int | None, Any] = {}
 
     def begin_step(self) -> None:
@@ -66,14 +73,13 @@ class Snapshotter:
         snaps: list[TensorSnap] = []
         need = 0
         for path, v in leaves:
-            stem = _unique(names.safe_stem(names.tensor_stem(kind, path)), used)
-            key = "_".join(path) if path else None
             if not isinstance(v, torch.Tensor):
+                stem = _unique(_stem(kind, path), used)
                 snaps.append(
                     TensorSnap(
                         name=f"{stem}_value" + ("" if self.rank is None else f"_rank{self.rank}"),
                         kind=kind,
-                        key=key,
+                        key="_".join(path) if path else None,
                         path=path,
                         stem=stem,
                         tensor=False,
@@ -82,68 +88,134 @@ class Snapshotter:
                 )
                 continue
             t = v.detach()
+            dev = t.device
+            device = _DEVICE_NAMES.get(dev)
+            if device is None:
+                device = _DEVICE_NAMES[dev] = str(dev)
+            stem, key, name, file = _leaf_names(kind, path, device, self.rank, self.ext)
+            if stem in used:  # two leaves whose names collide once made safe for a file system
+                stem = _unique(stem, used)
+                name = names.tensor_file(stem, device, self.rank, "x")[:-2]
+                file = names.tensor_file(stem, device, self.rank, self.ext)
+            else:
+                used.add(stem)
             strided = t.layout == torch.strided
-            device = str(t.device)
+            numel = t.numel()
             s = TensorSnap(
-                name=names.tensor_file(stem, device, self.rank, "x")[:-2],
+                name=name,
                 kind=kind,
                 key=key,
                 path=path,
                 stem=stem,
-                shape=list(t.shape),
-                dtype=str(t.dtype),
+                shape=t.shape,
+                dtype=t.dtype,
                 device=device,
-                stride=list(t.stride()) if strided else None,
-                numel=t.numel(),
-                parameter=isinstance(v, torch.nn.Parameter),
+                stride=t.stride() if strided else None,
+                numel=numel,
+                parameter=type(v) is not torch.Tensor and isinstance(v, torch.nn.Parameter),
             )
-            s.host = v  # the live tensor, until copy() replaces it by a private copy (or drops it)
-            if not self.selector.device(t.device):
+            s.host = t  # the live tensor, until copy() replaces it by a private copy (or drops it)
+            if not self.selector.device(dev):
                 s.skipped = "device_names"
-            elif cfg.max_tensor_size is not None and t.numel() > cfg.max_tensor_size:
+            elif cfg.max_tensor_size is not None and numel > cfg.max_tensor_size:
                 s.skipped = "max_tensor_size"
                 if self.layout == "reference" and path:  # a single output's sidecar would be outputs.json itself
                     s.sidecar = ref.sidecar(t, cfg.max_tensor_size)
             prev = self._seen_before(v) if s.skipped is None else None
             if prev is not None:
                 s.same_as = prev
-                s.file = names.tensor_file(stem, device, self.rank, self.ext) if prev.file else None
+                s.file = file if prev.file else None
+            elif s.parameter and cfg.mode == "statistics":
+                s.stats = self._weight_stats(v)  # a weight is the same every step until something changes it
             elif s.skipped is None and strided:
-                small = t.numel() <= cfg.small_tensor_values
+                small = numel <= cfg.small_tensor_values
                 keep_file = cfg.mode == "tensor"
-                if keep_file or small or cfg.mode == "md5":
-                    need += t.numel() * t.element_size()
-                    s.file = names.tensor_file(stem, device, self.rank, self.ext) if keep_file else None
+                if self.packed and keep_file and t.dtype not in ST_NAMES:
+                    s.skipped = f"{t.dtype} cannot be stored in safetensors"
+                elif self.packed and keep_file:
+                    s.packed_at = (-1, -1)  # placed in the step's stream by copy(); bounded by the writer's arena
+                    s.want_values = small
+                elif keep_file or small or cfg.mode == "md5":
+                    if keep_file or cfg.mode == "md5":  # a few values of a small tensor count as metadata
+                        need += numel * t.element_size()
+                    s.file = file if keep_file else None
                     s.want_values = small
                     s.want_checksum = cfg.mode == "md5"
             snaps.append(s)
         return snaps, need
 
-    def copy(self, snaps: list[TensorSnap]) -> bool:
-        """Make the planned host copies and start the statistics; True when a CUDA copy is in flight."""
+    def copy(self, snaps: list[TensorSnap], originals: list[Leaf], step: int) -> bool | None:
+        """Make the planned host copies and start the statistics; True when a CUDA copy is in flight.
+
+        ``originals`` are the leaves ``snaps`` were planned from: the objects the
+        next call will see again (a detached tensor is a new object each time).
+        None: the packed layout's staging memory was full and back-pressure dropped them.
+        """
         on_cuda = False
-        for s in snaps:
-            live = s.host
-            if live is None or not s.tensor:
+        for s, (_, live) in zip(snaps, originals):
+            t = s.host
+            if t is None or not s.tensor:
                 continue
             s.host = None
-            t = live.detach()
             if s.same_as is not None:
                 continue
-            keep = s.skipped is None and (s.file is not None or s.want_values or s.want_checksum)
             cuda = t.device.type == "cuda"
-            if keep:
+            if s.packed_at is not None and s.skipped is None:
+                if not self._pack(s, t, step):
+                    return None
+                if s.want_values:
+                    s.host = _host_copy(t, self._stream(t.device) if cuda else None)
+                    on_cuda |= cuda
+            elif s.skipped is None and (s.file is not None or s.want_values or s.want_checksum):
                 s.host = _host_copy(t, self._stream(t.device) if cuda else None)
                 on_cuda |= cuda
-            if s.skipped != "device_names":
-                if keep and not cuda and s.host is not None:
-                    s.stats_from_host = True  # the writer takes them from the copy, off this thread
+            kept = s.skipped is None and (s.packed_at is not None or s.file is not None)
+            wanted = s.skipped != "device_names" and (cuda or not kept or self.config.detect_anomaly)
+            if s.parameter and s.skipped is None and self.config.mode == "statistics" and not live.is_inference():
+                if s.stats is None:
+                    self._weights[id(live)] = (weakref.ref(live), live._version, s)
                 else:
-                    s.stats_row = len(self._parts)
-                    self._parts.append(_stats.partial_stats(t))
+                    wanted = False  # taken in an earlier step, and the weight has not changed since
+            if wanted:
+                # a CPU tensor whose data is kept gets its statistics from the file, when a reader wants them
+                s.stats_row = len(self._parts)
+                self._parts.append(_stats.partial_stats(t))
             if s.skipped is None:
                 self._remember(live, s)
         return on_cuda
+
+    def _pack(self, s: TensorSnap, t: torch.Tensor, step: int) -> bool:
+        """Copy ``t`` into the step's packed stream (non-blocking, on the copy stream, for CUDA)."""
+        stream = None
+        src = t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+        if t.device.type == "cuda":
+            stream = self._stream(t.device)
+            stream.wait_stream(torch.cuda.current_stream(t.device))
+            t.record_stream(stream)
+        placed = self.writer.pack(step, src, stream=stream)
+        if placed is None:
+            return False
+        s.packed_at = (placed, placed + int(src.numel()))
+        return True
+
+    def seal(self, step: int) -> None:
+        """The step's last packed chunk goes to the writer (after the copies into it, on CUDA)."""
+        if self.packed:
+            self.writer.seal_pack(step, next(iter(self._streams.values()), None))
+
+    def _weight_stats(self, w: torch.Tensor) -> list[float] | None:
+        """A weight's statistics from an earlier step, if it is unchanged and that step is finished.
+
+        The finishing thread sets ``stats`` once, before the step is finished; capture
+        waits for that (a step returns once it is on disk), so what is read here is whole.
+        """
+        entry = self._weights.get(id(w))
+        if entry is None:
+            return None
+        ref_, version, snap = entry
+        if ref_() is not w or w.is_inference() or w._version != version:
+            return None
+        return snap.stats
 
     def _seen_before(self, t: torch.Tensor) -> TensorSnap | None:
         entry = self._seen.get(id(t))
@@ -168,11 +240,35 @@ class Snapshotter:
             stream = self._streams[device.index] = torch.cuda.Stream(device)
         return stream
 
+    def copy_events(self) -> list[Any]:
+        """One event per copy stream, recorded now: every copy made so far is done once they are."""
+        return [self.ready_event(i) for i in self._streams]
+
     def ready_event(self, device_index: int | None) -> Any:
         """An event recorded on the copy stream: the writer waits on it before reading the copies."""
         ev = torch.cuda.Event()
         ev.record(self._streams.get(device_index))
         return ev
+
+
+_DEVICE_NAMES: dict[torch.device, str] = {}
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _stem(kind: str, path: tuple[str, ...]) -> str:
+    return names.safe_stem(names.tensor_stem(kind, path))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _leaf_names(kind: str, path: tuple[str, ...], device: str, rank: int | None, ext: str) -> tuple[str, str | None, str, str]:
+    """``(stem, key, pairing name, file name)`` of a tensor leaf: the same few thousand every step."""
+    stem = _stem(kind, path)
+    return (
+        stem,
+        "_".join(path) if path else None,
+        names.tensor_file(stem, device, rank, "x")[:-2],
+        names.tensor_file(stem, device, rank, ext),
+    )
 
 
 def _unique(stem: str, used: set[str]) -> str:

@@ -10,9 +10,13 @@ Runs of the same model name their calls identically, so pairing still works.
 
 from __future__ import annotations
 
+import functools
+
 from ..schema import names
 
 __all__ = ["StepState"]
+
+_call_dir = functools.lru_cache(maxsize=1 << 16)(names.call_dir)
 
 
 class StepState:
@@ -50,7 +54,7 @@ class StepState:
 
     def claim_dirname(self, name: str, call_index: int) -> str:
         """The directory name of this logged call, unique within the step; recorded in start order."""
-        base = names.call_dir(name, call_index)
+        base = _call_dir(name, call_index)
         dirname, n = base, 0
         while dirname in self._taken:
             n += 1

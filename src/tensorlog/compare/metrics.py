@@ -202,15 +202,22 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float = 1e-5, ato
 
 
 STAT_COMPARED = ("min", "max", "mean", "std", "abs_max", "l2_norm")
+MEAN_NOISE = 8 * 2.0**-24
+"""How far two float32 sums of the same values may differ, relative to the largest value: a few ulps."""
 
 
 def compare_stats(s1: dict[str, Any], s2: dict[str, Any], *, rtol: float, atol: float) -> tuple[bool, dict[str, float], float]:
     """Compare two statistics dicts: each statistic with the same tolerance test.
 
-    Returns the verdict, the relative error of each statistic, and the worst one.
+    A mean is also allowed the rounding of the float32 sums it came from
+    (:data:`MEAN_NOISE` of the largest value): the mean of a normalised
+    tensor is ~0 and its last bits depend on the summation order, which
+    differs between tools (and between two builds of one), not between the
+    models. Returns the verdict, the relative error of each statistic, and the worst one.
     """
     rel: dict[str, float] = {}
     ok = True
+    scale = max((abs(v) for v in (_num(s1.get("abs_max")), _num(s2.get("abs_max"))) if v is not None and math.isfinite(v)), default=0.0)
     for key in STAT_COMPARED:
         a, b = _num(s1.get(key)), _num(s2.get(key))
         if a is None or b is None:
@@ -224,7 +231,7 @@ def compare_stats(s1: dict[str, Any], s2: dict[str, Any], *, rtol: float, atol: 
             rel[key] = math.inf
             continue
         rel[key] = d / max(abs(a), abs(b))
-        if d > atol + rtol * abs(b):
+        if d > atol + rtol * abs(b) + (MEAN_NOISE * scale if key == "mean" else 0.0):
             ok = False
     for key in ("nan_count", "inf_count"):
         if (s1.get(key) or 0) != (s2.get(key) or 0):

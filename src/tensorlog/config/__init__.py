@@ -71,7 +71,9 @@ class LogConfig(BaseModel):
     async_write: bool = False
     """``false``: a step returns only once its files are on disk. ``true``: the writer catches up in the
     background (faster for throughput; flushed on ``remove()``)."""
-    writer_threads: int = Field(default=2, ge=1, le=32)
+    writer_threads: int | None = Field(default=None, ge=1, le=32)
+    """Threads writing files; default one per four cores, at least one and at most four. On a small host
+    more threads contend with the model for the cores and the GIL."""
     log_post_fwd_inputs: bool = False
     """Also write each call's inputs as they are after the forward (``post_fwd_inputs*``): shows in-place changes."""
     reload_input_dir: str | None = None
@@ -99,6 +101,10 @@ class LogConfig(BaseModel):
     @classmethod
     def _one_mode_is_a_list(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @property
+    def writer_thread_count(self) -> int:
+        return self.writer_threads or max(1, min(4, (os.cpu_count() or 1) // 4))
 
     @property
     def passes(self) -> frozenset[str]:

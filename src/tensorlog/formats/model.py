@@ -9,6 +9,7 @@ typed :class:`Source`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,8 +17,9 @@ from typing import Any
 
 import torch
 
-from ..errors import RunReadError
-from ..schema.records import RunManifest, StepInfo, TensorEntry
+from ..errors import AlignmentError, RunReadError
+from ..schema.records import STAT_KEYS, RunManifest, StepInfo, TensorEntry
+from ..storage.stats import host_stats
 
 __all__ = [
     "Source",
@@ -122,9 +124,18 @@ class TensorRecord:
     def dtype(self) -> str | None:
         return self.entry.dtype
 
-    @property
+    @functools.cached_property
     def stats(self) -> dict[str, Any] | None:
-        return self.entry.stats.model_dump() if self.entry.stats is not None else None
+        """As captured, or, where capture kept the data instead (tensor mode on CPU), taken from it now."""
+        if self.entry.stats is not None:
+            return self.entry.stats.model_dump()
+        if self.source is None or self.error is not None:
+            return None
+        try:
+            row = host_stats(self.load())
+        except (RunReadError, AlignmentError):
+            return None
+        return dict(zip(STAT_KEYS, row[:6] + [int(row[6]), int(row[7])])) if row is not None else None
 
     @property
     def checksum(self) -> str | None:

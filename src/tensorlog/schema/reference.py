@@ -10,6 +10,7 @@ recurses until Python gives up).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any
@@ -69,9 +70,18 @@ def _key(k: Any) -> Any:
     return k if k is None or isinstance(k, (str, int, float, bool)) else str(k)
 
 
+@functools.lru_cache(maxsize=4096)
+def _pretty(compact: str) -> bytes:
+    return json.dumps(json.loads(compact), indent=2).encode()
+
+
 def dumps(doc: Any) -> bytes:
-    """Formatted as the reference writes it: ``json.dump(doc, f, indent=2)``."""
-    return json.dumps(doc, indent=2).encode()
+    """Formatted as the reference writes it: ``json.dump(doc, f, indent=2)``.
+
+    ``indent`` takes json's pure-Python encoder; a call's description is the
+    same every step, so it is formatted once per distinct document.
+    """
+    return _pretty(json.dumps(doc))
 
 
 def sidecar(t: torch.Tensor, limit: int) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import torch
 
 from ..schema import names
 
-__all__ = ["write_atomic", "write_in_place", "link_atomic", "sweep_temps", "DIRECT_MIN_BYTES", "Chunk"]
+__all__ = ["write_atomic", "write_in_place", "link_atomic", "make_dir", "sweep_temps", "DIRECT_MIN_BYTES", "Chunk"]
 
 Chunk = bytes | bytearray | memoryview
 DIRECT_MIN_BYTES = 8 << 20
@@ -48,6 +48,16 @@ def write_atomic(path: str | Path, chunks: Sequence[Chunk]) -> int:
         _unlink_quietly(tmp)
         raise
     return total
+
+
+def make_dir(d: Path) -> None:
+    """``mkdir -p`` at the cost of one ``mkdir`` when the parent exists (almost always)."""
+    try:
+        os.mkdir(d)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        d.mkdir(parents=True, exist_ok=True)
 
 
 def _write_buffered(path: str, views: list[memoryview]) -> None:

@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["TensorSnap", "CallRecord", "WriteJob", "StepEnd"]
+from .arena import Chunk
+
+__all__ = ["TensorSnap", "CallRecord", "WriteJob", "ChunkJob", "StepEnd"]
 
 
 @dataclass(slots=True, eq=False)
@@ -25,10 +27,11 @@ class TensorSnap:
     path: tuple[str, ...]
     stem: str
     tensor: bool = True
-    shape: list[int] | None = None
-    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
+    dtype: torch.dtype | None = None
+    """As torch gives them (made strings once, by the writer): the hook does no formatting."""
     device: str | None = None
-    stride: list[int] | None = None
+    stride: tuple[int, ...] | None = None
     numel: int | None = None
     parameter: bool = False
     value: dict[str, Any] | None = None
@@ -38,12 +41,13 @@ class TensorSnap:
     host: torch.Tensor | None = None
     stats_row: int | None = None
     """Row of this tensor's statistics in the step's device-side statistics (computed in the hook)."""
-    stats_from_host: bool = False
     want_values: bool = False
     want_checksum: bool = False
     same_as: TensorSnap | None = None
     """An earlier snapshot of the same, unchanged tensor in this step: its file is linked, its statistics shared."""
     sidecar: dict[str, Any] | None = None
+    packed_at: tuple[int, int] | None = None
+    """``layout: packed``: where its bytes lie in the step's data stream (start, end)."""
     # filled in by the writer
     stats: list[float] | None = None
     values: Any = None
@@ -70,6 +74,14 @@ class CallRecord:
 
 
 @dataclass(slots=True, eq=False)
+class ChunkJob:
+    """A full staging chunk of a step's packed data, to write at its place in the step's file."""
+
+    step: int
+    chunk: Chunk
+
+
+@dataclass(slots=True, eq=False)
 class WriteJob:
     """One part of a call to write: its inputs (submitted when the call starts) or its outputs (when it ends).
 
@@ -85,6 +97,16 @@ class WriteJob:
     ready: Any = None
     """A CUDA event that the non-blocking copies of this part are done."""
 
+    @property
+    def step(self) -> int:
+        return self.record.step
+
+    @property
+    def needs_worker(self) -> bool:
+        """Files to write or reserved copies to free; otherwise the step's finisher takes it, with no
+        thread woken in the middle of the forward."""
+        return bool(self.nbytes or self.docs or any(s.file is not None and s.same_as is None for s in self.snaps))
+
 
 @dataclass(slots=True, eq=False)
 class StepEnd:
@@ -97,7 +119,8 @@ class StepEnd:
     stats: tuple[list[int], list[tuple[list[int], torch.Tensor]]] | None = None
     """Statistics computed on device during the step, copied to the host in one go: the number of
     partial values of each row, and per device the rows it holds and their values (flat, on the host)."""
-    ready: Any = None
+    ready: list[Any] = field(default_factory=list)
+    """CUDA events to wait for before reading ``stats`` and any copy no writer thread waited for."""
     info: dict[str, Any] | None = None
     complete: bool = True
     incomplete_reason: str | None = None

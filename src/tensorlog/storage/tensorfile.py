@@ -32,7 +32,16 @@ import torch
 
 from ..errors import RunReadError
 
-__all__ = ["encode_pt", "encode_safetensors", "load_tensor_file", "open_regular", "read_limited", "ST_DTYPES", "st_dtype_name"]
+__all__ = [
+    "encode_pt",
+    "encode_safetensors",
+    "load_tensor_file",
+    "open_regular",
+    "read_limited",
+    "ST_DTYPES",
+    "ST_NAMES",
+    "st_dtype_name",
+]
 
 
 # -- writing .pt ------------------------------------------------------------------------------
@@ -88,20 +97,33 @@ _ZIP_ALIGN = 64
 _ARCHIVE = "archive"
 
 
-def _zip(entries: list[tuple[str, memoryview | bytes]]) -> list[memoryview | bytes]:
-    """A stored (uncompressed) zip with 64-byte aligned records, ZIP64 where sizes need it."""
+def _zip(
+    entries: list[tuple[str, memoryview | bytes]], lengths: dict[int, int] | None = None
+) -> tuple[list[memoryview | bytes], list[tuple[int, int]]]:
+    """A stored (uncompressed) zip with 64-byte aligned records, ZIP64 where sizes need it.
+
+    ``lengths`` gives the size of entries whose data is not given (``b""``):
+    their CRC is left 0, and the places to write it are returned as ``(chunk,
+    offset)`` pairs, so a template can be reused for any data of that size.
+    """
     out: list[memoryview | bytes] = []
     central: list[bytes] = []
+    slots: list[tuple[int, int]] = []
+    central_slots: list[int] = []
     off = 0
-    for name, data in entries:
+    for i, (name, data) in enumerate(entries):
         fname = f"{_ARCHIVE}/{name}".encode()
-        n = len(data)
+        later = lengths is not None and i in lengths
+        n = lengths[i] if lengths is not None and later else len(data)
         big = n >= 0xFFFFFFFF or off >= 0xFFFFFFFF
         z64 = struct.pack("<HHQQ", 0x0001, 16, n, n) if big else b""
         base = off + 30 + len(fname) + len(z64) + 4
         pad = (-base) % _ZIP_ALIGN
         extra = z64 + struct.pack("<HH", 0x4246, pad) + b"Z" * pad
-        crc = zlib.crc32(data)
+        crc = 0 if later else zlib.crc32(data)
+        if later:
+            slots.append((len(out), 14))
+            central_slots.append(sum(len(c) for c in central) + 16)
         size32 = 0xFFFFFFFF if big else n
         out.append(
             struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if big else 20, 0, 0, 0, 0x21, crc, size32, size32, len(fname), len(extra))
@@ -146,8 +168,26 @@ def _zip(entries: list[tuple[str, memoryview | bytes]]) -> list[memoryview | byt
     end = struct.pack(
         "<IHHHHIIH", 0x06054B50, 0, 0, len(entries), len(entries), min(len(cd), 0xFFFFFFFF), min(off, 0xFFFFFFFF), 0
     )
+    slots += [(len(out), c) for c in central_slots]
     out.append(cd + tail + end)
-    return out
+    return out, slots
+
+
+_PT_FILES: list[tuple[str, bytes]] = [(".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", b"little")]
+
+
+_DATA_CHUNK = 2 * (1 + len(_PT_FILES)) + 1
+"""Each entry is a header chunk and a data chunk; ``data/0`` follows ``data.pkl`` and ``_PT_FILES``."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _pt_template(
+    dtype: torch.dtype, shape: tuple[int, ...], nbytes: int
+) -> tuple[list[memoryview | bytes], list[tuple[int, int]]]:
+    """The chunks of a ``.pt`` file for this dtype and shape, with the data and its CRC left out."""
+    entries: list[tuple[str, memoryview | bytes]] = [("data.pkl", _tensor_pickle(dtype, shape)), *_PT_FILES]
+    entries += [("data/0", b""), ("version", b"3\n")]
+    return _zip(entries, {len(entries) - 2: nbytes})
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
@@ -157,20 +197,24 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
-def encode_pt(t: torch.Tensor) -> list[memoryview | bytes]:
-    """The chunks of a ``.pt`` file holding ``t`` (a contiguous CPU tensor); its data is not copied."""
+def encode_pt(t: torch.Tensor) -> list[memoryview | bytes | bytearray]:
+    """The chunks of a ``.pt`` file holding ``t`` (a contiguous CPU tensor); its data is not copied.
+
+    The zip around the data is the same for every tensor of a dtype and shape:
+    it is built once and only the data's CRC is written in.
+    """
     if not t.is_contiguous() or t.device.type != "cpu":
         t = t.to("cpu").contiguous()
-    return _zip(
-        [
-            ("data.pkl", _tensor_pickle(t.dtype, tuple(t.shape))),
-            (".format_version", b"1"),
-            (".storage_alignment", b"64"),
-            ("byteorder", b"little"),
-            ("data/0", _bytes_of(t)),
-            ("version", b"3\n"),
-        ]
-    )
+    data = _bytes_of(t)
+    template, slots = _pt_template(t.dtype, tuple(t.shape), len(data))
+    chunks: list[memoryview | bytes | bytearray] = list(template)
+    crc = zlib.crc32(data)
+    for i, off in slots:
+        patched = bytearray(chunks[i])
+        struct.pack_into("<I", patched, off, crc)
+        chunks[i] = patched
+    chunks[_DATA_CHUNK] = data
+    return chunks
 
 
 # -- safetensors -----------------------------------------------------------------------------
@@ -197,12 +241,12 @@ ST_DTYPES: dict[str, torch.dtype] = {
     }.items()
     if dt is not None
 }
-_ST_NAMES = {dt: name for name, dt in ST_DTYPES.items()}
+ST_NAMES = {dt: name for name, dt in ST_DTYPES.items()}
 
 
 def st_dtype_name(dtype: torch.dtype) -> str:
     try:
-        return _ST_NAMES[dtype]
+        return ST_NAMES[dtype]
     except KeyError:
         raise ValueError(f"safetensors cannot hold {dtype}") from None
 

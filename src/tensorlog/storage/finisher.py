@@ -1,0 +1,217 @@
+"""Finishing a step, and ``run.json``: the work of the writer's one finishing thread.
+
+A step is finished once all its calls are written: statistics are read back
+(one device-to-host copy per step, made by capture at the step's end), tensors
+logged twice are hard-linked, ``module_calls.txt`` and the step index are
+written, and NaN/Inf are looked for. :class:`StepFinisher` is used by that
+thread alone, so it owns the manifest's progress fields with no lock.
+
+``run.json`` is rewritten at most once per :data:`MANIFEST_INTERVAL` while the
+run is healthy (a file creation per step costs as much as the statistics of a
+small model), at once when something a reader must know happens (logging
+stopped, a step cut short, an anomaly, a drop), and always when the run ends.
+The step indexes are what readers trust for which steps exist.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from ..schema import names
+from ..schema.records import Anomaly, Dropped, RunManifest, StepInfo
+from . import stats as _stats
+from .atomic import link_atomic, make_dir, write_atomic, write_in_place
+from .index import index_bytes, origin
+from .packed import PackedFile
+from .records import StepEnd, TensorSnap
+from .tensorfile import st_dtype_name
+
+__all__ = ["StepFinisher", "derive", "MANIFEST_INTERVAL"]
+
+MANIFEST_INTERVAL = 1.0
+"""Seconds between rewrites of ``run.json`` while nothing but progress changes."""
+
+
+def derive(s: TensorSnap) -> None:
+    """What is taken from a host copy besides its file: small values, checksum."""
+    if s.host is None:
+        return
+    if s.want_values:
+        s.values = _stats.small_values(s.host)
+    if s.want_checksum:
+        s.checksum = _stats.checksum(s.host)
+
+
+class StepFinisher:
+    def __init__(
+        self,
+        run_dir: Path,
+        manifest: RunManifest,
+        *,
+        rank: int | None,
+        layout: str,
+        detect_anomaly: bool,
+        account: Callable[[int], None],
+        bytes_written: Callable[[], int],
+    ) -> None:
+        self.run_dir = run_dir
+        self.rank = rank
+        self.layout = layout
+        self.detect_anomaly = detect_anomaly
+        self._account = account
+        self._bytes_written = bytes_written
+        self._manifest = manifest
+        self._steps_written: list[list[int]] = []
+        """``[first, last]`` ranges: a run that logs every step for hours keeps a short list."""
+        self._dropped: list[Dropped] = []
+        self._incomplete: dict[int, str] = {}
+        self._last_manifest = -MANIFEST_INTERVAL
+        self.anomaly: Anomaly | None = None
+        """The first NaN/Inf found; other threads read it (one reference, set once)."""
+
+    def finish(self, end: StepEnd, packed: PackedFile | None) -> None:
+        """Write everything of ``end`` that is not yet on disk, the step index last."""
+        for ev in end.ready:
+            ev.synchronize()
+        self._fill_in(end)
+        step_dir = self.run_dir / names.step_dir(end.step)
+        if self.layout == "reference":
+            self._link_repeats(end, step_dir)
+        packed_name = None
+        if packed is not None:
+            packed.close(_packed_entries(end))
+            packed_name = names.packed_file(self.rank)
+        if not end.calls and not end.dropped and end.complete:
+            return  # nothing was logged in this step (no selected module ran)
+        make_dir(step_dir)
+        if self.layout == "reference" and end.order:
+            data = "".join(f"{n}\n" for n in end.order).encode()
+            self._account(len(data))
+            write_atomic(step_dir / names.calls_file(self.rank), [data])
+        if end.info:
+            end.info = StepInfo.model_validate(end.info).model_dump(exclude_defaults=True)
+        data = index_bytes(end, rank=self.rank, layout=self.layout, packed=packed_name)
+        self._account(len(data))
+        write_atomic(step_dir / names.index_file(self.rank), [data])
+        news = bool(end.dropped) or not end.complete
+        self._dropped.extend(Dropped(**d) for d in end.dropped)
+        if not end.complete:
+            self._incomplete[end.step] = end.incomplete_reason or "cut short"
+        if self.detect_anomaly and self.anomaly is None:
+            news |= self._find_anomaly(end)
+        _add_to_ranges(self._steps_written, end.step)
+        if news or time.monotonic() - self._last_manifest >= MANIFEST_INTERVAL:
+            self.write_manifest(complete=False)
+
+    def _fill_in(self, end: StepEnd) -> None:
+        """Statistics from the step's one read-back; values of copies no writer thread took; repeats share."""
+        partial = None
+        if end.stats is not None:
+            lengths, gathered = end.stats
+            partial = _stats.split_rows(lengths, [(rows, t.tolist()) for rows, t in gathered])
+        snaps = [s for rec in end.calls for s in rec.tensors]
+        for s in snaps:
+            if s.host is not None:
+                derive(s)
+                s.host = None
+            if s.stats_row is not None and partial is not None:
+                s.stats = _stats.finish(partial[s.stats_row], s.numel or 0)
+        for s in snaps:
+            src = origin(s)
+            if src is not s:
+                s.stats, s.values, s.checksum = src.stats, src.values, src.checksum
+
+    def _link_repeats(self, end: StepEnd, step_dir: Path) -> None:
+        """A tensor logged again unchanged (a module's input is the previous one's output) is a hard link."""
+        for rec in end.calls:
+            for s in rec.tensors:
+                src = origin(s)
+                if src is not s and s.file is not None and src.written is not None and s.skipped is None:
+                    link_atomic(step_dir / src.written, step_dir / rec.dirname / s.file)
+                    s.written = f"{rec.dirname}/{s.file}"
+
+    def _find_anomaly(self, end: StepEnd) -> bool:
+        """The first call, in completion order, whose outputs hold a NaN or Inf: where it was born."""
+        for rec in sorted(end.calls, key=lambda r: r.seq_end if r.seq_end is not None else 1 << 62):
+            bad_out = [s.name for s in rec.tensors if s.kind == "outputs" and _nonfinite(s)]
+            if not bad_out:
+                continue
+            bad_in = [s.name for s in rec.tensors if s.kind == "inputs" and _nonfinite(s)]
+            self.anomaly = Anomaly(
+                step=end.step, module=rec.dirname, born_here=not bad_in, nonfinite_outputs=bad_out, nonfinite_inputs=bad_in
+            )
+            where = "born in" if not bad_in else "first seen in (its inputs were already bad)"
+            warnings.warn(
+                f"tensorlog: NaN/Inf {where} {rec.dirname!r} at step {end.step} (outputs {bad_out})", RuntimeWarning, stacklevel=2
+            )
+            return True
+        return False
+
+    def write_manifest(
+        self, *, complete: bool, stopped: str | None = None, reason: str | None = None, final: bool = False
+    ) -> None:
+        """Rewrite ``run.json``.
+
+        It is padded with spaces so that, when the disk is full and a new file
+        cannot be made, the final state can still be written over it in place.
+        """
+        why = None
+        if not complete:
+            parts = [p for p in (stopped, reason) if p]
+            parts += [f"step {s} cut short: {r}" for s, r in sorted(self._incomplete.items())]
+            why = "; ".join(dict.fromkeys(parts)) or (
+                "run still in progress or process died" if not final else "not closed cleanly"
+            )
+        update = {
+            "steps_written": [list(r) for r in self._steps_written],
+            "bytes_written": self._bytes_written(),
+            "dropped": list(self._dropped),
+            "anomaly": self.anomaly,
+            "complete": complete,
+            "incomplete_reason": why,
+            "end_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds") if final else None,
+        }
+        m = self._manifest.model_copy(update=update)
+        data = m.model_dump_json(indent=1).encode()
+        path = self.run_dir / names.run_file(self.rank)
+        self._last_manifest = time.monotonic()
+        try:
+            write_atomic(path, [data, b" " * max(len(data) // 4, 1024)])
+        except OSError:
+            try:  # no room for a new file: overwrite the old one, which was padded for this
+                write_in_place(path, m.model_copy(update={"dropped": []}).model_dump_json().encode())
+            except OSError:
+                pass
+
+    @property
+    def cut_short(self) -> bool:
+        return bool(self._incomplete)
+
+
+def _packed_entries(end: StepEnd) -> list[tuple[str, str, list[int], int, int]]:
+    """The packed file's header entries, each tensor keyed ``<call dir>/<name>`` (what its index entry names)."""
+    out = []
+    for rec in end.calls:
+        for s in rec.tensors:
+            if s.packed_at is not None and s.packed_at[0] >= 0 and s.same_as is None and s.dtype is not None:
+                s.written = f"{rec.dirname}/{s.name}"
+                out.append((s.written, st_dtype_name(s.dtype), list(s.shape or ()), *s.packed_at))
+    return out
+
+
+def _nonfinite(s: TensorSnap) -> bool:
+    st = s.stats
+    return st is not None and (st[6] > 0 or st[7] > 0)
+
+
+def _add_to_ranges(ranges: list[list[int]], step: int) -> None:
+    """Steps finish in order: ``step`` extends the last range or starts a new one."""
+    if ranges and ranges[-1][0] <= step <= ranges[-1][1] + 1:
+        ranges[-1][1] = max(ranges[-1][1], step)
+    else:
+        ranges.append([step, step])
+        ranges.sort()
