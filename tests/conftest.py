@@ -6,9 +6,8 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="session")
-def hf_llama():
-    """A 2-layer random-init HF LlamaForCausalLM (hidden 64) in eval mode."""
+def tiny_hf_llama(attn: str | None = None):
+    """A 2-layer random-init HF LlamaForCausalLM (hidden 64) in eval mode; ``attn`` picks the attention kernel."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
@@ -20,7 +19,14 @@ def hf_llama():
         vocab_size=128,
         max_position_embeddings=128,
     )
+    if attn is not None:
+        cfg._attn_implementation = attn
     return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_llama():
+    return tiny_hf_llama()
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import tensorlog
+from tensorlog.demo.checkpoints import save_tiny_checkpoint
 from tensorlog.integrations.transformers import capture_generate
 
 HERE = Path(__file__).resolve().parent
@@ -25,28 +26,7 @@ ALL = {"module_call_match": None, "log_step_ids": []}
 
 
 def _tiny(kind: str, d: Path) -> Path:
-    common = dict(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1000,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    cfg, cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-    }[kind]
-    extra = {"head_dim": 64} if kind == "qwen3" else {}
-    cls(cfg(**common, **extra)).save_pretrained(d)
-    return d
+    return save_tiny_checkpoint(d, kind)
 
 
 def _vllm(model: Path, out: Path, name: str, *args: str, tp: int = 1) -> Path:

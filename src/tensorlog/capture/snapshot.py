@@ -31,7 +31,7 @@ from ..schema import names
 from ..schema import reference as ref
 from ..schema.leaves import Leaf, describe_value
 from ..storage import stats as _stats
-from ..storage.records import TensorSnap
+from ..storage.records import StepEnd, TensorSnap
 from ..storage.tensorfile import ST_NAMES
 from ..storage.writer import Writer
 
@@ -59,10 +59,28 @@ class Snapshotter:
         self._seen = {}
         self._parts = []
 
-    def take_stats(self) -> list[list[torch.Tensor]]:
-        """The step's device-side partial statistics (one list per row), handed to the writer once."""
+    def end_step(self, end: StepEnd) -> None:
+        """Hand the step's last packed chunk and its statistics to the writer: one device-to-host copy per device.
+
+        On CUDA the copy goes to pinned memory without blocking; the writer waits on
+        an event for it (and for the copies no writer thread waited for), not the model.
+        """
+        self.seal(end.step)
         parts, self._parts = self._parts, []
-        return parts
+        if parts:
+            host = []
+            for dev, rows, flat in _stats.gather(parts):
+                if dev.type == "cuda":
+                    pinned = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+                    pinned.copy_(flat, non_blocking=True)
+                    host.append((rows, pinned))
+                    ev = torch.cuda.Event()
+                    ev.record()
+                    end.ready.append(ev)
+                else:
+                    host.append((rows, flat))
+            end.stats = ([len(p) for p in parts], host)
+        end.ready += self.copy_events()
 
     def plan(self, kind: str, leaves: list[Leaf], used: set[str]) -> tuple[list[TensorSnap], int]:
         """Snapshots for ``leaves`` (metadata only) and the bytes their host copies will need.

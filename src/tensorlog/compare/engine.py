@@ -20,7 +20,7 @@ from .pairing import module_result
 from .replay import ReplayResult
 from .results import CompareProgress, Comparison, Divergence, ModuleResult, Summary
 
-__all__ = ["compare", "Comparison"]
+__all__ = ["compare", "Comparison", "plan_pairs", "assemble", "Plan"]
 
 
 def compare(
@@ -47,7 +47,7 @@ def compare(
         modules (iterable of str, optional): only modules matching one of these regexes.
         progress (callable, optional): called with a :class:`CompareProgress` (modules and
             bytes done and in total) after each module.
-        jobs (int, optional): worker processes; by default 1 for small comparisons and up to
+        jobs (int, optional): worker threads; by default 1 for small comparisons and up to
             4 (one per core) once there are hundreds of MB to read. Each worker holds a few
             tensors at a time.
         mapping (str | Path | MappingSpec, optional): align the runs first: a preset
@@ -69,88 +69,120 @@ def compare(
     """
     r1 = run1 if isinstance(run1, Run) else load_run(run1)
     r2 = run2 if isinstance(run2, Run) else load_run(run2)
-    align_notes: list[str] = []
     spec = _choose_mapping(r1, r2, mapping)
+    notes: list[str] = []
     if spec is not None:
-        r1, r2, align_notes = align_runs(r1, r2, spec)
-    pats = [compile_pattern(p) for p in modules] if modules else None
-    wanted = set(steps) if steps is not None else None
-    step_ids = sorted(i for i in set(r1.steps) | set(r2.steps) if wanted is None or i in wanted)
-    notes = list(align_notes)
+        r1, r2, notes = align_runs(r1, r2, spec)
+    plan = plan_pairs(r1, r2, steps=steps, modules=modules)
+    notes += [f"run {i} is incomplete: {r.incomplete_reason}" for i, r in ((1, r1), (2, r2)) if not r.complete]
     problems = [f"run {i}: {p}" for i, r in ((1, r1), (2, r2)) for p in r.problems]
-    for i, r in ((1, r1), (2, r2)):
-        if not any(c.tensors for c in r.calls()) and not r.problems:
-            problems.append(f"run {i} ({r.path}) holds no logged tensor")
-        if not r.complete:
-            notes.append(f"run {i} is incomplete: {r.incomplete_reason}")
-    plan: list[tuple[int, list[tuple[ModuleCall | None, ModuleCall | None]]]] = []
-    for s in step_ids:
-        s1, s2 = r1.steps.get(s), r2.steps.get(s)
-        calls1 = s1.by_completion() if s1 else []
-        calls2 = {c.key: c for c in (s2.by_completion() if s2 else [])}
-        pairs: list[tuple[ModuleCall | None, ModuleCall | None]] = []
-        seen = set()
-        for c in calls1:
-            if pats and not any(p.search(c.module) for p in pats):
-                continue
-            pairs.append((c, calls2.get(c.key)))
-            seen.add(c.key)
-        for key, c in calls2.items():
-            if key not in seen and not (pats and not any(p.search(c.module) for p in pats)):
-                pairs.append((None, c))
-        plan.append((s, pairs))
-    absent = {
-        (s, id(c)): note
-        for s, pairs in plan
-        for c1, c2 in pairs
-        if (c1 is None) != (c2 is None)
-        for c in (c1 or c2,)
-        if c is not None and (note := _absence(r2 if c2 is None else r1, 2 if c2 is None else 1, c.module, s)) is not None
-    }
-    sizes = {id(pair): _pair_bytes(pair) for _, pairs in plan for pair in pairs}
-    tracker = CompareProgress(modules_total=sum(len(p) for _, p in plan), bytes_total=sum(sizes.values()))
+    problems += [
+        f"run {i} ({r.path}) holds no logged tensor"
+        for i, r in ((1, r1), (2, r2))
+        if not any(c.tensors for c in r.calls()) and not r.problems
+    ]
+    sizes = [_pair_bytes(pair) for _, pairs in plan for pair in pairs]
+    tracker = CompareProgress(modules_total=len(sizes), bytes_total=sum(sizes))
     tasks = [(c1, c2, s, rtol, atol, completion) for s, pairs in plan for completion, (c1, c2) in enumerate(pairs)]
     workers = _workers(jobs, tracker.bytes_total, spec is not None, len(tasks))
-    computed = iter(_run_tasks(tasks, workers, progress, tracker, [sizes[id(pair)] for _, pairs in plan for pair in pairs]))
+    results = _run_tasks(tasks, workers, progress, tracker, sizes)
+    return assemble(r1, r2, plan, results, rtol=rtol, atol=atol, notes=notes, problems=problems, replay=replay)
+
+
+Pair = tuple[ModuleCall | None, ModuleCall | None]
+Plan = list[tuple[int, list[Pair]]]
+
+
+def plan_pairs(r1: Run, r2: Run, *, steps: Iterable[int] | None = None, modules: Iterable[str] | None = None) -> Plan:
+    """Per step, the calls of the two runs paired by call key, in run 1's completion order then run 2's leftovers."""
+    pats = [compile_pattern(p) for p in modules] if modules else None
+    wanted = set(steps) if steps is not None else None
+    plan: Plan = []
+    for s in sorted(i for i in set(r1.steps) | set(r2.steps) if wanted is None or i in wanted):
+        s1, s2 = r1.steps.get(s), r2.steps.get(s)
+        calls2 = {c.key: c for c in (s2.by_completion() if s2 else [])}
+        pairs: list[Pair] = []
+        for c in s1.by_completion() if s1 else []:
+            if not pats or any(p.search(c.module) for p in pats):
+                pairs.append((c, calls2.pop(c.key, None)))
+        pairs += [(None, c) for c in calls2.values() if not pats or any(p.search(c.module) for p in pats)]
+        plan.append((s, pairs))
+    return plan
+
+
+def assemble(
+    r1: Run,
+    r2: Run,
+    plan: Plan,
+    results: list[ModuleResult],
+    *,
+    rtol: float,
+    atol: float,
+    notes: list[str],
+    problems: list[str],
+    replay: ReplayResult | None = None,
+) -> Comparison:
+    """The report from the pairs' results (in plan order): absence notes, attribution, divergences, summary."""
+    computed = iter(results)
     all_results: list[ModuleResult] = []
     divergences: list[Divergence] = []
     for s, pairs in plan:
-        results = [next(computed) for _ in pairs]
-        results = [
-            r.model_copy(update={"note": absent[(s, id(c1 or c2))]}) if (s, id(c1 or c2)) in absent else r
-            for r, (c1, c2) in zip(results, pairs)
-        ]
-        index = {c.key: c for pair in pairs for c in pair if c is not None}
-        results = attribute(results, index)
-        born = innermost_born(results)
+        step_results = [_with_absence(next(computed), pair, s, r1, r2) for pair in pairs]
+        step_results = attribute(step_results, {c.key: c for pair in pairs for c in pair if c is not None})
+        born = innermost_born(step_results)
         if born is not None:
-            worst = max((t for t in born.tensors if t.kind == "outputs" and t.failed), key=lambda t: t.score, default=None)
-            disagree = next((t.mapping for t in born.tensors if t.failed and t.mapping and "RANKS DISAGREE" in t.mapping), None)
-            divergences.append(
-                Divergence(
-                    step=s,
-                    module=born.module,
-                    rank=born.rank,
-                    max_abs=born.worst_max_abs,
-                    max_rel=born.worst_max_rel,
-                    rel_diff=born.worst_rel_diff,
-                    tensor=worst.name if worst else None,
-                    note=disagree[disagree.index("RANKS DISAGREE") :].split(";")[0] if disagree else None,
-                )
-            )
+            divergences.append(_divergence(s, born))
         if replay is not None:
-            added = replay.added_error()
-            results = [
-                r.model_copy(
-                    update=dict(zip(("added_error", "added_share", "added_floor", "added_excess"), added[(s, r.module)]))
-                )
-                if (s, r.module) in added
-                else r
-                for r in results
-            ]
-        all_results.extend(sorted(results, key=lambda r: (r.rank or 0, r.position if r.verdict != "only_in_2" else 1 << 30)))
-    tensors = [t for m in all_results for t in m.tensors]
-    summary = Summary(
+            step_results = _with_replay(step_results, s, replay)
+        all_results.extend(sorted(step_results, key=lambda r: (r.rank or 0, r.position if r.verdict != "only_in_2" else 1 << 30)))
+    return Comparison(
+        dir1=str(r1.path),
+        dir2=str(r2.path),
+        rtol=rtol,
+        atol=atol,
+        steps=[s for s, _ in plan],
+        summary=_summary(all_results),
+        first_divergence=divergences,
+        modules=all_results,
+        notes=notes,
+        problems=problems,
+    )
+
+
+def _with_absence(result: ModuleResult, pair: Pair, step: int, r1: Run, r2: Run) -> ModuleResult:
+    c1, c2 = pair
+    if (c1 is None) == (c2 is None):
+        return result
+    c = c1 or c2
+    assert c is not None
+    note = _absence(r2 if c2 is None else r1, 2 if c2 is None else 1, c.module, step)
+    return result.model_copy(update={"note": note}) if note is not None else result
+
+
+def _divergence(step: int, born: ModuleResult) -> Divergence:
+    worst = max((t for t in born.tensors if t.kind == "outputs" and t.failed), key=lambda t: t.score, default=None)
+    disagree = next((t.mapping for t in born.tensors if t.failed and t.mapping and "RANKS DISAGREE" in t.mapping), None)
+    return Divergence(
+        step=step,
+        module=born.module,
+        rank=born.rank,
+        max_abs=born.worst_max_abs,
+        max_rel=born.worst_max_rel,
+        rel_diff=born.worst_rel_diff,
+        tensor=worst.name if worst else None,
+        note=disagree[disagree.index("RANKS DISAGREE") :].split(";")[0] if disagree else None,
+    )
+
+
+def _with_replay(results: list[ModuleResult], step: int, replay: ReplayResult) -> list[ModuleResult]:
+    added = replay.added_error()
+    keys = ("added_error", "added_share", "added_floor", "added_excess")
+    return [r.model_copy(update=dict(zip(keys, added[(step, r.module)]))) if (step, r.module) in added else r for r in results]
+
+
+def _summary(results: list[ModuleResult]) -> Summary:
+    tensors = [t for m in results for t in m.tensors]
+    return Summary(
         pairs_compared=sum(t.status in ("match", "mismatch", "shape_mismatch", "value_mismatch") for t in tensors),
         matched=sum(t.status == "match" for t in tensors),
         mismatched=sum(t.failed for t in tensors),
@@ -158,20 +190,8 @@ def compare(
         only_in_2=sum(t.status == "only_in_2" for t in tensors),
         unreadable=sum(t.status == "unreadable" for t in tensors),
         not_comparable=sum(t.status == "not_comparable" for t in tensors),
-        modules_compared=sum(m.verdict not in ("only_in_1", "only_in_2") for m in all_results),
-        modules_mismatched=sum(m.verdict in ("born", "contains", "inherited") for m in all_results),
-    )
-    return Comparison(
-        dir1=str(r1.path),
-        dir2=str(r2.path),
-        rtol=rtol,
-        atol=atol,
-        steps=step_ids,
-        summary=summary,
-        first_divergence=divergences,
-        modules=all_results,
-        notes=notes,
-        problems=problems,
+        modules_compared=sum(m.verdict not in ("only_in_1", "only_in_2") for m in results),
+        modules_mismatched=sum(m.verdict in ("born", "contains", "inherited") for m in results),
     )
 
 

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from ..formats.safeio import as_number
+
 __all__ = ["TensorMetrics", "compare_tensors", "compare_stats", "CHUNK_ELEMENTS"]
 
 CHUNK_ELEMENTS = 1 << 18  # 2 MiB per float64 chunk: stays in cache, ~8x faster than 32 MiB chunks
@@ -84,46 +86,10 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float = 1e-5, ato
     if fb.device.type != "cpu":
         fb = fb.cpu()
     if n == 0:
-        return TensorMetrics(
-            allclose=True,
-            numel=0,
-            exact=True,
-            max_abs=0.0,
-            mean_abs=0.0,
-            max_rel=0.0,
-            mean_rel=0.0,
-            cosine=1.0,
-            rel_diff=0.0,
-            snr_db=None,
-            frac_outside=0.0,
-            num_outside=0,
-            nonfinite_mismatch=0,
-            worst_index=None,
-            worst_values=None,
-            min_atol=0.0,
-        )
+        return _identical(0, quantiles=False)
     if fa.dtype == fb.dtype and not fa.dtype.is_complex and torch.equal(fa, fb):
         # Bit-identical (torch.equal is False when NaNs are present): no arithmetic needed.
-        return TensorMetrics(
-            allclose=True,
-            numel=n,
-            exact=True,
-            max_abs=0.0,
-            mean_abs=0.0,
-            max_rel=0.0,
-            mean_rel=0.0,
-            cosine=1.0,
-            rel_diff=0.0,
-            snr_db=None,
-            frac_outside=0.0,
-            num_outside=0,
-            nonfinite_mismatch=0,
-            worst_index=None,
-            worst_values=None,
-            min_atol=0.0,
-            abs_p50=0.0,
-            abs_p99=0.0,
-        )
+        return _identical(n, quantiles=True)
     sxx = syy = sxy = sdd = sabs = srel = 0.0
     max_abs, max_rel, min_atol = -1.0, 0.0, 0.0
     worst = 0
@@ -201,6 +167,29 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float = 1e-5, ato
     )
 
 
+def _identical(n: int, *, quantiles: bool) -> TensorMetrics:
+    """The metrics of two equal tensors of ``n`` elements."""
+    return TensorMetrics(
+        allclose=True,
+        numel=n,
+        exact=True,
+        max_abs=0.0,
+        mean_abs=0.0,
+        max_rel=0.0,
+        mean_rel=0.0,
+        cosine=1.0,
+        rel_diff=0.0,
+        snr_db=None,
+        frac_outside=0.0,
+        num_outside=0,
+        nonfinite_mismatch=0,
+        worst_index=None,
+        worst_values=None,
+        min_atol=0.0,
+        **({"abs_p50": 0.0, "abs_p99": 0.0} if quantiles else {}),
+    )
+
+
 STAT_COMPARED = ("min", "max", "mean", "std", "abs_max", "l2_norm")
 MEAN_NOISE = 8 * 2.0**-24
 """How far two float32 sums of the same values may differ, relative to the largest value: a few ulps."""
@@ -217,9 +206,12 @@ def compare_stats(s1: dict[str, Any], s2: dict[str, Any], *, rtol: float, atol: 
     """
     rel: dict[str, float] = {}
     ok = True
-    scale = max((abs(v) for v in (_num(s1.get("abs_max")), _num(s2.get("abs_max"))) if v is not None and math.isfinite(v)), default=0.0)
+    scale = max(
+        (abs(v) for v in (as_number(s1.get("abs_max")), as_number(s2.get("abs_max"))) if v is not None and math.isfinite(v)),
+        default=0.0,
+    )
     for key in STAT_COMPARED:
-        a, b = _num(s1.get(key)), _num(s2.get(key))
+        a, b = as_number(s1.get(key)), as_number(s2.get(key))
         if a is None or b is None:
             continue
         if (math.isnan(a) and math.isnan(b)) or a == b:
@@ -238,16 +230,3 @@ def compare_stats(s1: dict[str, Any], s2: dict[str, Any], *, rtol: float, atol: 
             ok = False
             rel[key] = 1.0
     return ok, rel, max(rel.values(), default=0.0)
-
-
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or v is None:
-        return None
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return None
-    return None

@@ -361,41 +361,49 @@ def _replay_one(
                     )
                 )
             continue
-        if not report:
-            continue
-        mb = compare_tensors(want, out_b, rtol=rtol, atol=atol)
-        ma = compare_tensors(want, out_a, rtol=rtol, atol=atol) if out_a is not None else None
-        mf = compare_tensors(want, out_f, rtol=rtol, atol=atol) if out_f is not None else None
-        iso = relative_error(mb)
-        self_err = relative_error(ma) if ma is not None else None
-        if ma is not None and not ma.allclose:
-            out.append(
-                ReplayedModule(
-                    step=s,
-                    module=dirname,
-                    status="not_replayable",
-                    isolated=mb,
-                    isolated_error=iso,
-                    self_error=self_err,
-                    note=f"self-replay differs from the recorded output (relative error {self_err:.2g}): "
-                    "some input of this call was not recorded exactly",
-                )
-            )
-            continue
-        fl = relative_error(mf) if mf is not None else None
-        out.append(
-            ReplayedModule(
-                step=s,
-                module=dirname,
-                status="ok",
-                isolated=mb,
-                isolated_error=iso,
-                self_error=self_err,
-                floor_error=fl,
-                excess=_excess(out_b, out_f, want) if out_f is not None else None,
-            )
-        )
+        if report:
+            out.append(_measure(s, dirname, want, out_b, out_a, out_f, rtol=rtol, atol=atol))
     return out
+
+
+def _measure(
+    step: int,
+    dirname: str,
+    want: torch.Tensor,
+    out_b: torch.Tensor,
+    out_a: torch.Tensor | None,
+    out_f: torch.Tensor | None,
+    *,
+    rtol: float,
+    atol: float,
+) -> ReplayedModule:
+    """One replayed call: B's error against the record, checked by A's self-replay, beside the floor."""
+    mb = compare_tensors(want, out_b, rtol=rtol, atol=atol)
+    ma = compare_tensors(want, out_a, rtol=rtol, atol=atol) if out_a is not None else None
+    mf = compare_tensors(want, out_f, rtol=rtol, atol=atol) if out_f is not None else None
+    iso = relative_error(mb)
+    self_err = relative_error(ma) if ma is not None else None
+    if ma is not None and not ma.allclose:
+        return ReplayedModule(
+            step=step,
+            module=dirname,
+            status="not_replayable",
+            isolated=mb,
+            isolated_error=iso,
+            self_error=self_err,
+            note=f"self-replay differs from the recorded output (relative error {self_err:.2g}): "
+            "some input of this call was not recorded exactly",
+        )
+    return ReplayedModule(
+        step=step,
+        module=dirname,
+        status="ok",
+        isolated=mb,
+        isolated_error=iso,
+        self_error=self_err,
+        floor_error=relative_error(mf) if mf is not None else None,
+        excess=_excess(out_b, out_f, want) if out_f is not None else None,
+    )
 
 
 def _with_shares(rows: list[ReplayedModule], run: Run) -> list[ReplayedModule]:

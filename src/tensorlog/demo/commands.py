@@ -19,6 +19,7 @@ from ..compare import compare
 from ..formats import load_run
 from ..report import render_markdown
 from ..report.inspect import render_run
+from .checkpoints import save_tiny_checkpoint
 from .model import TinyLlama
 
 __all__ = ["run_demo", "DEMO_CONFIG", "PERTURBED"]
@@ -46,7 +47,7 @@ def run_vllm_demo(output_dir: str | None, console: Console) -> int:
     import sys
 
     try:
-        import transformers
+        import transformers  # noqa: F401
         import vllm  # noqa: F401
     except ImportError as e:
         from ..errors import DependencyError
@@ -56,20 +57,7 @@ def run_vllm_demo(output_dir: str | None, console: Console) -> int:
 
     out = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="tensorlog-demo-"))
     model_dir = out / "tiny-llama"
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1000,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    transformers.LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    save_tiny_checkpoint(model_dir)
     ids = [5, 6, 7, 8, 9, 10, 11]
     all_steps: dict[str, object] = {"module_call_match": None, "log_step_ids": []}
     console.rule("1. HF transformers: a tiny random-init Llama (2 layers, hidden 256), prefill + 2 decode steps")

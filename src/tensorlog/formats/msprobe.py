@@ -49,7 +49,7 @@ from ..errors import RunReadError
 from ..schema import names as _layout
 from ..schema.records import RunManifest, TensorEntry
 from .model import FileSource, ModuleCall, Run, Step, TensorRecord
-from .safeio import INDEX_JSON, Listing, first_error, read_json
+from .safeio import INDEX_JSON, Listing, as_number, first_error, read_json
 
 __all__ = ["is_msprobe_dump", "load_msprobe_dump"]
 
@@ -239,24 +239,10 @@ def _outputs(output: Any) -> list[tuple[tuple[str, ...], Any]]:
     return [x for i, item in enumerate(output) for x in _walk(item, (str(i),))]
 
 
-def _num(v: Any) -> float | None:
-    """A number as msProbe writes it: a JSON number, or a string such as ``"nan"`` / ``"inf"``."""
-    if isinstance(v, bool) or v is None:
-        return None
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return None
-    return None
-
-
 def _stat(v: Any) -> float | None:
     if isinstance(v, bool):  # bool tensors: Max = any(), Min = all()
         return float(v)
-    return _num(v)
+    return as_number(v)
 
 
 def _stats(leaf: dict[str, Any]) -> dict[str, Any] | None:

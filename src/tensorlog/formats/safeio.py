@@ -91,3 +91,17 @@ def first_error(e: ValidationError) -> str:
     where = ".".join(str(p) for p in x.get("loc", ())) or "<document>"
     more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
     return f"{where}: {x.get('msg', '')[:160]}{more}"
+
+
+def as_number(v: Any) -> float | None:
+    """A number as a dump may write it: a JSON number, or a string such as ``"nan"`` / ``"inf"``; else None."""
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return None
+    return None
