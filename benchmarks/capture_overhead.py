@@ -17,6 +17,10 @@ labelled as such. Between variants the output is synced and deleted (untimed), s
 writeback does not slow the next. Variants run in turn, ``--rounds`` times; the median forward
 is reported.
 
+The compiled rows compile the model afresh with Inductor and capture it through graph taps; their
+ratio is against the compiled model with no tool, and the note gives the time against the eager
+capture of the same kind.
+
 The floors: **full tensors** = the forward plus writing the bytes tensorlog wrote per step at
 the speed ``dd oflag=direct`` measures on the same disk, in the same run; **statistics** = bare
 forward hooks that take the same four reductions of each output and read them back once per
@@ -177,6 +181,30 @@ def bare_stat_hooks(model, inputs, out):
     return _output_hooks(model, inputs, reduce, read_back)
 
 
+def compiled_variant(**cfg: Any) -> Variant:
+    """``torch.compile(model)`` (Inductor), compiled afresh, with tensorlog's graph taps when ``cfg`` is given."""
+
+    @contextmanager
+    def go(model, inputs, out):
+        torch._dynamo.reset()  # a graph compiled before the taps would be reused as it is
+        compiled = torch.compile(model)
+        if not cfg:
+            compiled(**inputs)
+            yield lambda: run_forward(compiled, inputs)
+            return
+        with tensorlog.capture(compiled, {"output_dir": str(out), "run_name": "run", "log_step_ids": [], **cfg}):
+            yield lambda: run_forward(compiled, inputs)
+
+    return go
+
+
+COMPILED: dict[str, Variant] = {
+    "torch.compile: no tool": compiled_variant(),
+    "torch.compile + tensorlog: statistics": compiled_variant(mode="statistics"),
+    "torch.compile + tensorlog: full tensors, packed layout": compiled_variant(layout="packed"),
+}
+
+
 OURS: dict[str, Variant] = {
     "no tool": no_tool,
     "tensorlog: disabled": tensorlog_variant(enabled=False),
@@ -327,6 +355,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dir", default=".", help="where the variants write (default: here, on this machine's disk)")
     ap.add_argument("--no-peers", action="store_true", help="skip msProbe and TorchLens")
+    ap.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True, help="also torch.compile'd rows")
     ap.add_argument("--peer", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peer:
@@ -346,6 +375,19 @@ def main() -> None:
     rows.append(
         ("floor (full tensors): forward + bytes at dd oflag=direct speed", floor, floor / base, f"{packed / 1e6:.1f} MB per step")
     )
+    if args.compiled:
+        out = Path(tempfile.mkdtemp(prefix="tensorlog-bench-", dir=args.dir))
+        try:
+            ctimes = time_variants(COMPILED, model, inputs, args.reps, args.device, out, 1)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        cbase = statistics.median(ctimes["torch.compile: no tool"])
+        eager_names = {"statistics": "tensorlog: statistics", "packed layout": "tensorlog: full tensors, packed layout"}
+        for name, ts in ctimes.items():
+            med = statistics.median(ts)
+            twin = next((statistics.median(times[e]) for k, e in eager_names.items() if name.endswith(k)), None)
+            note = "vs torch.compile with no tool" + (f"; {med / twin:.2f}x the eager capture's time" if twin else "")
+            rows.append((name, med, med / cbase, note))
     if not args.no_peers:
         rows += run_peers(args)
     n_modules = sum(1 for n, _ in model.named_modules() if n)

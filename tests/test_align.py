@@ -23,6 +23,7 @@ transformers = pytest.importorskip("transformers")
 RTOL, ATOL = 1e-4, 1e-5
 PROMPT = [5, 6, 7, 8, 9]
 ALL = {"module_call_match": None, "log_step_ids": []}
+EAGER = {"compiled": "eager"}  # hooks on eager vLLM; the compiled path has tests of its own (test_compiled.py)
 
 
 def _tiny(kind: str, d: Path) -> Path:
@@ -37,7 +38,7 @@ def _vllm(model: Path, out: Path, name: str, *args: str, tp: int = 1) -> Path:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     else:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
-    cfg = {**ALL, "output_dir": str(out), "run_name": name}
+    cfg = {**ALL, **EAGER, "output_dir": str(out), "run_name": name}
     r = subprocess.run(
         [
             sys.executable,

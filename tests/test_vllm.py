@@ -76,6 +76,7 @@ def _dirs(p):
 
 def test_offline_generate_with_the_reference_config_gives_the_reference_layout(model_dir, tmp_path):
     cfg = {
+        "compiled": "eager",
         "output_dir": str(tmp_path / "il"),
         "run_name": "ref",
         "module_call_match": REFERENCE_PATTERNS,
@@ -122,6 +123,7 @@ def test_without_config_nothing_is_written_and_no_hook_registered(model_dir, tmp
 
 def test_default_multiprocess_engine_with_env_config(model_dir, tmp_path):
     cfg = {
+        "compiled": "eager",
         "output_dir": str(tmp_path / "il"),
         "run_name": "mp",
         "module_call_match": ["embed_tokens", "logits_processor"],
@@ -159,7 +161,7 @@ def test_default_multiprocess_engine_with_env_config(model_dir, tmp_path):
 
 
 def test_float32_vs_bfloat16_and_a_perturbed_layer_are_located(model_dir, tmp_path):
-    cfg = {"output_dir": str(tmp_path / "il"), "module_call_match": None, "log_step_ids": [0]}
+    cfg = {"compiled": "eager", "output_dir": str(tmp_path / "il"), "module_call_match": None, "log_step_ids": [0]}
     drive(model_dir, tmp_path, "--config-json", json.dumps({**cfg, "run_name": "fp32"}))
     drive(model_dir, tmp_path, "--dtype", "bfloat16", "--config-json", json.dumps({**cfg, "run_name": "bf16"}))
     drive(
@@ -184,7 +186,13 @@ def test_float32_vs_bfloat16_and_a_perturbed_layer_are_located(model_dir, tmp_pa
 
 def test_env_var_proposal_writes_pass_files_that_compare_against_a_reference_style_run(model_dir, tmp_path):
     dump = tmp_path / "dump"
-    cfg = {"output_dir": str(tmp_path / "il"), "run_name": "ref", "module_call_match": "layers\\.1\\.", "log_step_ids": []}
+    cfg = {
+        "compiled": "eager",
+        "output_dir": str(tmp_path / "il"),
+        "run_name": "ref",
+        "module_call_match": "layers\\.1\\.",
+        "log_step_ids": [],
+    }
     env = _env(
         VLLM_DEBUG_TENSOR_DUMP_OUTPUT_FOLDER=dump,
         VLLM_DEBUG_TENSOR_DUMP_LAYERS="1",
@@ -210,7 +218,9 @@ def test_env_var_proposal_writes_pass_files_that_compare_against_a_reference_sty
 def test_launcher_runs_a_script_with_a_config_file(model_dir, tmp_path):
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(
-        json.dumps({"output_dir": str(tmp_path / "il"), "run_name": "via-run", "module_call_match": "model\\.norm"})
+        json.dumps(
+            {"compiled": "eager", "output_dir": str(tmp_path / "il"), "run_name": "via-run", "module_call_match": "model\\.norm"}
+        )
     )
     drive(model_dir, tmp_path, launcher=["--intermediate-log-config-path", str(cfg_file)])
     assert _dirs(tmp_path / "il" / "via-run") == {"step_0"}
@@ -237,7 +247,7 @@ def test_launcher_checks_the_output_dir_and_vllm_plugins_before_vllm_starts(tmp_
             str(DRIVER),
             "x",
             "--intermediate-log-config",
-            json.dumps({"output_dir": str(blocker / "il")}),
+            json.dumps({"compiled": "eager", "output_dir": str(blocker / "il")}),
         ],
         capture_output=True,
         text=True,
@@ -254,7 +264,7 @@ def test_launcher_checks_the_output_dir_and_vllm_plugins_before_vllm_starts(tmp_
             "run",
             str(tmp_path / "missing.py"),
             "--intermediate-log-config",
-            json.dumps({"output_dir": str(tmp_path / "il")}),
+            json.dumps({"compiled": "eager", "output_dir": str(tmp_path / "il")}),
         ],
         capture_output=True,
         text=True,
@@ -267,7 +277,7 @@ def test_launcher_checks_the_output_dir_and_vllm_plugins_before_vllm_starts(tmp_
 def test_an_unusable_output_dir_inside_vllm_is_one_warning_and_the_engine_runs(model_dir, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    cfg = {"output_dir": str(blocker / "il"), "log_step_ids": []}
+    cfg = {"compiled": "eager", "output_dir": str(blocker / "il"), "log_step_ids": []}
     rep, r = drive(model_dir, tmp_path, env=_env(TENSORLOG_CONFIG=json.dumps(cfg)))
     assert len(rep["tokens"]) == 2 and len(rep["tokens"][0]) == 3  # it generated
     assert (r.stdout + r.stderr).count("not logging this run") == 1
@@ -275,7 +285,12 @@ def test_an_unusable_output_dir_inside_vllm_is_one_warning_and_the_engine_runs(m
 
 def test_reload_input_dir_works_inside_vllm(model_dir, tmp_path):
     il = tmp_path / "il"
-    cfg = {"output_dir": str(il), "module_call_match": ["layers\\.1\\.mlp", "model\\.norm"], "log_step_ids": [0]}
+    cfg = {
+        "compiled": "eager",
+        "output_dir": str(il),
+        "module_call_match": ["layers\\.1\\.mlp", "model\\.norm"],
+        "log_step_ids": [0],
+    }
     drive(model_dir, tmp_path, "--config-json", json.dumps({**cfg, "run_name": "a"}))
     drive(
         model_dir,
@@ -312,6 +327,7 @@ def _free_port():
 def test_vllm_serve_logs_a_completion_request(model_dir, tmp_path):
     port = _free_port()
     cfg = {
+        "compiled": "eager",
         "output_dir": str(tmp_path / "il"),
         "run_name": "served",
         "module_call_match": ["embed_tokens", "model\\.norm"],
@@ -382,6 +398,7 @@ def test_vllm_serve_logs_a_completion_request(model_dir, tmp_path):
 
 def test_tensor_parallel_ranks_share_one_run_without_collisions(model_dir, tmp_path):
     cfg = {
+        "compiled": "eager",
         "output_dir": str(tmp_path / "il"),
         "run_name": "tp2",
         "module_call_match": ["embed_tokens", "qkv_proj", "model\\.norm"],

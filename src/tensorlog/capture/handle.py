@@ -33,6 +33,7 @@ from ..schema.records import Anomaly
 from ..storage.atomic import write_atomic
 from ..storage.writer import Writer
 from .backward import GradientHooks
+from .compiled import NOT_SEEN, StepOps, TapHooks, compiled_facts, compiled_mode, unwrap_compiled
 from .exit import EXIT
 from .graft import Graft
 from .hooks import ModuleHooks
@@ -62,6 +63,7 @@ class CaptureHandle:
         info: RunInfo | None = None,
         auto_step: bool = True,
         step_info: StepInfoFn | None = None,
+        compiled: bool | None = None,
     ) -> None:
         self.config = config
         self.path: Path = config.run_dir
@@ -79,8 +81,13 @@ class CaptureHandle:
         self._reported: Anomaly | None = None
         self._disabled_reason: str | None = None
         self._writer: Writer | None = None
+        self._step_ops: StepOps | None = None
+        self._compiled = compiled_mode(config, model, compiled)
+        self._unseen: list[str] | None = None
         if not self._enabled:
             return
+        if self._compiled:
+            self._info.facts.setdefault("compiled", compiled_facts(model))
         rank = self._info.file_rank
         layout = "statistics" if config.mode != "tensor" else config.layout
         try:
@@ -103,10 +110,16 @@ class CaptureHandle:
             detect_anomaly=config.detect_anomaly,
         )
         self._recorder = Recorder(config, self._selector, self._writer, rank=rank, layout=layout, graft=graft)
-        modules = dict(model.named_modules())
+        modules = dict((unwrap_compiled(model) if self._compiled else model).named_modules())
         table = self._selector.select_modules([n for n in modules if n])
         targets = {n: (weakref.ref(modules[n]), calls) for n, calls in table.items()}
-        self._modules = ModuleHooks(self._recorder, targets, forward=config.level != "op" and "forward" in config.passes)
+        self._modules: ModuleHooks | TapHooks
+        if self._compiled:
+            self._recorder.snap.in_graph = True
+            self._modules = TapHooks(self._recorder, targets)
+            self._modules.attach()  # for good: a compiled graph keeps the taps it was traced with
+        else:
+            self._modules = ModuleHooks(self._recorder, targets, forward=config.level != "op" and "forward" in config.passes)
         self._grads = GradientHooks(self._recorder, targets) if "backward" in config.passes else None
         self._ops = (
             OpCapture(self._recorder, self._selector, {n: weakref.ref(m) for n, m in modules.items()})
@@ -117,7 +130,9 @@ class CaptureHandle:
         if self._stacks is not None:
             self._recorder.on_call = self._stacks.record
         EXIT.add(self)
-        if auto_step:
+        if auto_step and self._compiled:
+            self._step_ops = StepOps(model, self._op_begin, lambda: self._close_step(None))
+        elif auto_step:
             self._root_handles.append(model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
             self._root_handles.append(model.register_forward_hook(self._root_post, always_call=True))
             self._open_step()
@@ -202,6 +217,8 @@ class CaptureHandle:
         for h in self._root_handles:
             h.remove()
         self._root_handles = []
+        if self._step_ops is not None:
+            self._step_ops.remove()
         if self._writer is None:
             return
         try:
@@ -209,6 +226,7 @@ class CaptureHandle:
         except AnomalyError:
             pass
         self._detach()
+        self._modules.detach()
         self._writer.close(complete=True)
         if self._stacks is not None and self._writer.stopped is None:
             try:
@@ -251,6 +269,12 @@ class CaptureHandle:
             if self._grads is None:
                 self._close_step(None, raised=sys.exc_info()[1])
 
+    def _op_begin(self) -> None:
+        """The root's step op, at run time: a forward that raised left its step open; it ends here."""
+        if self._step_open:
+            self._close_step(None, raised=RuntimeError("the previous forward did not return"))
+        self._open_step()
+
     def _open_step(self) -> None:
         if self._step_open:
             return
@@ -260,6 +284,8 @@ class CaptureHandle:
         if self._selector.step(self._recorder.state.index) and self._writer is not None and self._writer.stopped is None:
             self._recorder.begin_step()
             self._modules.attach()
+            if isinstance(self._modules, TapHooks):
+                self._modules.begin_step()
             if self._grads is not None:
                 self._grads.begin_step()
                 self._grads.attach()
@@ -275,7 +301,7 @@ class CaptureHandle:
         self._step_open = False
         rec = self._recorder
         info = info if info is not None else self._pending_info
-        step = rec.end_step(info, raised=raised) if rec.in_step else None
+        step = rec.end_step(info, raised=raised, manifest=self._observed()) if rec.in_step else None
         rec.state.advance()
         if not self._selector.step(rec.state.index) or self._writer is None or self._writer.stopped is not None:
             self._detach()  # hooks stay on only when the next step is logged too: attaching costs a whole forward's worth
@@ -284,6 +310,25 @@ class CaptureHandle:
         if step is not None and not self.config.async_write:
             self._writer.wait_step(step)
         self._check_anomaly()
+
+    def _observed(self) -> dict[str, Any] | None:
+        """For a compiled model: the selected modules no logged step has seen yet, when that list changes."""
+        if not isinstance(self._modules, TapHooks):
+            return None
+        unseen = sorted(set(self._modules.targets) - self._modules.seen)
+        if unseen == self._unseen:
+            return None
+        self._unseen = unseen
+        if unseen and not self._modules.seen:
+            warnings.warn(
+                "tensorlog: no selected module of the compiled model was seen in a logged step: its graph was "
+                "probably compiled before capture started (torch.compile keeps graphs compiled without the taps); "
+                "call torch.compiler.reset() first, or start capture before the model's first call",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        reasons = {m: self._modules.reasons.get(m, NOT_SEEN) for m in unseen}
+        return {"compiled": {**self._info.facts["compiled"], "not_observable": reasons}}
 
     def _check_anomaly(self) -> None:
         a = self.anomaly
@@ -294,7 +339,8 @@ class CaptureHandle:
                 raise AnomalyError(f"NaN/Inf {where} {a.module!r} at step {a.step}")
 
     def _detach(self) -> None:
-        self._modules.detach()
+        if not self._compiled:
+            self._modules.detach()
         if self._grads is not None:
             self._grads.detach()
         if self._ops is not None:

@@ -74,7 +74,9 @@ class Recorder:
         self._dropped = []
         self._gradients = []
 
-    def end_step(self, info: dict[str, Any] | None = None, *, raised: BaseException | None = None) -> int | None:
+    def end_step(
+        self, info: dict[str, Any] | None = None, *, raised: BaseException | None = None, manifest: dict[str, Any] | None = None
+    ) -> int | None:
         """Hand the step to the writer; returns its index when anything was handed over."""
         if not self.in_step:
             return None
@@ -99,6 +101,7 @@ class Recorder:
             complete=complete,
             incomplete_reason=why,
             dropped=self._dropped,
+            manifest=manifest,
         )
         self.snap.end_step(end)
         self._calls, self._open = [], {}
@@ -222,6 +225,10 @@ class Recorder:
                 self.writer.submit(job)
             else:
                 self._drop(rec, kind)
+
+    def open_calls(self, name: str) -> int:
+        """How many calls of ``name`` have started and not returned."""
+        return len(self._open.get(name, ()))
 
     def _record(self, name: str, cls: str, k: int, backward: bool) -> CallRecord:
         """A logged call starts: its directory is claimed and it takes a sequence number."""

@@ -48,6 +48,11 @@ class Snapshotter:
         self.layout = layout  # "reference", "packed" or "statistics"
         self.writer = writer
         self.packed = layout == "packed"
+        self.in_graph = False
+        self._graph_devices: set[int | None] = set()
+        """Calls come from taps in a compiled graph: Inductor reuses a buffer for a later value by writing
+        into it directly (no version bump), so nothing is shared between calls, and CUDA copies go on the
+        current stream, ordered before the graph's next write."""
         self.ext = "safetensors" if config.format == "safetensors" else "pt"
         self._seen: dict[int, tuple[weakref.ref[torch.Tensor], int, TensorSnap]] = {}
         self._parts: list[list[torch.Tensor]] = []
@@ -245,7 +250,7 @@ class Snapshotter:
         return snap
 
     def _remember(self, t: torch.Tensor, snap: TensorSnap) -> None:
-        if t.is_inference():  # no version counter: an in-place change would go unnoticed
+        if t.is_inference() or self.in_graph:  # no version counter, or kernels that write without bumping it
             return
         try:
             self._seen[id(t)] = (weakref.ref(t), t._version, snap)
@@ -253,6 +258,9 @@ class Snapshotter:
             pass
 
     def _stream(self, device: torch.device) -> Any:
+        if self.in_graph:
+            self._graph_devices.add(device.index)
+            return torch.cuda.current_stream(device)
         stream = self._streams.get(device.index)
         if stream is None:
             stream = self._streams[device.index] = torch.cuda.Stream(device)
@@ -260,12 +268,13 @@ class Snapshotter:
 
     def copy_events(self) -> list[Any]:
         """One event per copy stream, recorded now: every copy made so far is done once they are."""
-        return [self.ready_event(i) for i in self._streams]
+        return [self.ready_event(i) for i in {*self._streams, *self._graph_devices}]
 
     def ready_event(self, device_index: int | None) -> Any:
         """An event recorded on the copy stream: the writer waits on it before reading the copies."""
         ev = torch.cuda.Event()
-        ev.record(self._streams.get(device_index))
+        stream = self._streams.get(device_index)
+        ev.record(stream if stream is not None else torch.cuda.current_stream(device_index))
         return ev
 
 

@@ -75,6 +75,7 @@ def compare(
         r1, r2, notes = align_runs(r1, r2, spec)
     plan = plan_pairs(r1, r2, steps=steps, modules=modules)
     notes += [f"run {i} is incomplete: {r.incomplete_reason}" for i, r in ((1, r1), (2, r2)) if not r.complete]
+    notes += _mode_notes(r1, r2)
     problems = [f"run {i}: {p}" for i, r in ((1, r1), (2, r2)) for p in r.problems]
     problems += [
         f"run {i} ({r.path}) holds no logged tensor"
@@ -195,8 +196,28 @@ def _summary(results: list[ModuleResult]) -> Summary:
     )
 
 
+def _mode_notes(r1: Run, r2: Run) -> list[str]:
+    """Say which side was compiled when the two differ: fused kernels round differently, and some modules
+    of a compiled model may not be observable."""
+    modes = [r.manifest.compiled for r in (r1, r2)]
+    kinds = [m.mode if m is not None else "eager" for m in modes]
+    if all(m is None for m in modes) or kinds[0] == kinds[1]:
+        return []
+    out = []
+    for i, m in enumerate(modes, 1):
+        if m is not None and m.mode == "compiled":
+            hidden = f"; not observable: {', '.join(sorted(m.not_observable))}" if m.not_observable else ""
+            out.append(f"run {i} was compiled ({m.backend or 'torch.compile'}{', CUDA graphs' if m.cudagraphs else ''}){hidden}")
+        else:
+            out.append(f"run {i} ran eagerly")
+    return ["; ".join(out) + ": fused kernels round differently, so expect differences within float tolerance"]
+
+
 def _absence(other: Run, i: int, module: str, step: int) -> str | None:
     """Why ``module`` has no call in run ``i`` at ``step``: not captured there, or no counterpart."""
+    compiled = other.manifest.compiled
+    if compiled is not None and module in compiled.not_observable:
+        return f"not observable in run {i}'s compiled graph: {compiled.not_observable[module]}"
     if other.modules is None or not other.manifest.config:
         return None
     if module not in other.modules:

@@ -92,6 +92,11 @@ class LogConfig(BaseModel):
     backward hooks interfere with in-place ops when a model runs with grad enabled)."""
     stack: bool = False
     """Record, once per unique call site, the Python stack of each logged call in ``stack.json``."""
+    compiled: Literal["auto", "eager", "compiled"] = "auto"
+    """How to capture a compiled model. ``auto``: with graph-safe taps when the model is compiled
+    (``torch.compile``'s wrapper, ``model.compile()``, a vLLM engine that compiles), else with hooks;
+    ``compiled``: taps always (``capture`` before ``torch.compile``); ``eager``: hooks always (vLLM is
+    then run with ``enforce_eager``, a compiled PyTorch model breaks its graph at each hook)."""
     detect_anomaly: bool = False
     """Check every hooked tensor for NaN/Inf; the first module whose outputs go bad is recorded in run.json."""
     stop_on_anomaly: bool = False

@@ -66,6 +66,9 @@ def flatten_inputs(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> tupl
 
 def describe_value(value: Any) -> dict[str, Any]:
     """A json-safe description of a non-tensor leaf: recorded, never pickled."""
+    given = getattr(value, "__tensorlog_value__", None)
+    if isinstance(given, dict):  # an argument a compiled graph did not keep (capture.compiled)
+        return given
     if value is None or isinstance(value, (bool, int, str)):
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 1 << 63:
             return {"type": "int", "value": str(value)}

@@ -59,6 +59,9 @@ def describe(value: Any, depth: int = 0) -> Any:
         return {"type": "dict", "items": {_key(k): describe(v, depth + 1) for k, v in value.items()}}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    given = getattr(value, "__tensorlog_reference__", None)
+    if isinstance(given, dict):  # an argument a compiled graph did not keep (capture.compiled)
+        return given
     try:
         text = str(value)
     except Exception as e:

@@ -77,6 +77,8 @@ class StepFinisher:
         """Write everything of ``end`` that is not yet on disk, the step index last."""
         for ev in end.ready:
             ev.synchronize()
+        if end.manifest is not None:
+            self._manifest = RunManifest.model_validate({**self._manifest.model_dump(), **end.manifest})
         self._fill_in(end)
         step_dir = self.run_dir / names.step_dir(end.step)
         if self.layout == "reference":
@@ -85,8 +87,10 @@ class StepFinisher:
         if packed is not None:
             packed.close(_packed_entries(end))
             packed_name = names.packed_file(self.rank)
-        if not end.calls and not end.dropped and end.complete:
-            return  # nothing was logged in this step (no selected module ran)
+        if not end.calls and not end.dropped and end.complete:  # nothing was logged (no selected module ran)
+            if end.manifest is not None:
+                self.write_manifest(complete=False)
+            return
         make_dir(step_dir)
         if self.layout == "reference" and end.order:
             data = "".join(f"{n}\n" for n in end.order).encode()
@@ -97,7 +101,7 @@ class StepFinisher:
         data = index_bytes(end, rank=self.rank, layout=self.layout, packed=packed_name)
         self._account(len(data))
         write_atomic(step_dir / names.index_file(self.rank), [data])
-        news = bool(end.dropped) or not end.complete
+        news = bool(end.dropped) or not end.complete or end.manifest is not None
         self._dropped.extend(Dropped(**d) for d in end.dropped)
         if not end.complete:
             self._incomplete[end.step] = end.incomplete_reason or "cut short"

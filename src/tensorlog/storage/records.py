@@ -125,3 +125,5 @@ class StepEnd:
     complete: bool = True
     incomplete_reason: str | None = None
     dropped: list[dict[str, Any]] = field(default_factory=list)
+    manifest: dict[str, Any] | None = None
+    """Fields of ``run.json`` that capture learned in this step (what a compiled graph let it see)."""

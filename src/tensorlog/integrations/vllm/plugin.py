@@ -4,9 +4,11 @@ vLLM loads ``vllm.general_plugins`` entry points in every process (the front
 end, the EngineCore and each worker). :func:`register` wraps two one-shot
 methods, and each wrapper only checks for a config:
 
-* ``EngineArgs.create_engine_config`` (front end): when logging is on, force
-  ``enforce_eager`` (hooks inside a compiled graph never fire) and pin the run
-  name into ``additional_config`` so that every rank writes into one run.
+* ``EngineArgs.create_engine_config`` (front end): when logging is on, keep a
+  compiling engine compiling, with what graph taps need (Inductor's
+  peak-memory reordering off, no CUDA graphs), or force ``enforce_eager`` when
+  the config asks for hooks; and pin the run name into ``additional_config`` so
+  that every rank writes into one run.
 * ``Worker.load_model`` (each worker; the CPU worker inherits it, and it sits
   above every model loader, tensorizer included): attach capture hooks to the
   loaded model and wrap the model runner's ``execute_model`` /
@@ -317,6 +319,46 @@ def _vllm_facts(vllm_config: Any, layout: dict[str, int]) -> dict[str, Any]:
     }
 
 
+def _needs_eager(cfg: LogConfig) -> bool:
+    """Eager hooks asked for, or an option only they have (op level, gradients, grafts, stacks)."""
+    return cfg.compiled == "eager" or cfg.level != "module" or "backward" in cfg.passes or bool(cfg.reload_input_dir or cfg.stack)
+
+
+TAP_ORDER = "inductor: reorder_for_peak_memory off (it can move one effectful op past another)"
+NO_CUDAGRAPHS = "CUDA graphs off: a tap calls back into Python, which a replayed graph would skip"
+
+
+def _prepare_compiled(args: Any) -> None:
+    """Let the engine compile, with what taps need: effectful ops kept in program order, no CUDA graphs."""
+    cc = args.compilation_config
+    try:
+        cc.inductor_compile_config["reorder_for_peak_memory"] = False
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cuda_alike():
+            from vllm.config import CUDAGraphMode
+
+            cc.cudagraph_mode = CUDAGraphMode.NONE
+            logger.warning("tensorlog: %s", NO_CUDAGRAPHS)
+    except Exception as e:  # a vLLM whose compilation config we do not know: taps may come out of order
+        logger.warning("tensorlog: could not adjust the compilation config: %s: %s", type(e).__name__, e)
+    logger.info("tensorlog: logging the compiled model through graph taps (compiled: auto)")
+
+
+def _compiled_facts(vc: Any) -> dict[str, Any]:
+    """``run.json``'s ``compiled``: whether this engine compiles the model, with which backend and passes."""
+    cc = vc.compilation_config
+    mode = getattr(getattr(cc, "mode", None), "value", getattr(cc, "mode", 0)) or 0
+    if vc.model_config.enforce_eager or not mode:
+        return {"mode": "eager"}
+    passes = [f"vllm compilation mode {getattr(cc.mode, 'name', mode)}"]
+    passes += [f"inductor pass {k}" for k in (getattr(cc, "inductor_passes", None) or {})]
+    if (getattr(cc, "inductor_compile_config", None) or {}).get("reorder_for_peak_memory") is False:
+        passes.append(TAP_ORDER)
+    graphs = getattr(getattr(cc, "cudagraph_mode", None), "name", "NONE") not in ("NONE", None)
+    return {"mode": "compiled", "backend": str(getattr(cc, "backend", "") or "inductor"), "passes": passes, "cudagraphs": graphs}
+
+
 class _Plugin:
     """The plugin's only state: whether it is installed, and the runners it equipped (for exit)."""
 
@@ -344,12 +386,14 @@ class _Plugin:
             cfg = resolve_config(getattr(args, "additional_config", None))
             dump = PassDumpConfig.from_env() is not None
             if (cfg is not None and cfg.enabled) or dump:
-                if not args.enforce_eager:
+                if not args.enforce_eager and (dump or cfg is None or _needs_eager(cfg)):
                     logger.warning(
-                        "tensorlog: intermediate logging needs eager mode (hooks never fire inside torch.compile "
-                        "or CUDA graphs); setting enforce_eager=True"
+                        "tensorlog: %s needs eager mode; setting enforce_eager=True",
+                        "the debug tensor dump" if dump or cfg is None else f"compiled: {cfg.compiled!r} with these options",
                     )
                     args.enforce_eager = True
+                elif not args.enforce_eager:
+                    _prepare_compiled(args)
                 if cfg is not None:
                     # Every rank must write into the same run: resolve the run name once, here.
                     data = cfg.model_dump(mode="json", exclude_unset=True)
@@ -387,15 +431,16 @@ class _Plugin:
             return
         runner = worker.model_runner
         model = runner.get_model()
-        if not vc.model_config.enforce_eager:
-            logger.warning("tensorlog: the model is not running eagerly; hooks inside compiled regions will not fire")
+        compiled = _compiled_facts(vc)
+        if compiled["mode"] == "compiled" and (dump_cfg is not None or cfg is None or _needs_eager(cfg)):
+            logger.warning("tensorlog: the model is compiled; module hooks inside it will not fire")
         layout = _rank_layout(vc)
         world = layout["tp_size"] * layout["pp_size"]
         capture = None
         if cfg is not None and cfg.enabled:
-            facts = {**_vllm_facts(vc, layout), "shard_layouts": shard_layouts(model, layout["tp_size"])}
+            facts = {**_vllm_facts(vc, layout), "shard_layouts": shard_layouts(model, layout["tp_size"]), "compiled": compiled}
             info = RunInfo(rank=layout["rank"], world_size=world, facts=facts)
-            capture = CaptureHandle(model, cfg, info=info, auto_step=False)
+            capture = CaptureHandle(model, cfg, info=info, auto_step=False, compiled=compiled["mode"] == "compiled")
             if not capture.enabled:  # this rank is not selected
                 capture = None
         dumper = None
