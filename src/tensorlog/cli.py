@@ -129,8 +129,21 @@ def _add_compare(sub: argparse._SubParsersAction, parents: dict[str, argparse.Ar
         "compare", help="compare two runs and name the module where they diverge", parents=[parents["tol"], parents["select"]]
     )
     p.add_argument("runs", nargs="*", metavar="RUN", help="the two runs (or give them as --dir1 and --dir2)")
-    p.add_argument("--dir1", help="first run (the reference's flag)")
-    p.add_argument("--dir2", help="second run")
+    p.add_argument(
+        "--dir1",
+        action="append",
+        help="first run (the reference's flag); repeat it for a run whose ranks are in several directories, "
+        "or give a parts file (.json)",
+    )
+    p.add_argument("--dir2", action="append", help="second run; may be repeated too")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        metavar="ADDRESS",
+        help="compare each pair on the Ray node that holds its files; only metrics come back "
+        "(ADDRESS: a cluster's address; default: the cluster this machine belongs to; needs tensorlog[ray])",
+    )
     p.add_argument("--output", help="write the report to this file (default: stdout)")
     p.add_argument("--verbose", action="store_true", help="include per-tensor details")
     p.add_argument("--format", choices=["md", "json", "html"], help="report format (default: from --output's suffix, else md)")
@@ -145,7 +158,7 @@ def _add_compare(sub: argparse._SubParsersAction, parents: dict[str, argparse.Ar
     p.set_defaults(func=_cmd_compare)
 
 
-def _two_runs(args: argparse.Namespace) -> tuple[str, str]:
+def _two_runs(args: argparse.Namespace) -> tuple[str | list[str], str | list[str]]:
     runs = list(args.runs)
     if args.dir1 or args.dir2:
         if runs or not (args.dir1 and args.dir2):
@@ -176,6 +189,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                 mapping=args.mapping,
                 replay=_read_replay(args.replay),
                 jobs=args.jobs,
+                ray=args.ray,
             )
     except ConfigError as e:
         if args.mapping:

@@ -99,7 +99,7 @@ class CaptureHandle:
         write_module_tree(self.path, model, rank)
         self._writer = Writer(
             self.path,
-            base_manifest(config, model, self._info, layout=layout),
+            base_manifest(config, model, self._info, layout=layout, path=self.path),
             rank=rank,
             layout=layout,
             fmt=config.format,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 from ..config import LogConfig
 from ..errors import ConfigError
 from ..schema import names
-from ..schema.records import RunManifest
+from ..schema.records import NodeInfo, RunManifest
 from ..storage.atomic import write_atomic
 
 __all__ = ["RunInfo", "claim_run_dir", "base_manifest", "write_module_tree", "now"]
@@ -75,7 +76,7 @@ def claim_run_dir(config: LogConfig, rank: int | None) -> Path:
             raise UnusableOutputDir(f"cannot create the run directory {path}: {e.strerror or e}") from None
 
 
-def base_manifest(config: LogConfig, model: torch.nn.Module, info: RunInfo, *, layout: str) -> RunManifest:
+def base_manifest(config: LogConfig, model: torch.nn.Module, info: RunInfo, *, layout: str, path: Path) -> RunManifest:
     from ..version import __version__
 
     cfg = config.model_dump(mode="json")
@@ -86,6 +87,7 @@ def base_manifest(config: LogConfig, model: torch.nn.Module, info: RunInfo, *, l
         "layout": layout,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "host": socket.gethostname(),
+        "node": node_info(path),
         "pid": os.getpid(),
         "rank": info.rank,
         "world_size": info.world_size,
@@ -94,6 +96,19 @@ def base_manifest(config: LogConfig, model: torch.nn.Module, info: RunInfo, *, l
         **info.facts,
     }
     return RunManifest.model_validate(data)
+
+
+def node_info(path: Path) -> NodeInfo:
+    """Where this rank's files are: a run spread over several nodes is read back part by part, on each node."""
+    return NodeInfo(hostname=socket.gethostname(), ray_node_id=_ray_node_id(), path=str(path.resolve()))
+
+
+def _ray_node_id() -> str | None:
+    ray = sys.modules.get("ray")  # only when the process already runs under Ray: never import it here
+    try:
+        return str(ray.get_runtime_context().get_node_id()) if ray is not None and ray.is_initialized() else None
+    except Exception:  # a Ray too old or too new for this call: the hostname still says where
+        return None
 
 
 def write_module_tree(path: Path, model: torch.nn.Module, rank: int | None) -> None:

@@ -13,19 +13,20 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, Selector, build_config, compile_pattern
-from ..formats import ModuleCall, Run, load_run
+from ..errors import UsageError
+from ..formats import ModuleCall, Run, RunSource, load_run
 from .align import MappingSpec, align_runs, detect_preset, load_mapping
 from .attribution import attribute, innermost_born
 from .pairing import module_result
 from .replay import ReplayResult
 from .results import CompareProgress, Comparison, Divergence, ModuleResult, Summary
 
-__all__ = ["compare", "Comparison", "plan_pairs", "assemble", "Plan"]
+__all__ = ["compare", "Comparison", "plan_pairs", "assemble", "Plan", "run_notes", "run_label", "choose_mapping"]
 
 
 def compare(
-    run1: Run | str | Path,
-    run2: Run | str | Path,
+    run1: Run | RunSource,
+    run2: Run | RunSource,
     *,
     rtol: float = 1e-5,
     atol: float = 1e-8,
@@ -35,12 +36,14 @@ def compare(
     mapping: str | Path | MappingSpec | None = None,
     replay: ReplayResult | None = None,
     jobs: int | None = None,
+    ray: str | None = None,
 ) -> Comparison:
     """Compare two runs and find, per step, the module where they start to differ.
 
     Args:
-        run1, run2 (Run | str | Path): runs, or their directories (an output
-            dir holding exactly one run also works).
+        run1, run2 (Run | str | Path | list): runs, or their directories (an output
+            dir holding exactly one run also works); a run spread over several
+            directories as a list of them or a parts file (see :func:`load_run`).
         rtol (float, default 1e-5), atol (float, default 1e-8): tolerance,
             as ``torch.allclose``.
         steps (iterable of int, optional): only these steps.
@@ -56,6 +59,9 @@ def compare(
             the runs' world sizes differ.
         replay (ReplayResult, optional): from :func:`tensorlog.replay`; adds each module's
             own (isolated) error beside the accumulated one.
+        ray (str, optional): compare on a Ray cluster (``"auto"``, or its address): each
+            pair on the node that holds its files, only metrics coming back. Needs
+            ``tensorlog[ray]``; runs of one layout and world size only.
 
     Returns:
         Comparison: ``bool()`` is True when all compared pairs match;
@@ -67,27 +73,42 @@ def compare(
         >>> result.first_divergence[0].module
         'model.layers.3.mlp.down_proj'
     """
+    if ray is not None:
+        if mapping is not None or jobs is not None:
+            raise UsageError("a compare on Ray takes neither a mapping nor a number of jobs: each node's cores do the work")
+        from .distributed import compare_on_ray
+
+        return compare_on_ray(
+            run1, run2, address=ray, rtol=rtol, atol=atol, steps=steps, modules=modules, progress=progress, replay=replay
+        )[0]
     r1 = run1 if isinstance(run1, Run) else load_run(run1)
     r2 = run2 if isinstance(run2, Run) else load_run(run2)
-    spec = _choose_mapping(r1, r2, mapping)
+    spec = choose_mapping(r1, r2, mapping)
     notes: list[str] = []
     if spec is not None:
         r1, r2, notes = align_runs(r1, r2, spec)
     plan = plan_pairs(r1, r2, steps=steps, modules=modules)
-    notes += [f"run {i} is incomplete: {r.incomplete_reason}" for i, r in ((1, r1), (2, r2)) if not r.complete]
-    notes += _mode_notes(r1, r2)
-    problems = [f"run {i}: {p}" for i, r in ((1, r1), (2, r2)) for p in r.problems]
-    problems += [
-        f"run {i} ({r.path}) holds no logged tensor"
-        for i, r in ((1, r1), (2, r2))
-        if not any(c.tensors for c in r.calls()) and not r.problems
-    ]
+    more, problems = run_notes(r1, r2)
+    notes += more
     sizes = [_pair_bytes(pair) for _, pairs in plan for pair in pairs]
     tracker = CompareProgress(modules_total=len(sizes), bytes_total=sum(sizes))
     tasks = [(c1, c2, s, rtol, atol, completion) for s, pairs in plan for completion, (c1, c2) in enumerate(pairs)]
     workers = _workers(jobs, tracker.bytes_total, spec is not None, len(tasks))
     results = _run_tasks(tasks, workers, progress, tracker, sizes)
     return assemble(r1, r2, plan, results, rtol=rtol, atol=atol, notes=notes, problems=problems, replay=replay)
+
+
+def run_notes(r1: Run, r2: Run) -> tuple[list[str], list[str]]:
+    """What the report says of the runs themselves: incomplete, compiled or not; unreadable files, nothing logged."""
+    notes = [f"run {i} is incomplete: {r.incomplete_reason}" for i, r in ((1, r1), (2, r2)) if not r.complete]
+    notes += _mode_notes(r1, r2)
+    problems = [f"run {i}: {p}" for i, r in ((1, r1), (2, r2)) for p in r.problems]
+    problems += [
+        f"run {i} ({run_label(r)}) holds no logged tensor"
+        for i, r in ((1, r1), (2, r2))
+        if not any(c.tensors for c in r.calls()) and not r.problems
+    ]
+    return notes, problems
 
 
 Pair = tuple[ModuleCall | None, ModuleCall | None]
@@ -137,8 +158,8 @@ def assemble(
             step_results = _with_replay(step_results, s, replay)
         all_results.extend(sorted(step_results, key=lambda r: (r.rank or 0, r.position if r.verdict != "only_in_2" else 1 << 30)))
     return Comparison(
-        dir1=str(r1.path),
-        dir2=str(r2.path),
+        dir1=run_label(r1),
+        dir2=run_label(r2),
         rtol=rtol,
         atol=atol,
         steps=[s for s, _ in plan],
@@ -148,6 +169,11 @@ def assemble(
         notes=notes,
         problems=problems,
     )
+
+
+def run_label(run: Run) -> str:
+    """The run's directory, or its parts joined with ``+``."""
+    return " + ".join(map(str, run.parts)) if run.parts else str(run.path)
 
 
 def _with_absence(result: ModuleResult, pair: Pair, step: int, r1: Run, r2: Run) -> ModuleResult:
@@ -236,7 +262,7 @@ def _absence(other: Run, i: int, module: str, step: int) -> str | None:
     )
 
 
-def _choose_mapping(r1: Run, r2: Run, mapping: str | Path | MappingSpec | None) -> MappingSpec | None:
+def choose_mapping(r1: Run, r2: Run, mapping: str | Path | MappingSpec | None) -> MappingSpec | None:
     if mapping is not None:
         return load_mapping(mapping)
     preset = detect_preset(r1, r2)

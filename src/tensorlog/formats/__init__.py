@@ -8,17 +8,21 @@ and one more line in :data:`_READERS`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import RunReadError
 from .model import ModuleCall, Run, Step, TensorRecord
 from .msprobe import is_msprobe_dump, load_msprobe_dump
+from .parts import merge_parts, read_parts_file
 from .passdump import is_pass_dump, load_pass_dump
 from .safeio import Listing
 from .tensorlog import is_tensorlog_run, load_tensorlog_run
 
-__all__ = ["load_run", "resolve_run_dir", "Run", "Step", "ModuleCall", "TensorRecord"]
+__all__ = ["load_run", "run_parts", "RunSource", "resolve_run_dir", "Run", "Step", "ModuleCall", "TensorRecord"]
+
+RunSource = str | Path | Sequence[str | Path]
+"""A run directory, a parts file listing several, or a list of directories (each holding some of the ranks)."""
 
 _READERS: list[tuple[str, Callable[[Path, Listing], bool], Callable[[Path, Listing], Run]]] = [
     ("pass-dump", is_pass_dump, load_pass_dump),
@@ -57,12 +61,30 @@ def resolve_run_dir(path: str | Path) -> tuple[Path, Listing]:
     raise RunReadError(f"{p} holds {len(runs)} runs ({listed}); pass one of them")
 
 
-def load_run(path: str | Path) -> Run:
+def run_parts(source: RunSource) -> list[tuple[Path, str | None]]:
+    """The directories a run is read from, each with the node a parts file names for it (else None).
+
+    Raises:
+        RunReadError: an empty list, or a parts file that cannot be read.
+    """
+    if isinstance(source, (str, Path)):
+        p = Path(source).expanduser()
+        return read_parts_file(p) if p.is_file() and p.suffix == ".json" else [(p, None)]
+    items = [x for s in source for x in run_parts(s)]
+    if not items:
+        raise RunReadError("no run directory given")
+    return items
+
+
+def load_run(path: RunSource) -> Run:
     """Read a run: tensorlog's layouts, a reference (vLLM) dump, a ``Pass00000.pt`` dump, or an msProbe dump.
 
     Args:
-        path (str | Path): the run directory, or an output directory that
-            holds exactly one run.
+        path (str | Path | list): the run directory, or an output directory that
+            holds exactly one run. A run whose ranks were written on several
+            nodes: a list of its directories, or a parts file
+            (``{"format": "tensorlog-run-parts", "parts": [{"path": ...}, ...]}``);
+            the parts are merged as the ranks of one directory are.
 
     Returns:
         Run: steps, module calls in execution order, lazily loaded tensors.
@@ -70,13 +92,19 @@ def load_run(path: str | Path) -> Run:
         calls they belong to; they never make loading fail.
 
     Raises:
-        RunReadError: the path is missing, is not a run, or holds several.
+        RunReadError: the path is missing, is not a run, or holds several; parts
+            of different layouts, or two parts that hold the same rank.
 
     Example:
         >>> run = tensorlog.load_run("/tmp/tensorlog/baseline")
         >>> [c.dirname for c in run.steps[0].calls][:3]
         ['model.embed_tokens', 'model.layers.0', 'model.layers.0.input_layernorm']
     """
+    parts = run_parts(path)
+    return merge_parts([_load_one(p) for p, _ in parts])
+
+
+def _load_one(path: Path) -> Run:
     p, listing = resolve_run_dir(path)
     loader = _reader(p, listing)
     assert loader is not None

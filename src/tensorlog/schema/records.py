@@ -31,6 +31,8 @@ __all__ = [
     "ShardLayout",
     "CompiledInfo",
     "NodeInfo",
+    "RunPart",
+    "RunParts",
     "RunManifest",
     "ModuleNode",
     "INDEX_FORMAT",
@@ -225,9 +227,25 @@ class CompiledInfo(_Record):
 
 
 class NodeInfo(_Record):
+    """Where a rank ran and wrote its files: a run spread over several nodes is read back part by part."""
+
     hostname: str
     ray_node_id: str | None = None
     path: str
+
+
+class RunPart(_Record):
+    path: str
+    """The part's directory; a relative path is relative to the parts file."""
+    node: str | None = None
+    """The Ray node id or hostname that holds it, when ``compare --ray`` should not look it up in ``run.json``."""
+
+
+class RunParts(_Record):
+    """A parts file (``*.json``): one run whose ranks were written to several directories (one per node)."""
+
+    format: Literal["tensorlog-run-parts"] = "tensorlog-run-parts"
+    parts: list[RunPart] = Field(min_length=1, max_length=65536)
 
 
 class ModuleNode(_Record):
