@@ -435,3 +435,30 @@ def test_tensor_parallel_ranks_share_one_run_without_collisions(model_dir, tmp_p
     emb = [c for c in run.steps[0].calls if c.dirname == "model.embed_tokens"]
     assert [c.outputs[0].shape for c in emb] == [(5, 256), (5, 256)]
     assert torch.equal(emb[0].outputs[0].load(), emb[1].outputs[0].load())
+
+
+def test_ray_executor_logs_every_rank_on_its_own_node(model_dir, tmp_path):
+    pytest.importorskip("ray")
+    report = tmp_path / "report.json"
+    env = _env(VLLM_CPU_OMP_THREADS_BIND="0|1")
+    r = subprocess.run(
+        [sys.executable, str(HERE / "vllm_ray_driver.py"), str(model_dir), str(tmp_path / "il"), str(report)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    rep = json.loads(report.read_text())
+    run = tensorlog.load_run(rep["run_dir"])
+    assert run.complete and run.world_size == 2, run.incomplete_reason
+    # one run name for both ranks; each rank wrote from its own Ray node, and run.json says which and where
+    ranks = run.manifest.model_extra["ranks"]
+    assert sorted(ranks[r]["node"]["ray_node_id"] for r in (0, 1)) == rep["nodes"]
+    assert {ranks[r]["node"]["path"] for r in (0, 1)} == {str(Path(rep["run_dir"]).resolve())}
+    qkv = [c for c in run.steps[0].calls if c.dirname == "model.layers.0.self_attn.qkv_proj"]
+    assert sorted(c.rank for c in qkv) == [0, 1] and [c.outputs[0].shape for c in qkv] == [(5, 256), (5, 256)]
+    # compared where it lives: each node read its own rank's files, and a run matches itself exactly
+    assert rep["self_compare_ok"] and rep["self_compare_pairs"] > 0
+    assert sorted(rep["per_node_bytes"]) == rep["nodes"] and all(v > 0 for v in rep["per_node_bytes"].values())

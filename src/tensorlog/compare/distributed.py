@@ -9,9 +9,9 @@ results as JSON. The report is assembled from those results exactly as a local
 compare assembles its own, so the two give the same report.
 
 Where a part lives: a parts file may name its node; otherwise every node is
-asked whether it sees the directory, and where several do (a shared file
-system, or a cluster simulated on one machine) the node recorded in the part's
-``run.json`` wins.
+asked whether it sees the directory. Where several do (a shared file system,
+or a cluster simulated on one machine), each rank's pairs go to the node its
+``run.json`` records, when that node is one of them.
 """
 
 from __future__ import annotations
@@ -187,40 +187,56 @@ def _mb(n: int) -> str:
 
 
 def _read_remote(ray: Any, source: Any, stats: RayStats) -> tuple[Run, dict[int | None, str]]:
-    """The run, its metadata read on each part's node, and which node holds each rank."""
+    """The run, its metadata read on each part's node, and which node holds each rank.
+
+    A rank goes to the node its ``run.json`` records when that node sees the part (ranks of several nodes
+    in one directory of a shared file system), else to the node the part was found on.
+    """
     if isinstance(source, Run):
         raise UsageError("compare on Ray reads runs where they are: give their directories or parts files, not loaded runs")
     parts = run_parts(source)
-    alive = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
-    hosts = {n["NodeID"]: {n.get("NodeManagerHostname"), n.get("NodeManagerAddress")} for n in ray.nodes() if n.get("Alive")}
+    live = [n for n in ray.nodes() if n.get("Alive")]
+    alive = [n["NodeID"] for n in live]
+    hosts = {n["NodeID"]: {n.get("NodeManagerHostname"), n.get("NodeManagerAddress")} for n in live}
     reader = ray.remote(num_cpus=0, max_retries=0)(_read_part)
-    located = [(path, _locate(ray, path, hint, alive, hosts)) for path, hint in parts]
-    refs = [reader.options(scheduling_strategy=_on(node)).remote(str(path)) for path, node in located]
+    located = [(path, _holders(ray, path, hint, alive, hosts)) for path, hint in parts]
+    refs = [reader.options(scheduling_strategy=_on(holders[0])).remote(str(path)) for path, holders in located]
     runs: list[Run] = []
     node_of: dict[int | None, str] = {}
-    for (_, node), ref in zip(located, refs):
+    for (_, holders), ref in zip(located, refs):
         blob = _get(ray, ref)
         stats.metadata_bytes += len(blob)
         run = pickle.loads(blob)  # made by _read_part, never read from disk
         runs.append(run)
+        recorded = _recorded_nodes(run)
         for rank in part_ranks(run):
-            node_of[rank] = node
+            node_of[rank] = recorded[rank] if recorded.get(rank) in holders else holders[0]
     return merge_parts(runs), node_of
 
 
-def _locate(ray: Any, path: Path, hint: str | None, alive: list[str], hosts: dict[str, set[Any]]) -> str:
+def _recorded_nodes(run: Run) -> dict[int | None, str | None]:
+    listed = (run.manifest.model_extra or {}).get("ranks")
+    if isinstance(listed, dict):
+        return {int(r): ((info or {}).get("node") or {}).get("ray_node_id") for r, info in listed.items()}
+    node = run.manifest.node
+    return {run.manifest.rank if run.world_size > 1 else None: node.ray_node_id if node else None}
+
+
+def _holders(ray: Any, path: Path, hint: str | None, alive: list[str], hosts: dict[str, set[Any]]) -> list[str]:
+    """The nodes that see ``path``, the one its ``run.json`` records first (or just the node a parts file names)."""
     if hint is not None:
         for node in alive:
             if hint == node or hint in hosts[node]:
-                return node
+                return [node]
         raise RunReadError(f"{path}: its node {hint!r} is not a live node of the Ray cluster")
     probe = ray.remote(num_cpus=0, max_retries=0)(_probe_part)
-    seen = {node: _get(ray, probe.options(scheduling_strategy=_on(node)).remote(str(path))) for node in alive}
+    refs = {node: probe.options(scheduling_strategy=_on(node)).remote(str(path)) for node in alive}
+    seen = {node: _get(ray, ref) for node, ref in refs.items()}
     holders = [node for node, recorded in seen.items() if recorded is not None]
     if not holders:
         raise RunReadError(f"{path}: no node of the Ray cluster ({len(alive)} alive) holds this directory")
-    recorded = next(r for r in seen.values() if r is not None)
-    return next((node for node in holders if node in recorded), holders[0])
+    recorded = {n for r in seen.values() if r is not None for n in r}
+    return sorted(holders, key=lambda node: node not in recorded)
 
 
 def _probe_part(path: str) -> list[str] | None:

@@ -1,14 +1,16 @@
 """vLLM general plugin: intermediate logging inside a stock vLLM engine, no patch to vLLM.
 
 vLLM loads ``vllm.general_plugins`` entry points in every process (the front
-end, the EngineCore and each worker). :func:`register` wraps two one-shot
-methods, and each wrapper only checks for a config:
+end, the EngineCore and each worker, Ray actors included). :func:`register` wraps
+three one-shot methods, and each wrapper only checks for a config:
 
 * ``EngineArgs.create_engine_config`` (front end): when logging is on, keep a
   compiling engine compiling, with what graph taps need (Inductor's
   peak-memory reordering off, no CUDA graphs), or force ``enforce_eager`` when
   the config asks for hooks; and pin the run name into ``additional_config`` so
   that every rank writes into one run.
+* ``Executor.get_class`` (EngineCore): a Ray executor kills its worker actors
+  at shutdown, so its ``shutdown`` first asks the workers to close their runs.
 * ``Worker.load_model`` (each worker; the CPU worker inherits it, and it sits
   above every model loader, tensorizer included): attach capture hooks to the
   loaded model and wrap the model runner's ``execute_model`` /
@@ -379,6 +381,11 @@ class _Plugin:
             return
         EngineArgs.create_engine_config = self._wrap_engine_config(EngineArgs.create_engine_config)  # type: ignore[method-assign]
         Worker.load_model = self._wrap_load_model(Worker.load_model)  # type: ignore[method-assign]
+        try:
+            from vllm.v1.executor.abstract import Executor
+        except ImportError:
+            return
+        Executor.get_class = staticmethod(_wrap_get_class(Executor.get_class))  # type: ignore[method-assign]
 
     def _wrap_engine_config(self, orig: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(orig)
@@ -467,6 +474,43 @@ class _Plugin:
 
 
 _PLUGIN = _Plugin()
+
+RAY_CLOSE_TIMEOUT = 60.0
+"""Seconds the engine waits, at shutdown, for its Ray workers to finish their runs."""
+
+
+def _wrap_get_class(orig: Callable[..., Any]) -> Callable[..., Any]:
+    """Ray executors kill their worker actors at shutdown (no atexit there): ask the workers to close their
+    runs first, so that every rank's ``run.json`` ends complete. Only the executor class in use is touched."""
+
+    @functools.wraps(orig)
+    def get_class(vllm_config: Any) -> Any:
+        cls = orig(vllm_config)
+        cfg = resolve_config(getattr(vllm_config, "additional_config", None))
+        if getattr(cls, "uses_ray", False) and cfg is not None and cfg.enabled and "_tensorlog_shutdown" not in cls.__dict__:
+            cls._tensorlog_shutdown = True
+            cls.shutdown = _closing_workers_first(cls.shutdown)
+        return cls
+
+    return get_class
+
+
+def _closing_workers_first(orig: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(orig)
+    def shutdown(executor: Any, *a: Any, **kw: Any) -> Any:
+        if not (getattr(executor, "shutting_down", False) or getattr(executor, "is_failed", False)):
+            try:
+                executor.collective_rpc(_close_worker_runs, timeout=RAY_CLOSE_TIMEOUT)
+            except Exception as e:  # a worker already gone: its run stays marked incomplete, which is the truth
+                logger.warning("tensorlog: could not close the runs on the Ray workers: %s: %s", type(e).__name__, e)
+        return orig(executor, *a, **kw)
+
+    return shutdown
+
+
+def _close_worker_runs(worker: Any) -> None:
+    """Run on each worker by ``collective_rpc``: what atexit would have done."""
+    _PLUGIN.close_all()
 
 
 def register() -> None:
