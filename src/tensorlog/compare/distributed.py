@@ -210,7 +210,8 @@ def _read_remote(ray: Any, source: Any, stats: RayStats) -> tuple[Run, dict[int 
         runs.append(run)
         recorded = _recorded_nodes(run)
         for rank in part_ranks(run):
-            node_of[rank] = recorded[rank] if recorded.get(rank) in holders else holders[0]
+            own = recorded.get(rank)
+            node_of[rank] = own if own is not None and own in holders else holders[0]
     return merge_parts(runs), node_of
 
 
