@@ -88,7 +88,9 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
 
 def _add_inspect(sub: argparse._SubParsersAction, parents: dict[str, argparse.ArgumentParser]) -> None:
     p = sub.add_parser("inspect", help="show the steps, modules and tensors of a run", parents=[parents["select"]])
-    p.add_argument("run", help="run directory (or an output dir holding exactly one run)")
+    p.add_argument(
+        "run", nargs="+", metavar="RUN", help="run directory (or an output dir holding exactly one run); several: one run's parts"
+    )
     p.set_defaults(func=_cmd_inspect)
 
 
@@ -96,8 +98,46 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from .formats import load_run
     from .report.inspect import render_run
 
-    render_run(load_run(args.run), _stdout(), steps=args.steps, modules=args.modules)
+    render_run(load_run(args.run if len(args.run) > 1 else args.run[0]), _stdout(), steps=args.steps, modules=args.modules)
     return EXIT_OK
+
+
+# -- export -------------------------------------------------------------------------
+
+
+def _add_export(sub: argparse._SubParsersAction, parents: dict[str, argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("export", help="write a run's statistics as Parquet (one row per tensor per call)")
+    p.add_argument("run", nargs="+", metavar="RUN", help="the run (several directories: the parts of one run)")
+    p.add_argument("--parquet", required=True, metavar="DIR", help="directory for the Parquet files")
+    p.add_argument("--window", type=int, default=1000, help="steps per file (default: 1000)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .report.parquet import export_parquet
+
+    if args.window < 1:
+        raise UsageError(f"--window must be at least 1, got {args.window}")
+    with _steps_progress("exporting") as progress:
+        out = export_parquet(args.run if len(args.run) > 1 else args.run[0], args.parquet, window=args.window, progress=progress)
+    err = _stderr()
+    for p in out.problems[:20]:
+        err.print(f"tensorlog: {p}", markup=False, highlight=False)
+    if len(out.problems) > 20:
+        err.print(f"tensorlog: ... and {len(out.problems) - 20} more problems", markup=False, highlight=False)
+    err.print(f"{out.rows} rows in {len(out.files)} file(s) in {args.parquet}", markup=False, highlight=False)
+    return EXIT_ERROR if out.problems else EXIT_OK
+
+
+@contextlib.contextmanager
+def _steps_progress(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar of steps on stderr (only on a terminal)."""
+    from rich.progress import Progress
+
+    console = _stderr()
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 # -- demo ---------------------------------------------------------------------------
@@ -411,7 +451,7 @@ def _cmd_vllm(args: argparse.Namespace) -> int:
 
 # -- plumbing -----------------------------------------------------------------------
 
-_COMMANDS = [_add_capture, _add_inspect, _add_compare, _add_replay, _add_demo, _add_vllm]
+_COMMANDS = [_add_capture, _add_inspect, _add_compare, _add_export, _add_replay, _add_demo, _add_vllm]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,6 +31,7 @@ from ..errors import AnomalyError
 from ..schema import names
 from ..schema.records import Anomaly
 from ..storage.atomic import write_atomic
+from ..storage.parquet import require_pyarrow
 from ..storage.writer import Writer
 from .backward import GradientHooks
 from .compiled import NOT_SEEN, StepOps, TapHooks, compiled_facts, compiled_mode, unwrap_compiled
@@ -90,6 +91,8 @@ class CaptureHandle:
             self._info.facts.setdefault("compiled", compiled_facts(model))
         rank = self._info.file_rank
         layout = "statistics" if config.mode != "tensor" else config.layout
+        if config.parquet_window is not None:
+            require_pyarrow()  # before the run directory is claimed
         try:
             self.path = claim_run_dir(config, rank)
         except UnusableOutputDir as e:
@@ -108,6 +111,9 @@ class CaptureHandle:
             drop=config.on_backpressure == "drop",
             max_total_bytes=config.max_total_bytes,
             detect_anomaly=config.detect_anomaly,
+            parquet_window=config.parquet_window,
+            retain_steps=config.retain_steps,
+            retain_bytes=config.retain_bytes,
         )
         self._recorder = Recorder(config, self._selector, self._writer, rank=rank, layout=layout, graft=graft)
         modules = dict((unwrap_compiled(model) if self._compiled else model).named_modules())

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
 from .patterns import compile_pattern, split_call_index
@@ -101,6 +101,23 @@ class LogConfig(BaseModel):
     """Check every hooked tensor for NaN/Inf; the first module whose outputs go bad is recorded in run.json."""
     stop_on_anomaly: bool = False
     """With ``detect_anomaly``: raise :class:`tensorlog.AnomalyError` at the first hit."""
+    parquet_window: int | None = Field(default=None, ge=1)
+    """Also write the statistics as Parquet (``statistics``/``md5`` modes; needs pyarrow): one file per rank
+    for each window of this many steps, in ``<run>/parquet/``, one row per tensor per call."""
+    retain_steps: int | None = Field(default=None, ge=1)
+    """Keep only the newest this many steps on disk (and the Parquet windows they overlap): for a server
+    that logs all day. ``run.json``'s ``removed_through`` says which steps are gone."""
+    retain_bytes: int | None = Field(default=None, ge=1)
+    """Keep only the newest steps (and Parquet windows) that fit in this many bytes."""
+
+    @model_validator(mode="after")
+    def _parquet_has_statistics(self) -> LogConfig:
+        if self.parquet_window is not None and self.mode == "tensor":
+            raise ValueError(
+                "parquet_window writes statistics, which mode 'tensor' does not take; use mode 'statistics' or 'md5' "
+                "(or export a tensor run's statistics with `tensorlog export RUN --parquet DIR`)"
+            )
+        return self
 
     @field_validator("data_mode", mode="before")
     @classmethod
@@ -226,7 +243,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
             problems.append(f"unknown key {key!r}{_closest_key(str(e['loc'][0]))}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            problems.append(f"{key}: {msg} (got {e.get('input')!r})")
+            problems.append(f"{key}: {msg} (got {e.get('input')!r})" if e["loc"] else msg)
     return f"invalid tensorlog config{source}: " + "; ".join(problems)
 
 

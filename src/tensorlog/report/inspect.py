@@ -40,6 +40,10 @@ def render_run(run: Run, console: Console, *, steps: list[int] | None = None, mo
     ]
     if facts:
         console.print(_t("  " + "  ".join(facts)), highlight=False)
+    if run.parts:
+        console.print(_t(f"  {len(run.parts)} parts: " + ", ".join(map(str, run.parts))), highlight=False)
+    if m.removed_through is not None:
+        console.print(f"  steps up to {m.removed_through} were removed by retention", highlight=False)
     pats = [compile_pattern(p) for p in modules] if modules else None
     for problem in run.problems:
         console.print(f"[red]problem:[/] {_t(problem)}", highlight=False)

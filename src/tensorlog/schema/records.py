@@ -277,6 +277,8 @@ class RunManifest(_Record):
     """Finished steps as ``[first, last]`` ranges (tensorlog 0.1 listed every step)."""
     step_in_progress: StrictInt | None = None
     bytes_written: StrictInt = 0
+    removed_through: StrictInt | None = None
+    """Retention (``retain_steps`` / ``retain_bytes``) removed the data of every step up to this one."""
     dropped: list[Dropped] = Field(default_factory=list)
     anomaly: Anomaly | None = None
     complete: StrictBool = False

@@ -25,8 +25,9 @@ from ..schema import names
 from ..schema.records import Anomaly, Dropped, RunManifest, StepInfo
 from . import stats as _stats
 from .atomic import link_atomic, make_dir, write_atomic, write_in_place
-from .index import index_bytes, origin
+from .index import index_doc, index_json, origin
 from .packed import PackedFile
+from .parquet import ParquetSink, Retention
 from .records import StepEnd, TensorSnap
 from .tensorfile import st_dtype_name
 
@@ -57,6 +58,9 @@ class StepFinisher:
         detect_anomaly: bool,
         account: Callable[[int], None],
         bytes_written: Callable[[], int],
+        parquet_window: int | None = None,
+        retain_steps: int | None = None,
+        retain_bytes: int | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.rank = rank
@@ -72,6 +76,10 @@ class StepFinisher:
         self._last_manifest = -MANIFEST_INTERVAL
         self.anomaly: Anomaly | None = None
         """The first NaN/Inf found; other threads read it (one reference, set once)."""
+        self._retention = Retention(retain_steps, retain_bytes) if retain_steps or retain_bytes else None
+        self._parquet = (
+            ParquetSink(run_dir, rank, parquet_window, on_file=self._parquet_written) if parquet_window is not None else None
+        )
 
     def finish(self, end: StepEnd, packed: PackedFile | None) -> None:
         """Write everything of ``end`` that is not yet on disk, the step index last."""
@@ -98,10 +106,15 @@ class StepFinisher:
             write_atomic(step_dir / names.calls_file(self.rank), [data])
         if end.info:
             end.info = StepInfo.model_validate(end.info).model_dump(exclude_defaults=True)
-        data = index_bytes(end, rank=self.rank, layout=self.layout, packed=packed_name)
+        doc = index_doc(end, rank=self.rank, layout=self.layout, packed=packed_name)
+        data = index_json(doc)
         self._account(len(data))
         write_atomic(step_dir / names.index_file(self.rank), [data])
         news = bool(end.dropped) or not end.complete or end.manifest is not None
+        if self._parquet is not None:
+            self._parquet.add(end.step, doc["calls"], end.info)
+        if self._retention is not None:
+            news |= self._retention.add_step(end.step, step_dir)
         self._dropped.extend(Dropped(**d) for d in end.dropped)
         if not end.complete:
             self._incomplete[end.step] = end.incomplete_reason or "cut short"
@@ -110,6 +123,16 @@ class StepFinisher:
         _add_to_ranges(self._steps_written, end.step)
         if news or time.monotonic() - self._last_manifest >= MANIFEST_INTERVAL:
             self.write_manifest(complete=False)
+
+    def _parquet_written(self, first: int, last: int, path: Path, nbytes: int) -> None:
+        self._account(nbytes)
+        if self._retention is not None:
+            self._retention.add_file(first, last, path, nbytes)
+
+    def close(self) -> None:
+        """The run ends: the last Parquet window is written (before the final ``run.json``)."""
+        if self._parquet is not None:
+            self._parquet.flush()
 
     def _fill_in(self, end: StepEnd) -> None:
         """Statistics from the step's one read-back; values of copies no writer thread took; repeats share."""
@@ -178,6 +201,7 @@ class StepFinisher:
             "complete": complete,
             "incomplete_reason": why,
             "end_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds") if final else None,
+            "removed_through": self._retention.removed_through if self._retention is not None else None,
         }
         m = self._manifest.model_copy(update=update)
         data = m.model_dump_json(indent=1).encode()

@@ -20,7 +20,7 @@ from ..schema.records import INDEX_FORMAT, INDEX_VERSION, STAT_KEYS
 from . import stats as _stats
 from .records import CallRecord, StepEnd, TensorSnap
 
-__all__ = ["index_bytes", "origin"]
+__all__ = ["index_bytes", "index_doc", "index_json", "origin"]
 
 _DTYPES: dict[torch.dtype, str] = {}
 
@@ -33,6 +33,15 @@ def origin(s: TensorSnap) -> TensorSnap:
 
 
 def index_bytes(end: StepEnd, *, rank: int | None, layout: str, packed: str | None) -> bytes:
+    return index_json(index_doc(end, rank=rank, layout=layout, packed=packed))
+
+
+def index_json(doc: dict[str, Any]) -> bytes:
+    return pydantic_core.to_json(doc, inf_nan_mode="constants")
+
+
+def index_doc(end: StepEnd, *, rank: int | None, layout: str, packed: str | None) -> dict[str, Any]:
+    """The step index as plain dicts (what Parquet rows are made from too)."""
     doc: dict[str, Any] = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "step": end.step, "layout": layout}
     if rank is not None:
         doc["rank"] = rank
@@ -44,7 +53,7 @@ def index_bytes(end: StepEnd, *, rank: int | None, layout: str, packed: str | No
         doc["info"] = end.info
     if end.dropped:
         doc["dropped"] = end.dropped
-    return pydantic_core.to_json(doc, inf_nan_mode="constants")
+    return doc
 
 
 def _call(rec: CallRecord, packed: str | None) -> dict[str, Any]:

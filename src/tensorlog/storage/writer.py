@@ -61,6 +61,9 @@ class Writer:
         drop: bool,
         max_total_bytes: int | None,
         detect_anomaly: bool,
+        parquet_window: int | None = None,
+        retain_steps: int | None = None,
+        retain_bytes: int | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.drop = drop
@@ -75,6 +78,9 @@ class Writer:
             detect_anomaly=detect_anomaly,
             account=self._files.account,
             bytes_written=lambda: self._files.bytes_written,
+            parquet_window=parquet_window,
+            retain_steps=retain_steps,
+            retain_bytes=retain_bytes,
         )
         self._workers = [
             threading.Thread(target=self._work, name=f"tensorlog-writer-{i}", daemon=True) for i in range(max(1, threads))
@@ -220,6 +226,11 @@ class Writer:
             self._steps.write_manifest(complete=False, stopped=stopped)
         complete, reason = self._queue.wait_closing()
         self._files.abort_packed()
+        if not stopped:
+            try:
+                self._steps.close()
+            except Exception as e:
+                stopped = describe_fault(e)
         self._steps.write_manifest(
             complete=complete and not stopped and not self._steps.cut_short, stopped=stopped, reason=reason, final=True
         )

@@ -1,0 +1,169 @@
+"""Statistics as Parquet, one file per rank and window of steps, and retention for runs that never end.
+
+:class:`ParquetSink` is fed each finished step's index by the finishing thread
+and writes a file when a window of steps is full (or at the run's end): its
+memory is one window's rows. Files are written whole and renamed into place,
+so a reader (DuckDB on ``parquet/*.parquet``) never sees half of one.
+
+:class:`Retention` keeps the newest steps of a run within a count or a byte
+budget: each finished step directory, and each Parquet window once written,
+is an item; the oldest go first.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import DependencyError
+from ..schema.columns import PARQUET_DIR, Columns, arrow_schema, parquet_file
+from .atomic import make_dir, write_atomic
+
+__all__ = ["ParquetSink", "Retention", "write_parquet", "require_pyarrow", "tree_bytes"]
+
+MAX_WINDOW_ROWS = 1 << 20
+"""A window is written early once it holds this many rows: memory stays bounded whatever the window's length."""
+
+
+def require_pyarrow() -> None:
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise DependencyError("Parquet needs pyarrow: pip install 'tensorlog[parquet]'") from None
+
+
+def write_parquet(path: Path, cols: Columns) -> int:
+    """Write the rows as one Parquet file, atomically; its size in bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(cols.data, schema=arrow_schema())
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    data = sink.getvalue()
+    write_atomic(path, [memoryview(data)])
+    return data.size
+
+
+class ParquetSink:
+    """One rank's Parquet files: a window of ``window`` steps per file. Used by one thread."""
+
+    def __init__(self, run_dir: Path, rank: int | None, window: int, on_file: Any = None) -> None:
+        require_pyarrow()
+        self.dir = run_dir / PARQUET_DIR
+        self.rank = rank
+        self.window = window
+        self._on_file = on_file
+        self._cols = Columns()
+        self._first: int | None = None
+        self._last: int | None = None
+
+    def add(self, step: int, calls: list[Mapping[str, Any]], info: Mapping[str, Any] | None) -> None:
+        if self._first is not None and step // self.window != self._first // self.window:
+            self.flush()
+        self._cols.add_step(step, self.rank, calls, info)
+        self._first = step if self._first is None else self._first
+        self._last = step
+        if len(self._cols) >= MAX_WINDOW_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._first is None or self._last is None:
+            return
+        make_dir(self.dir)
+        path = self.dir / parquet_file(self.rank, self._first, self._last)
+        size = write_parquet(path, self._cols) if len(self._cols) else 0
+        if size and self._on_file is not None:
+            self._on_file(self._first, self._last, path, size)
+        self._cols.clear()
+        self._first = self._last = None
+
+
+@dataclass
+class _Item:
+    first: int
+    last: int
+    path: Path
+    nbytes: int
+    is_step: bool
+
+
+class Retention:
+    """Keep the last ``steps`` steps, and at most ``nbytes`` bytes, of step directories and Parquet windows."""
+
+    def __init__(self, steps: int | None, nbytes: int | None) -> None:
+        self.steps = steps
+        self.nbytes = nbytes
+        self._items: deque[_Item] = deque()
+        self._total = 0
+        self._step_items = 0
+        self.removed_through: int | None = None
+        """The last step whose data retention removed (None: nothing removed yet)."""
+
+    def add_step(self, step: int, step_dir: Path) -> bool:
+        """A finished step's directory; True when something older was removed."""
+        return self._add(_Item(step, step, step_dir, tree_bytes(step_dir), True))
+
+    def add_file(self, first: int, last: int, path: Path, nbytes: int) -> bool:
+        return self._add(_Item(first, last, path, nbytes, False))
+
+    def _add(self, item: _Item) -> bool:
+        self._items.append(item)
+        self._total += item.nbytes
+        self._step_items += item.is_step
+        removed = False
+        while self._items and self._over():
+            self._remove(self._oldest())
+            removed = True
+        if self.steps is not None and self._step_items:
+            oldest_kept = min(i.first for i in self._items if i.is_step)
+            for old in [i for i in self._items if not i.is_step and i.last < oldest_kept]:
+                self._remove(old)
+                removed = True
+        return removed
+
+    def _over(self) -> bool:
+        too_many = self.steps is not None and self._step_items > self.steps
+        too_big = self.nbytes is not None and self._total > self.nbytes and len(self._items) > 1
+        return too_many or too_big
+
+    def _oldest(self) -> _Item:
+        if self.steps is not None and self._step_items > self.steps:
+            return min((i for i in self._items if i.is_step), key=lambda i: i.last)
+        return min(self._items, key=lambda i: i.last)
+
+    def _remove(self, item: _Item) -> None:
+        self._items.remove(item)
+        self._total -= item.nbytes
+        self._step_items -= item.is_step
+        if item.is_step:
+            shutil.rmtree(item.path, ignore_errors=True)
+        else:
+            try:
+                item.path.unlink()
+            except FileNotFoundError:
+                pass
+        self.removed_through = max(item.last, self.removed_through if self.removed_through is not None else -1)
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (a step directory: two levels, no links followed)."""
+    total = 0
+    stack = [str(path)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+                    elif e.is_file(follow_symlinks=False):
+                        total += e.stat(follow_symlinks=False).st_size
+        except OSError:
+            continue
+    return total
