@@ -181,3 +181,28 @@ def test_export_names_each_unreadable_file_and_exits_2(tmp_path):
     table = rows((tmp_path / "out").iterdir())
     bad = [x for x in table if x["module"] == "layers.0.up" and x["kind"] == "outputs"]
     assert bad and bad[0]["abs_max"] is None and json.dumps(bad[0]["shape"])
+
+
+def test_ranks_sharing_a_run_directory_each_remove_only_their_own_files(tmp_path):
+    from tensorlog.capture.handle import start_capture
+    from tensorlog.capture.run import RunInfo
+
+    cfg = {"output_dir": str(tmp_path), "run_name": "tp", "log_step_ids": [], "mode": "statistics", "retain_steps": 2}
+    for rank in (0, 1):
+        model = Server()
+        with start_capture(model, cfg, info=RunInfo(rank=rank, world_size=2)):
+            serve(model, steps=5)
+        if rank == 0:  # rank 1 has not run yet: rank 0's removals must not have touched anything of its own steps' others
+            assert sorted(p.name for p in (tmp_path / "tp").glob("step_*")) == ["step_3", "step_4"]
+    path = tmp_path / "tp"
+    assert sorted(p.name for p in path.glob("step_*")) == ["step_3", "step_4"]
+    assert sorted(p.name for p in (path / "step_4").iterdir()) == ["tensorlog_index.rank0.json", "tensorlog_index.rank1.json"]
+    run = tensorlog.load_run(path)
+    assert run.complete and sorted(run.steps) == [3, 4] and {c.rank for c in run.calls()} == {0, 1}
+
+    # a kill in the middle of a removal leaves some of a removed step's files: still a complete run
+    leftover = path / "step_1" / "layers.0"
+    leftover.mkdir(parents=True)
+    (leftover / "outputs.rank0.json").write_text("{}")
+    run = tensorlog.load_run(path)
+    assert run.complete and not run.problems and sorted(s for s in run.steps if run.steps[s].calls) == [3, 4]

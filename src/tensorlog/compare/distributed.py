@@ -39,7 +39,7 @@ from .pairing import module_result
 from .replay import ReplayResult
 from .results import CompareProgress, Comparison, ModuleResult
 
-__all__ = ["compare_on_ray", "RayStats"]
+__all__ = ["compare_on_ray", "RayStats", "peak_rss"]
 
 BATCH_BYTES = 256 << 20
 """A task compares pairs of up to this many bytes (or one bigger pair): few enough tasks that their start-up
@@ -306,7 +306,20 @@ def _compare_batch(
     items: list[tuple[ModuleCall | None, ModuleCall | None, int, int]], rtol: float, atol: float
 ) -> tuple[bytes, int]:
     results = [module_result(c1, c2, s, rtol, atol, completion) for c1, c2, s, completion in items]
-    return _RESULTS.dump_json(results), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return _RESULTS.dump_json(results), peak_rss()
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes. ``VmHWM``, because ``ru_maxrss`` survives ``exec`` on
+    Linux: a worker started by a big process would report its parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _on(node: str) -> Any:

@@ -96,6 +96,7 @@ def _read_manifests(p: Path, listing: Listing, problems: list[str]) -> RunManife
                 "host": m.host,
                 "steps_written": m.steps_done(),
                 "node": m.node.model_dump() if m.node else None,
+                "removed_through": m.removed_through,
             }
             for r, m in sorted(by_rank.items())
         }
@@ -150,7 +151,7 @@ def _load_step(index: int, d: Path, manifest: RunManifest, problems: list[str], 
             step.info = idx.info if rank in (None, 0) or step.info is None else step.info
         if not idx.complete:
             step.complete, step.incomplete_reason = False, idx.incomplete_reason or "cut short"
-    scanned = _calls_from_dirs(index, d, listing, indexed_ranks, problems)
+    scanned = [c for c in _calls_from_dirs(index, d, listing, indexed_ranks, problems) if not _removed(manifest, c.rank, index)]
     if scanned and manifest.layout_version >= 2:
         ranks = sorted({c.rank for c in scanned}, key=lambda r: -1 if r is None else r)
         step.complete = False
@@ -159,6 +160,15 @@ def _load_step(index: int, d: Path, manifest: RunManifest, problems: list[str], 
         )
     calls.extend(scanned)
     return step
+
+
+def _removed(manifest: RunManifest, rank: int | None, step: int) -> bool:
+    """Retention removed this rank's data of ``step``: what is left of it was being deleted, not cut short."""
+    listed = (manifest.model_extra or {}).get("ranks")
+    through = manifest.removed_through
+    if isinstance(listed, dict) and rank in listed:
+        through = (listed[rank] or {}).get("removed_through")
+    return through is not None and step <= through
 
 
 def _safe_relative(rel: str, listing: Listing) -> tuple[str, str] | None:

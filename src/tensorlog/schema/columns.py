@@ -15,7 +15,7 @@ from typing import Any
 
 from .records import STAT_KEYS
 
-__all__ = ["COLUMNS", "PARQUET_DIR", "parquet_file", "PARQUET_FILE_RE", "Columns", "arrow_schema"]
+__all__ = ["COLUMNS", "PARQUET_DIR", "parquet_file", "Columns", "arrow_schema"]
 
 PARQUET_DIR = "parquet"
 """Inside the run directory: ``<run>/parquet/stats[.rank<R>].steps<first>-<last>.parquet``."""
@@ -51,7 +51,6 @@ def parquet_file(rank: int | None, first: int, last: int) -> str:
     return f"stats{infix}.steps{first:09d}-{last:09d}.parquet"
 
 
-PARQUET_FILE_RE = r"^stats(?:\.rank(\d+))?\.steps(\d{9,})-(\d{9,})\.parquet$"
 
 
 class Columns:

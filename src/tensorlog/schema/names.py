@@ -39,6 +39,7 @@ __all__ = [
     "call_dir",
     "safe_name",
     "rank_infix",
+    "file_rank",
     "device_tag",
     "tensor_stem",
     "safe_stem",
@@ -108,6 +109,15 @@ def call_dir(module: str, call_index: int) -> str:
 
 def rank_infix(rank: int | None) -> str:
     return "" if rank is None else f".rank{rank}"
+
+
+_RANK_MARK = re.compile(r"(?:\.rank(\d{1,9})\.|_rank(\d{1,9})\.[A-Za-z]+$)")
+
+
+def file_rank(name: str) -> int | None:
+    """The rank a file of a shared run directory belongs to (its ``.rank<R>.`` infix or ``_rank<R>`` tag)."""
+    m = _RANK_MARK.search(name)
+    return None if m is None else int(m.group(1) or m.group(2))
 
 
 def device_tag(device: str, rank: int | None = None) -> str:

@@ -27,7 +27,7 @@ from . import stats as _stats
 from .atomic import link_atomic, make_dir, write_atomic, write_in_place
 from .index import index_doc, index_json, origin
 from .packed import PackedFile
-from .parquet import ParquetSink, Retention
+from .parquet import Item, ParquetSink, Retention
 from .records import StepEnd, TensorSnap
 from .tensorfile import st_dtype_name
 
@@ -76,7 +76,9 @@ class StepFinisher:
         self._last_manifest = -MANIFEST_INTERVAL
         self.anomaly: Anomaly | None = None
         """The first NaN/Inf found; other threads read it (one reference, set once)."""
-        self._retention = Retention(retain_steps, retain_bytes) if retain_steps or retain_bytes else None
+        self._retention = Retention(retain_steps, retain_bytes, rank) if retain_steps or retain_bytes else None
+        self._gone: list[Item] = []
+        """What retention decided to remove, deleted once ``run.json`` says so."""
         self._parquet = (
             ParquetSink(run_dir, rank, parquet_window, on_file=self._parquet_written) if parquet_window is not None else None
         )
@@ -114,7 +116,8 @@ class StepFinisher:
         if self._parquet is not None:
             self._parquet.add(end.step, doc["calls"], end.info)
         if self._retention is not None:
-            news |= self._retention.add_step(end.step, step_dir)
+            self._gone += self._retention.add_step(end.step, step_dir)
+            news |= bool(self._gone)
         self._dropped.extend(Dropped(**d) for d in end.dropped)
         if not end.complete:
             self._incomplete[end.step] = end.incomplete_reason or "cut short"
@@ -123,16 +126,25 @@ class StepFinisher:
         _add_to_ranges(self._steps_written, end.step)
         if news or time.monotonic() - self._last_manifest >= MANIFEST_INTERVAL:
             self.write_manifest(complete=False)
+        self._delete_gone()
+
+    def _delete_gone(self) -> None:
+        if self._gone and self._retention is not None:
+            self._retention.delete(self._gone)
+            self._gone = []
 
     def _parquet_written(self, first: int, last: int, path: Path, nbytes: int) -> None:
         self._account(nbytes)
         if self._retention is not None:
-            self._retention.add_file(first, last, path, nbytes)
+            self._gone += self._retention.add_file(first, last, path, nbytes)
 
     def close(self) -> None:
         """The run ends: the last Parquet window is written (before the final ``run.json``)."""
         if self._parquet is not None:
             self._parquet.flush()
+
+    def after_final_manifest(self) -> None:
+        self._delete_gone()
 
     def _fill_in(self, end: StepEnd) -> None:
         """Statistics from the step's one read-back; values of copies no writer thread took; repeats share."""

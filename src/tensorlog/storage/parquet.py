@@ -12,6 +12,7 @@ is an item; the oldest go first.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections import deque
@@ -21,13 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DependencyError
+from ..schema import names
 from ..schema.columns import PARQUET_DIR, Columns, arrow_schema, parquet_file
 from .atomic import make_dir, write_atomic
 
 __all__ = ["ParquetSink", "Retention", "write_parquet", "require_pyarrow", "tree_bytes"]
 
-MAX_WINDOW_ROWS = 1 << 20
-"""A window is written early once it holds this many rows: memory stays bounded whatever the window's length."""
+MAX_WINDOW_ROWS = 1 << 16
+"""A window is written early (as several files) once it holds this many rows: its Python lists stay within
+about 50 MB whatever the window's length."""
 
 
 def require_pyarrow() -> None:
@@ -86,7 +89,7 @@ class ParquetSink:
 
 
 @dataclass
-class _Item:
+class Item:
     first: int
     last: int
     path: Path
@@ -95,65 +98,86 @@ class _Item:
 
 
 class Retention:
-    """Keep the last ``steps`` steps, and at most ``nbytes`` bytes, of step directories and Parquet windows."""
+    """Keep the last ``steps`` steps, and at most ``nbytes`` bytes, of step directories and Parquet windows.
 
-    def __init__(self, steps: int | None, nbytes: int | None) -> None:
+    Removal is in two moves so that a kill between them never leaves a step that looks cut short:
+    :meth:`add_step` / :meth:`add_file` say what goes and advance :attr:`removed_through` (which the
+    caller writes into ``run.json``), then :meth:`delete` removes it. In a run directory that several
+    ranks share, a rank removes only its own files of a step (its index first).
+    """
+
+    def __init__(self, steps: int | None, nbytes: int | None, rank: int | None) -> None:
         self.steps = steps
         self.nbytes = nbytes
-        self._items: deque[_Item] = deque()
+        self.rank = rank
+        self._items: deque[Item] = deque()
         self._total = 0
         self._step_items = 0
         self.removed_through: int | None = None
         """The last step whose data retention removed (None: nothing removed yet)."""
 
-    def add_step(self, step: int, step_dir: Path) -> bool:
-        """A finished step's directory; True when something older was removed."""
-        return self._add(_Item(step, step, step_dir, tree_bytes(step_dir), True))
+    def add_step(self, step: int, step_dir: Path) -> list[Item]:
+        """A finished step's directory; what must now go (already counted as gone)."""
+        return self._add(Item(step, step, step_dir, tree_bytes(step_dir, self.rank), True))
 
-    def add_file(self, first: int, last: int, path: Path, nbytes: int) -> bool:
-        return self._add(_Item(first, last, path, nbytes, False))
+    def add_file(self, first: int, last: int, path: Path, nbytes: int) -> list[Item]:
+        return self._add(Item(first, last, path, nbytes, False))
 
-    def _add(self, item: _Item) -> bool:
+    def _add(self, item: Item) -> list[Item]:
         self._items.append(item)
         self._total += item.nbytes
         self._step_items += item.is_step
-        removed = False
+        gone: list[Item] = []
         while self._items and self._over():
-            self._remove(self._oldest())
-            removed = True
+            gone.append(self._forget(self._oldest()))
         if self.steps is not None and self._step_items:
             oldest_kept = min(i.first for i in self._items if i.is_step)
-            for old in [i for i in self._items if not i.is_step and i.last < oldest_kept]:
-                self._remove(old)
-                removed = True
-        return removed
+            gone += [self._forget(old) for old in [i for i in self._items if not i.is_step and i.last < oldest_kept]]
+        return gone
 
     def _over(self) -> bool:
         too_many = self.steps is not None and self._step_items > self.steps
         too_big = self.nbytes is not None and self._total > self.nbytes and len(self._items) > 1
         return too_many or too_big
 
-    def _oldest(self) -> _Item:
+    def _oldest(self) -> Item:
         if self.steps is not None and self._step_items > self.steps:
             return min((i for i in self._items if i.is_step), key=lambda i: i.last)
         return min(self._items, key=lambda i: i.last)
 
-    def _remove(self, item: _Item) -> None:
+    def _forget(self, item: Item) -> Item:
         self._items.remove(item)
         self._total -= item.nbytes
         self._step_items -= item.is_step
-        if item.is_step:
-            shutil.rmtree(item.path, ignore_errors=True)
-        else:
-            try:
-                item.path.unlink()
-            except FileNotFoundError:
-                pass
         self.removed_through = max(item.last, self.removed_through if self.removed_through is not None else -1)
+        return item
+
+    def delete(self, items: list[Item]) -> None:
+        for item in items:
+            if not item.is_step:
+                item.path.unlink(missing_ok=True)
+            elif self.rank is None:
+                shutil.rmtree(item.path, ignore_errors=True)
+            else:
+                _remove_rank_files(item.path, self.rank)
 
 
-def tree_bytes(path: Path) -> int:
-    """Bytes of the files under ``path`` (a step directory: two levels, no links followed)."""
+def _remove_rank_files(step_dir: Path, rank: int) -> None:
+    """This rank's files of a shared step directory, its index first; directories left empty go too."""
+    index = step_dir / names.index_file(rank)
+    index.unlink(missing_ok=True)
+    for d, _dirs, files in os.walk(step_dir, topdown=False):
+        for f in files:
+            if names.file_rank(f) == rank:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(d, f))
+        with contextlib.suppress(OSError):
+            os.rmdir(d)  # only when empty: other ranks' files stay
+
+
+def tree_bytes(path: Path, rank: int | None = None) -> int:
+    """Bytes of the files under ``path`` (a step directory: two levels, no links followed); with ``rank``,
+    of that rank's files only."""
     total = 0
     stack = [str(path)]
     while stack:
@@ -162,7 +186,7 @@ def tree_bytes(path: Path) -> int:
                 for e in it:
                     if e.is_dir(follow_symlinks=False):
                         stack.append(e.path)
-                    elif e.is_file(follow_symlinks=False):
+                    elif e.is_file(follow_symlinks=False) and (rank is None or names.file_rank(e.name) == rank):
                         total += e.stat(follow_symlinks=False).st_size
         except OSError:
             continue

@@ -234,4 +234,5 @@ class Writer:
         self._steps.write_manifest(
             complete=complete and not stopped and not self._steps.cut_short, stopped=stopped, reason=reason, final=True
         )
+        self._steps.after_final_manifest()
         self._queue.all_finished()
