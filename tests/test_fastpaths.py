@@ -197,7 +197,10 @@ def test_packed_tensors_larger_than_a_staging_chunk_span_chunks_intact(tmp_path)
         assert torch.equal(step.call("layers.2").outputs[0].load(), want)
 
 
-def test_packed_layout_under_backpressure_drop_stays_valid_and_says_what_it_dropped(tmp_path):
+def test_packed_layout_under_backpressure_drop_stays_valid_and_says_what_it_dropped(tmp_path, monkeypatch):
+    from test_faults import slow_writes
+
+    slow_writes(monkeypatch, "write_chunk")
     model, x = Chain(), torch.randn(64, 4)
     with torch.no_grad():
         want = model(x)

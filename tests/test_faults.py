@@ -70,7 +70,21 @@ def test_shared_snapshots_do_not_pile_up_beyond_the_budget(tmp_path):
     assert v["grew_mb"] < 32 + 2 * 8 + 96, v
 
 
-def test_drop_records_what_was_dropped(tmp_path):
+def slow_writes(monkeypatch, method):
+    """Writer threads that take 50 ms a job: back-pressure is then certain, not a matter of the machine's load."""
+    from tensorlog.storage.files import RunFiles
+
+    orig = getattr(RunFiles, method)
+
+    def slow(self, job):
+        time.sleep(0.05)
+        return orig(self, job)
+
+    monkeypatch.setattr(RunFiles, method, slow)
+
+
+def test_drop_records_what_was_dropped(tmp_path, monkeypatch):
+    slow_writes(monkeypatch, "write_call")
     model = nn.Sequential(*[nn.Linear(128, 128) for _ in range(30)])
     x = torch.randn(64, 128)
     with tensorlog.capture(

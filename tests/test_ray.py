@@ -54,10 +54,13 @@ class Net(nn.Module):
         return x
 
 
-def write_rank(out: str, run_name: str, rank: int, perturb: bool = False) -> str:
-    """Capture rank ``rank`` of a two-rank run into ``out``; with ``perturb``, layer 1's up-projection is off."""
+def write_rank(out: str, run_name: str, rank: int, perturb: bool | str = False) -> str:
+    """Capture rank ``rank`` of a two-rank run into ``out``; with ``perturb``, layer 1's up-projection is off
+    (``"nan"``: one of its columns is NaN)."""
     net = Net()
-    if perturb:
+    if perturb == "nan":
+        net.layers[1].up.register_forward_hook(lambda m, a, o: o.index_fill(1, torch.tensor([5]), math.nan))
+    elif perturb:
         net.layers[1].up.register_forward_hook(lambda m, a, o: o * 1.01)
     handle = start_capture(net, {**CFG, "output_dir": out, "run_name": run_name}, info=RunInfo(rank=rank, world_size=WORLD))
     with handle, torch.no_grad():
@@ -67,10 +70,10 @@ def write_rank(out: str, run_name: str, rank: int, perturb: bool = False) -> str
     return str(handle.path)
 
 
-def parts(tmp_path, name, perturb_rank=None, where=None):
+def parts(tmp_path, name, perturb_rank=None, where=None, how=True):
     """The two ranks of run ``name``, each in ``<tmp>/node<r>/``; ``where(r, fn, *args)`` runs the writer (on a node)."""
     where = where or (lambda r, fn, *a: fn(*a))
-    return [where(r, write_rank, str(tmp_path / f"node{r}"), name, r, r == perturb_rank) for r in range(WORLD)]
+    return [where(r, write_rank, str(tmp_path / f"node{r}"), name, r, how if r == perturb_rank else False) for r in range(WORLD)]
 
 
 def one_dir(paths, dest):
@@ -93,7 +96,8 @@ def same_report(a, b, path="") -> list[str]:
     summed them (a Ray task has one core), and a few (rel_diff) subtract nearly equal numbers, so floats
     agree to 1e-6 relative; verdicts, names, statuses and counts exactly."""
     if isinstance(a, float) and isinstance(b, float):
-        return [] if math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-15) else [f"{path}: {a} vs {b}"]
+        close = math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-15) or (math.isnan(a) and math.isnan(b))
+        return [] if close else [f"{path}: {a} vs {b}"]
     if isinstance(a, dict) and isinstance(b, dict):
         if a.keys() != b.keys():
             return [f"{path}: keys {sorted(a)} vs {sorted(b)}"]
@@ -147,6 +151,9 @@ def test_parts_that_overlap_or_do_not_fit_are_one_line_errors(tmp_path):
     r = clirun.run("compare", "--dir1", a[0], "--dir1", a[0], "--dir2", a[1])
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "rank 0 is in two parts" in r.stderr
+    b = parts(tmp_path, "b")
+    r = clirun.run("compare", "--dir1", a[0], "--dir1", b[1], "--dir2", a[1])
+    assert r.returncode == 2 and "different runs (run names a, b)" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"format": "tensorlog-run-parts", "parts": []}))
     r = clirun.run("compare", "--dir1", bad, "--dir2", a[1])
@@ -224,11 +231,26 @@ def test_compare_on_ray_runs_each_pair_where_its_files_are_and_gives_the_same_re
     assert all(n == half for n in stats.per_node_bytes.values()) and stats.cross_node_pairs == 0
     assert stats.metadata_bytes + stats.result_bytes < min(4096 * stats.pairs, stats.data_bytes / 10)
     assert tensors_in(on_ray) == 0 and stats.peak_worker_rss > 0
-    assert "compared on Ray: " in on_ray.notes[-1] and "no tensor data" in on_ray.notes[-1]
+    assert "compared on Ray: " in on_ray.notes[-1] and "no tensor data between nodes" in on_ray.notes[-1]
 
     # no false positive: identical runs on Ray match
     same, _ = compare_on_ray(a, parts(tmp_path / "c", "c", where=where), address=c.address, rtol=1e-5, atol=1e-8)
     assert same and same.summary.mismatched == 0 and same.summary.pairs_compared == local.summary.pairs_compared
+
+    # run 2's ranks placed on the other nodes: each pair's run-2 side is read where it lives and sent over
+    swapped = parts(tmp_path / "d", "d", perturb_rank=1, where=lambda r, fn, *a: on_node(nodes)(1 - r, fn, *a))
+    crossed, cstats = compare_on_ray(a, swapped, address=c.address, rtol=1e-5, atol=1e-8)
+    assert same_report(report(crossed), report(local)) == []
+    assert cstats.cross_node_pairs == cstats.pairs and cstats.moved_bytes == stats.data_bytes // 2
+    assert "sent to run 1's node" in crossed.notes[-1]
+
+    # NaN and Inf travel back as they are: the same verdicts and metrics as a local compare
+    nan = parts(tmp_path / "n", "n", perturb_rank=0, where=where, how="nan")
+    on_ray_nan, _ = compare_on_ray(a, nan, address=c.address, rtol=1e-5, atol=1e-8)
+    local_nan = tensorlog.compare(one_dir(a, tmp_path / "one_a2"), one_dir(nan, tmp_path / "one_n"))
+    assert same_report(report(on_ray_nan), report(local_nan)) == []
+    d = on_ray_nan.first_divergence[0]
+    assert (d.step, d.module, d.rank) == (0, "layers.1.up", 0)
 
     # the command line, with a parts file that names each part's node
     manifest = tmp_path / "a.parts.json"

@@ -32,6 +32,7 @@ import ast
 import functools
 import itertools
 import threading
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -284,6 +285,23 @@ class TapHooks:
         self._early: dict[str, list[Any]] = {}
         """Outputs whose tap ran before the call's inputs' tap: Inductor's peak-memory reordering of
         torch 2.13 can move an effectful op past another; the call is recorded when its inputs arrive."""
+        self._unseen: list[str] | None = None
+
+    def observed(self, facts: dict[str, Any]) -> dict[str, Any] | None:
+        """``run.json``'s ``compiled`` (``facts`` plus what no logged step has seen yet), when that list changed."""
+        unseen = sorted(set(self.targets) - self.seen)
+        if unseen == self._unseen:
+            return None
+        self._unseen = unseen
+        if unseen and not self.seen:
+            warnings.warn(
+                "tensorlog: no selected module of the compiled model was seen in a logged step: its graph was "
+                "probably compiled before capture started (torch.compile keeps graphs compiled without the taps); "
+                "call torch.compiler.reset() first, or start capture before the model's first call",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return {"compiled": {**facts, "not_observable": {m: self.reasons.get(m, NOT_SEEN) for m in unseen}}}
 
     @property
     def attached(self) -> bool:

@@ -15,7 +15,6 @@ boundary (vLLM's ``execute_model``, ``Debugger``) create the handle with
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 import weakref
@@ -24,20 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.hooks import RemovableHandle
 
 from ..config import ConfigLike, LogConfig, Selector, load_config
 from ..errors import AnomalyError
 from ..schema import names
 from ..schema.records import Anomaly
-from ..storage.atomic import write_atomic
 from ..storage.parquet import require_pyarrow
 from ..storage.writer import Writer
 from .backward import GradientHooks
-from .compiled import NOT_SEEN, StepOps, TapHooks, compiled_facts, compiled_mode, unwrap_compiled
+from .compiled import StepOps, TapHooks, compiled_facts, compiled_mode, unwrap_compiled
 from .exit import EXIT
 from .graft import Graft
-from .hooks import ModuleHooks
+from .hooks import ModuleHooks, RootHooks
 from .ops import OpCapture
 from .recorder import Recorder
 from .run import RunInfo, UnusableOutputDir, base_manifest, claim_run_dir, write_module_tree
@@ -75,8 +72,7 @@ class CaptureHandle:
         self._auto = auto_step
         self._step_info_fn = step_info
         self._pending_info: dict[str, Any] | None = None
-        self._root_handles: list[RemovableHandle] = []
-        self._depth = 0
+        self._root: RootHooks | None = None
         self._forwards = 0
         self._step_open = False
         self._reported: Anomaly | None = None
@@ -84,13 +80,11 @@ class CaptureHandle:
         self._writer: Writer | None = None
         self._step_ops: StepOps | None = None
         self._compiled = compiled_mode(config, model, compiled)
-        self._unseen: list[str] | None = None
         if not self._enabled:
             return
         if self._compiled:
             self._info.facts.setdefault("compiled", compiled_facts(model))
         rank = self._info.file_rank
-        layout = "statistics" if config.mode != "tensor" else config.layout
         if config.parquet_window is not None:
             require_pyarrow()  # before the run directory is claimed
         try:
@@ -100,22 +94,19 @@ class CaptureHandle:
             return
         graft = Graft(config.reload_input_dir, rank) if config.reload_input_dir else None
         write_module_tree(self.path, model, rank)
-        self._writer = Writer(
-            self.path,
-            base_manifest(config, model, self._info, layout=layout, path=self.path),
-            rank=rank,
-            layout=layout,
-            fmt=config.format,
-            threads=config.writer_thread_count,
-            max_pending_bytes=config.max_pending_bytes,
-            drop=config.on_backpressure == "drop",
-            max_total_bytes=config.max_total_bytes,
-            detect_anomaly=config.detect_anomaly,
-            parquet_window=config.parquet_window,
-            retain_steps=config.retain_steps,
-            retain_bytes=config.retain_bytes,
-        )
-        self._recorder = Recorder(config, self._selector, self._writer, rank=rank, layout=layout, graft=graft)
+        self._writer = open_writer(config, model, self._info, self.path)
+        self._recorder = Recorder(config, self._selector, self._writer, rank=rank, layout=self._writer.layout, graft=graft)
+        self._sources(model)
+        EXIT.add(self)
+        if auto_step and self._compiled:
+            self._step_ops = StepOps(model, self._op_begin, lambda: self._close_step(None))
+        elif auto_step:
+            self._root = RootHooks(model, self._forward_begins, self._forward_ends)
+            self._open_step()
+
+    def _sources(self, model: torch.nn.Module) -> None:
+        """Where calls come from: module hooks (or graph taps), gradient hooks, op capture; stacks."""
+        config = self.config
         modules = dict((unwrap_compiled(model) if self._compiled else model).named_modules())
         table = self._selector.select_modules([n for n in modules if n])
         targets = {n: (weakref.ref(modules[n]), calls) for n, calls in table.items()}
@@ -135,13 +126,6 @@ class CaptureHandle:
         self._stacks = StackRecorder() if config.stack else None
         if self._stacks is not None:
             self._recorder.on_call = self._stacks.record
-        EXIT.add(self)
-        if auto_step and self._compiled:
-            self._step_ops = StepOps(model, self._op_begin, lambda: self._close_step(None))
-        elif auto_step:
-            self._root_handles.append(model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
-            self._root_handles.append(model.register_forward_hook(self._root_post, always_call=True))
-            self._open_step()
 
     def _disable(self, reason: str) -> None:
         self._enabled = False
@@ -220,25 +204,22 @@ class CaptureHandle:
             return
         self._removed = True
         EXIT.discard(self)
-        for h in self._root_handles:
-            h.remove()
-        self._root_handles = []
+        depth = self._root.depth if self._root is not None else 0
+        if self._root is not None:
+            self._root.remove()
         if self._step_ops is not None:
             self._step_ops.remove()
         if self._writer is None:
             return
         try:
-            self._close_step(None, raised=sys.exc_info()[1] if self._depth else None)
+            self._close_step(None, raised=sys.exc_info()[1] if depth else None)
         except AnomalyError:
             pass
         self._detach()
         self._modules.detach()
         self._writer.close(complete=True)
         if self._stacks is not None and self._writer.stopped is None:
-            try:
-                write_atomic(self.path / names.stack_file(self._info.file_rank), [json.dumps(self._stacks.entries()).encode()])
-            except OSError:
-                pass
+            self._stacks.write(self.path / names.stack_file(self._info.file_rank))
 
     close = remove
 
@@ -254,26 +235,22 @@ class CaptureHandle:
 
     # -- steps ------------------------------------------------------------------------------
 
-    def _root_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._depth == 0:
-            if self._grads is not None and self._forwards:
-                self._close_step(None)  # with gradients logged, a step ends when the next forward starts
-            self._open_step()
-            if self._step_info_fn is not None and self._recorder.in_step:
-                try:
-                    info = self._step_info_fn(args, kwargs)
-                    if info:
-                        self.annotate_step(info)
-                except Exception:  # facts for alignment only; never break the model
-                    pass
-        self._depth += 1
+    def _forward_begins(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._grads is not None and self._forwards:
+            self._close_step(None)  # with gradients logged, a step ends when the next forward starts
+        self._open_step()
+        if self._step_info_fn is not None and self._recorder.in_step:
+            try:
+                info = self._step_info_fn(args, kwargs)
+                if info:
+                    self.annotate_step(info)
+            except Exception:  # facts for alignment only; never break the model
+                pass
 
-    def _root_post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        self._depth = max(0, self._depth - 1)
-        if self._depth == 0:
-            self._forwards += 1
-            if self._grads is None:
-                self._close_step(None, raised=sys.exc_info()[1])
+    def _forward_ends(self, raised: BaseException | None) -> None:
+        self._forwards += 1
+        if self._grads is None:
+            self._close_step(None, raised=raised)
 
     def _op_begin(self) -> None:
         """The root's step op, at run time: a forward that raised left its step open; it ends here."""
@@ -318,23 +295,7 @@ class CaptureHandle:
         self._check_anomaly()
 
     def _observed(self) -> dict[str, Any] | None:
-        """For a compiled model: the selected modules no logged step has seen yet, when that list changes."""
-        if not isinstance(self._modules, TapHooks):
-            return None
-        unseen = sorted(set(self._modules.targets) - self._modules.seen)
-        if unseen == self._unseen:
-            return None
-        self._unseen = unseen
-        if unseen and not self._modules.seen:
-            warnings.warn(
-                "tensorlog: no selected module of the compiled model was seen in a logged step: its graph was "
-                "probably compiled before capture started (torch.compile keeps graphs compiled without the taps); "
-                "call torch.compiler.reset() first, or start capture before the model's first call",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        reasons = {m: self._modules.reasons.get(m, NOT_SEEN) for m in unseen}
-        return {"compiled": {**self._info.facts["compiled"], "not_observable": reasons}}
+        return self._modules.observed(self._info.facts["compiled"]) if isinstance(self._modules, TapHooks) else None
 
     def _check_anomaly(self) -> None:
         a = self.anomaly
@@ -351,6 +312,26 @@ class CaptureHandle:
             self._grads.detach()
         if self._ops is not None:
             self._ops.detach()
+
+
+def open_writer(config: LogConfig, model: torch.nn.Module, info: RunInfo, path: Path) -> Writer:
+    """The run's writer, with ``run.json``'s first version."""
+    layout = "statistics" if config.mode != "tensor" else config.layout
+    return Writer(
+        path,
+        base_manifest(config, model, info, layout=layout, path=path),
+        rank=info.file_rank,
+        layout=layout,
+        fmt=config.format,
+        threads=config.writer_thread_count,
+        max_pending_bytes=config.max_pending_bytes,
+        drop=config.on_backpressure == "drop",
+        max_total_bytes=config.max_total_bytes,
+        detect_anomaly=config.detect_anomaly,
+        parquet_window=config.parquet_window,
+        retain_steps=config.retain_steps,
+        retain_bytes=config.retain_bytes,
+    )
 
 
 def start_capture(

@@ -15,6 +15,7 @@ instead, removed with the hooks.
 from __future__ import annotations
 
 import functools
+import sys
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .recorder import Recorder
 
-__all__ = ["ModuleHooks"]
+__all__ = ["ModuleHooks", "RootHooks"]
 
 _ABSENT = object()
 
@@ -100,3 +101,35 @@ class ModuleHooks:
             leave(name, output, args=args, kwargs=kwargs)
 
         return post_hook
+
+
+class RootHooks:
+    """The root module's hooks: a step is one outermost call of the root (nested calls of it are not steps)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        begin: Callable[[tuple[Any, ...], dict[str, Any]], None],
+        end: Callable[[BaseException | None], None],
+    ) -> None:
+        self.depth = 0
+        self._begin, self._end = begin, end
+        self._handles = [
+            model.register_forward_pre_hook(self._pre, with_kwargs=True),
+            model.register_forward_hook(self._post, always_call=True),
+        ]
+
+    def _pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self.depth == 0:
+            self._begin(args, kwargs)
+        self.depth += 1
+
+    def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self.depth = max(0, self.depth - 1)
+        if self.depth == 0:
+            self._end(sys.exc_info()[1])
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import traceback
 import types
+from pathlib import Path
 from typing import Any
+
+from ..storage.atomic import write_atomic
 
 __all__ = ["StackRecorder"]
 
@@ -28,3 +32,10 @@ class StackRecorder:
 
     def entries(self) -> list[dict[str, Any]]:
         return [{"module": n, "call_site": f"{f}:{line}", "stack": st} for (n, f, line), st in self._stacks.items()]
+
+    def write(self, path: Path) -> None:
+        """``stack.json``; a failure to write it costs the stacks, never the run."""
+        try:
+            write_atomic(path, [json.dumps(self.entries()).encode()])
+        except OSError:
+            pass

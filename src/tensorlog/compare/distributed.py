@@ -16,6 +16,7 @@ or a cluster simulated on one machine), each rank's pairs go to the node its
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import resource
 import socket
@@ -25,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import TypeAdapter
+import torch
 
 from ..errors import DependencyError, RunReadError, TensorlogError, UsageError
-from ..formats import ModuleCall, Run, RunSource, run_parts
+from ..formats import ModuleCall, Run, RunSource, TensorRecord, run_parts
 from ..formats.model import MemorySource
 from ..formats.parts import merge_parts, part_ranks
 from ..formats.safeio import Listing, read_model
@@ -46,8 +47,6 @@ BATCH_BYTES = 256 << 20
 cost vanishes, enough that the progress bar moves and the nodes' cores share the work."""
 BATCH_PAIRS = 256
 
-_RESULTS = TypeAdapter(list[ModuleResult])
-
 
 @dataclass
 class RayStats:
@@ -59,10 +58,12 @@ class RayStats:
     metadata_bytes: int = 0
     """Pickled run metadata sent from the parts' nodes to the planner."""
     result_bytes: int = 0
-    """JSON results sent back by the compare tasks."""
+    """Pickled results sent back by the compare tasks."""
     data_bytes: int = 0
     """Tensor bytes the tasks read, each on its own node."""
     cross_node_pairs: int = 0
+    moved_bytes: int = 0
+    """Tensor bytes sent between nodes: run 2's side of pairs whose sides live on different nodes."""
     peak_worker_rss: int = 0
     """The largest peak resident memory of a worker process that ran a compare task (bytes)."""
     per_node_bytes: dict[str, int] = field(default_factory=dict)
@@ -136,12 +137,16 @@ def _compare(ray: Any, s1: Any, s2: Any, rtol: float, atol: float, steps: Any, m
     stats.nodes = len({node for node, _ in batches})
     tracker = CompareProgress(modules_total=stats.pairs, bytes_total=stats.data_bytes)
     task = ray.remote(num_cpus=1, max_retries=0)(_compare_batch)
-    pending = {
-        task.options(scheduling_strategy=_on(node)).remote(
-            [(c1, c2, s, completion) for (s, completion, c1, c2, _) in items], rtol, atol
-        ): i
-        for i, (node, items) in enumerate(batches)
-    }
+    fetch = ray.remote(num_cpus=0, max_retries=0)(_fetch_call)
+    pending = {}
+    for i, (node, items) in enumerate(batches):
+        fetched = None
+        (_, _, _, c2, _), *_ = items
+        if len(items) == 1 and c2 is not None and nodes2.get(c2.rank) != node:  # run 2's side lives elsewhere
+            fetched = fetch.options(scheduling_strategy=_on(nodes2[c2.rank])).remote(c2)
+            stats.moved_bytes += sum(t.nbytes for t in c2.tensors if t.has_data)
+        args = [(c1, c2, s, completion) for (s, completion, c1, c2, _) in items]
+        pending[task.options(scheduling_strategy=_on(node)).remote(args, rtol, atol, fetched)] = i
     done: dict[int, list[ModuleResult]] = {}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
@@ -149,7 +154,7 @@ def _compare(ray: Any, s1: Any, s2: Any, rtol: float, atol: float, steps: Any, m
         blob, rss = _get(ray, ready[0])
         stats.result_bytes += len(blob)
         stats.peak_worker_rss = max(stats.peak_worker_rss, rss)
-        done[i] = _RESULTS.validate_json(blob)
+        done[i] = pickle.loads(blob)  # made by _compare_batch: results, never tensors
         items = batches[i][1]
         tracker.modules_done += len(items)
         tracker.bytes_done += sum(n for *_, n in items)
@@ -168,14 +173,15 @@ def _compare(ray: Any, s1: Any, s2: Any, rtol: float, atol: float, steps: Any, m
 
 def _describe(s: RayStats) -> str:
     cross = (
-        f"; {s.cross_node_pairs} pairs had their two sides on different nodes and were read across them"
+        f"; {s.cross_node_pairs} pairs had their two sides on different nodes: run 2's side of each was sent to run 1's "
+        f"node ({_mb(s.moved_bytes)})"
         if s.cross_node_pairs
-        else ""
+        else ", no tensor data between nodes"
     )
     return (
-        f"compared on Ray: {s.pairs} pairs in {s.tasks} tasks on {s.nodes} node{'s' * (s.nodes != 1)}, each reading its own "
-        f"files ({_mb(s.data_bytes)}); {_mb(s.metadata_bytes + s.result_bytes)} of metadata and metrics came back, no tensor "
-        f"data; peak worker memory {_mb(s.peak_worker_rss)}{cross}"
+        f"compared on Ray: {s.pairs} pairs in {s.tasks} tasks on {s.nodes} node{'s' * (s.nodes != 1)}, each reading the "
+        f"files on its node ({_mb(s.data_bytes)}); {_mb(s.metadata_bytes + s.result_bytes)} of metadata and metrics came "
+        f"back to the planner{cross}; peak worker memory {_mb(s.peak_worker_rss)}"
     )
 
 
@@ -275,19 +281,26 @@ _Item = tuple[int, int, ModuleCall | None, ModuleCall | None, int]
 def _batches(
     plan: Plan, nodes1: dict[int | None, str], nodes2: dict[int | None, str], stats: RayStats
 ) -> list[tuple[str, list[_Item]]]:
-    """Pairs grouped by the node of run 1's side (run 2's when run 1 has none), cut into bounded batches."""
+    """Pairs grouped by the node of run 1's side (run 2's when run 1 has none), cut into bounded batches.
+
+    A pair whose sides live on different nodes is a batch of its own: run 2's side is read on its node and
+    sent to run 1's, one call at a time.
+    """
     per_node: dict[str, list[_Item]] = {}
+    out: list[tuple[str, list[_Item]]] = []
     for s, pairs in plan:
         for completion, (c1, c2) in enumerate(pairs):
             node = nodes1[c1.rank] if c1 is not None else nodes2[c2.rank]  # type: ignore[union-attr]
-            if c1 is not None and c2 is not None and nodes2.get(c2.rank) != node:
-                stats.cross_node_pairs += 1
             nbytes = sum(t.nbytes for c in (c1, c2) if c is not None for t in c.tensors if t.has_data)
-            per_node.setdefault(node, []).append((s, completion, c1, c2, nbytes))
+            item = (s, completion, c1, c2, nbytes)
             stats.pairs += 1
             stats.data_bytes += nbytes
             stats.per_node_bytes[node] = stats.per_node_bytes.get(node, 0) + nbytes
-    out: list[tuple[str, list[_Item]]] = []
+            if c1 is not None and c2 is not None and nodes2.get(c2.rank) != node:
+                stats.cross_node_pairs += 1
+                out.append((node, [item]))
+            else:
+                per_node.setdefault(node, []).append(item)
     for node, items in per_node.items():
         batch: list[_Item] = []
         size = 0
@@ -303,10 +316,45 @@ def _batches(
 
 
 def _compare_batch(
-    items: list[tuple[ModuleCall | None, ModuleCall | None, int, int]], rtol: float, atol: float
+    items: list[tuple[ModuleCall | None, ModuleCall | None, int, int]],
+    rtol: float,
+    atol: float,
+    fetched: dict[str, torch.Tensor | str] | None = None,
 ) -> tuple[bytes, int]:
+    """Compare pairs on this node; ``fetched``: run 2's tensors of a lone pair, read on the node that holds them."""
+    if fetched is not None:
+        (c1, c2, s, completion), *_ = items
+        assert c2 is not None
+        items = [(c1, _with_data(c2, fetched), s, completion)]
     results = [module_result(c1, c2, s, rtol, atol, completion) for c1, c2, s, completion in items]
-    return _RESULTS.dump_json(results), peak_rss()
+    return pickle.dumps(results, protocol=pickle.HIGHEST_PROTOCOL), peak_rss()
+
+
+def _fetch_call(call: ModuleCall) -> dict[str, torch.Tensor | str]:
+    """A call's tensors, read where they are (or why each cannot be read)."""
+    out: dict[str, torch.Tensor | str] = {}
+    for rec in call.inputs + call.outputs + call.post_fwd_inputs:
+        if rec.has_data:
+            try:
+                out[rec.name] = rec.load()
+            except RunReadError as e:
+                out[rec.name] = str(e)
+    return out
+
+
+def _with_data(call: ModuleCall, fetched: dict[str, torch.Tensor | str]) -> ModuleCall:
+    def one(r: TensorRecord) -> TensorRecord:
+        v = fetched.get(r.name)
+        if v is None:
+            return r
+        return r.with_(error=v) if isinstance(v, str) else r.with_(source=MemorySource(v), error=None)
+
+    return dataclasses.replace(
+        call,
+        inputs=[one(r) for r in call.inputs],
+        outputs=[one(r) for r in call.outputs],
+        post_fwd_inputs=[one(r) for r in call.post_fwd_inputs],
+    )
 
 
 def peak_rss() -> int:

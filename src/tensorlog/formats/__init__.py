@@ -8,18 +8,18 @@ and one more line in :data:`_READERS`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from ..errors import RunReadError
 from .model import ModuleCall, Run, Step, TensorRecord
 from .msprobe import is_msprobe_dump, load_msprobe_dump
-from .parts import merge_parts, read_parts_file
+from .parts import merge_parts, merge_step_streams, read_parts_file
 from .passdump import is_pass_dump, load_pass_dump
 from .safeio import Listing
-from .tensorlog import is_tensorlog_run, load_tensorlog_run
+from .tensorlog import is_tensorlog_run, load_tensorlog_run, tensorlog_steps
 
-__all__ = ["load_run", "run_parts", "RunSource", "resolve_run_dir", "Run", "Step", "ModuleCall", "TensorRecord"]
+__all__ = ["load_run", "iter_run", "run_parts", "RunSource", "resolve_run_dir", "Run", "Step", "ModuleCall", "TensorRecord"]
 
 RunSource = str | Path | Sequence[str | Path]
 """A run directory, a parts file listing several, or a list of directories (each holding some of the ranks)."""
@@ -109,3 +109,36 @@ def _load_one(path: Path) -> Run:
     loader = _reader(p, listing)
     assert loader is not None
     return loader(p, listing)
+
+
+def iter_run(source: RunSource) -> tuple[Run, int, Iterator[Step]]:
+    """A run without its steps, how many steps it has, and the steps one at a time, merged across parts.
+
+    For a run too long to hold (hours of statistics): tensorlog's layouts are read a
+    step at a time, so memory is one step's records; other layouts are read whole.
+    ``problems`` of the returned run grows as the steps are read.
+
+    Raises:
+        RunReadError: as :func:`load_run`.
+    """
+    shells: list[Run] = []
+    numbers: set[int] = set()
+    streams: list[Iterator[Step]] = []
+    problems: list[str] = []
+    for path, _ in run_parts(source):
+        p, listing = resolve_run_dir(path)
+        loader = _reader(p, listing)
+        if loader is load_tensorlog_run:
+            shell, indexes, steps = tensorlog_steps(p, listing, problems)
+        else:
+            assert loader is not None
+            shell = loader(p, listing)
+            problems.extend(shell.problems)
+            indexes, steps = list(shell.steps), iter(list(shell.steps.values()))
+            shell.steps = {}
+        shells.append(shell)
+        numbers.update(indexes)
+        streams.append(steps)
+    run = merge_parts(shells)
+    run.problems = problems  # the readers append to it as the steps are read
+    return run, len(numbers), merge_step_streams(streams)

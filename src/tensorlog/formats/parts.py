@@ -8,7 +8,8 @@ that hold the same rank are refused: which of the two is right cannot be known.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import heapq
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from ..schema.records import RunParts
 from .model import ModuleCall, Run, Step
 from .safeio import read_model
 
-__all__ = ["read_parts_file", "merge_parts", "part_ranks"]
+__all__ = ["read_parts_file", "merge_parts", "merge_step_streams", "part_ranks"]
 
 
 def read_parts_file(path: Path) -> list[tuple[Path, str | None]]:
@@ -48,6 +49,10 @@ def merge_parts(runs: Sequence[Run]) -> Run:
     layouts = {r.layout for r in runs}
     if len(layouts) > 1:
         raise RunReadError(f"the parts are of different layouts ({', '.join(sorted(layouts))}): they are not one run")
+    for key, what in (("run_name", "run names"), ("world_size", "world sizes")):
+        seen = {_fact(r, key) for r in runs} - {None}
+        if len(seen) > 1:
+            raise RunReadError(f"the parts are of different runs ({what} {', '.join(sorted(map(str, seen)))})")
     owner: dict[int | None, Path] = {}
     for r in runs:
         for rank in part_ranks(r):
@@ -80,6 +85,11 @@ def merge_parts(runs: Sequence[Run]) -> Run:
         parts=[r.path for r in ordered],
         modules=next((r.modules for r in ordered if r.modules is not None), None),
     )
+
+
+def _fact(run: Run, key: str) -> Any:
+    """What ``run.json`` says of the run as a whole (None where a part has no manifest)."""
+    return run.manifest.config.get(key) if key == "run_name" else getattr(run.manifest, key, None)
 
 
 def _merge_step(a: Step, b: Step) -> Step:
@@ -128,3 +138,18 @@ def _merge_manifests(runs: Sequence[Run]) -> Any:
             "model_dims": first("model_dims"),
         }
     )
+
+
+def merge_step_streams(streams: list[Iterator[Step]]) -> Iterator[Step]:
+    """Steps of several parts, each stream in step order, merged into one stream of whole steps."""
+    merged = heapq.merge(*streams, key=lambda s: s.index)
+    current: Step | None = None
+    for step in merged:
+        if current is not None and step.index == current.index:
+            current = _merge_step(current, step)
+            continue
+        if current is not None:
+            yield current
+        current = step
+    if current is not None:
+        yield current

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,18 @@ def load_tensorlog_run(p: Path, listing: Listing) -> Run:
     return Run(
         path=p, manifest=manifest, steps=dict(sorted(steps.items())), problems=problems, modules=_module_tree(listing, problems)
     )
+
+
+def tensorlog_steps(p: Path, listing: Listing, problems: list[str]) -> tuple[Run, list[int], Iterator[Step]]:
+    """The run without its steps, their numbers, and the steps read one at a time (memory: one step).
+
+    What cannot be read is appended to ``problems`` as the steps are read."""
+    problems.extend(listing.refused)
+    manifest = _read_manifests(p, listing, problems)
+    legacy = _legacy_step_info(manifest)
+    dirs = sorted((int(m.group(1)), d) for name, d in listing.dirs.items() if (m := names.STEP_DIR_RE.match(name)))
+    shell = Run(path=p, manifest=manifest, steps={}, problems=problems, modules=_module_tree(listing, problems))
+    return shell, [i for i, _ in dirs], (_load_step(i, d, manifest, problems, legacy.get(i)) for i, d in dirs)
 
 
 def _module_tree(listing: Listing, problems: list[str]) -> dict[str, str] | None:

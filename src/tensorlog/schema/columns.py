@@ -51,8 +51,6 @@ def parquet_file(rank: int | None, first: int, last: int) -> str:
     return f"stats{infix}.steps{first:09d}-{last:09d}.parquet"
 
 
-
-
 class Columns:
     """Rows added step by step, kept column by column (what Arrow wants)."""
 

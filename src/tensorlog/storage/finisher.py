@@ -129,9 +129,13 @@ class StepFinisher:
         self._delete_gone()
 
     def _delete_gone(self) -> None:
-        if self._gone and self._retention is not None:
+        if self._retention is None:
+            return
+        if self._gone:
             self._retention.delete(self._gone)
             self._gone = []
+        if self.rank is not None:
+            self._retention.sweep(self.run_dir, self._manifest.world_size or 1)
 
     def _parquet_written(self, first: int, last: int, path: Path, nbytes: int) -> None:
         self._account(nbytes)

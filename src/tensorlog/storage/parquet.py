@@ -24,9 +24,12 @@ from typing import Any
 from ..errors import DependencyError
 from ..schema import names
 from ..schema.columns import PARQUET_DIR, Columns, arrow_schema, parquet_file
+from ..schema.records import RunManifest
 from .atomic import make_dir, write_atomic
 
 __all__ = ["ParquetSink", "Retention", "write_parquet", "require_pyarrow", "tree_bytes"]
+
+RUN_FILE_LIMIT = 16 << 20
 
 MAX_WINDOW_ROWS = 1 << 16
 """A window is written early (as several files) once it holds this many rows: its Python lists stay within
@@ -115,6 +118,7 @@ class Retention:
         self._step_items = 0
         self.removed_through: int | None = None
         """The last step whose data retention removed (None: nothing removed yet)."""
+        self._unswept: list[tuple[int, Path]] = []
 
     def add_step(self, step: int, step_dir: Path) -> list[Item]:
         """A finished step's directory; what must now go (already counted as gone)."""
@@ -160,19 +164,43 @@ class Retention:
                 shutil.rmtree(item.path, ignore_errors=True)
             else:
                 _remove_rank_files(item.path, self.rank)
+                self._unswept.append((item.last, item.path))
+
+    def sweep(self, run_dir: Path, world_size: int) -> None:
+        """In a shared run directory: remove the directories of removed steps once every rank has removed its
+        files of them. Before that another rank may still be creating a directory there."""
+        if not self._unswept:
+            return
+        done = min((_removed_through(run_dir, r) for r in range(world_size)), key=lambda x: -1 if x is None else x)
+        if done is None:
+            return
+        keep = []
+        for step, d in self._unswept:
+            if step > done:
+                keep.append((step, d))
+                continue
+            for sub, _dirs, _files in os.walk(d, topdown=False):
+                with contextlib.suppress(OSError):
+                    os.rmdir(sub)  # only when empty
+        self._unswept = keep
+
+
+def _removed_through(run_dir: Path, rank: int) -> int | None:
+    try:
+        with open(run_dir / names.run_file(rank), "rb") as f:
+            return RunManifest.model_validate_json(f.read(RUN_FILE_LIMIT).rstrip()).removed_through
+    except (OSError, ValueError):
+        return None
 
 
 def _remove_rank_files(step_dir: Path, rank: int) -> None:
-    """This rank's files of a shared step directory, its index first; directories left empty go too."""
-    index = step_dir / names.index_file(rank)
-    index.unlink(missing_ok=True)
-    for d, _dirs, files in os.walk(step_dir, topdown=False):
+    """This rank's files of a shared step directory, its index first; the directories stay (see ``sweep``)."""
+    (step_dir / names.index_file(rank)).unlink(missing_ok=True)
+    for d, _dirs, files in os.walk(step_dir):
         for f in files:
             if names.file_rank(f) == rank:
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(d, f))
-        with contextlib.suppress(OSError):
-            os.rmdir(d)  # only when empty: other ranks' files stay
 
 
 def tree_bytes(path: Path, rank: int | None = None) -> int:

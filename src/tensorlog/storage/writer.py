@@ -66,6 +66,7 @@ class Writer:
         retain_bytes: int | None = None,
     ) -> None:
         self.run_dir = run_dir
+        self.layout = layout
         self.drop = drop
         self._queue = JobQueue(max_pending_bytes, drop=drop)
         self._files = RunFiles(run_dir, rank=rank, layout=layout, fmt=fmt, max_total_bytes=max_total_bytes)
@@ -226,11 +227,10 @@ class Writer:
             self._steps.write_manifest(complete=False, stopped=stopped)
         complete, reason = self._queue.wait_closing()
         self._files.abort_packed()
-        if not stopped:
-            try:
-                self._steps.close()
-            except Exception as e:
-                stopped = describe_fault(e)
+        try:  # also after a stop: the last Parquet window holds steps whose indexes are on disk
+            self._steps.close()
+        except Exception as e:
+            stopped = stopped or describe_fault(e)
         self._steps.write_manifest(
             complete=complete and not stopped and not self._steps.cut_short, stopped=stopped, reason=reason, final=True
         )
