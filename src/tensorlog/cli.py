@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -69,11 +70,22 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"comma-separated integers, got {text!r}") from None
 
 
+def tolerance(text: str) -> float:
+    """A finite, non-negative float: a NaN tolerance would make every comparison pass."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number, got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"a finite number >= 0, got {text!r}")
+    return v
+
+
 def _parents() -> dict[str, argparse.ArgumentParser]:
     """Options that several subcommands share, each defined once."""
     tol = _Parser(add_help=False)
-    tol.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance (default: 1e-5)")
-    tol.add_argument("--atol", type=float, default=1e-8, help="absolute tolerance (default: 1e-8)")
+    tol.add_argument("--rtol", type=tolerance, default=1e-5, help="relative tolerance (default: 1e-5)")
+    tol.add_argument("--atol", type=tolerance, default=1e-8, help="absolute tolerance (default: 1e-8)")
     sel = _Parser(add_help=False)
     sel.add_argument("--steps", type=int_list, help="comma-separated steps (default: all)")
     sel.add_argument("--modules", type=regex_list, help="comma-separated regexes of module names (default: all)")
@@ -250,10 +262,12 @@ def _read_replay(path: str | None) -> Any:
     from pydantic import ValidationError
 
     from .compare.replay import ReplayResult
+    from .errors import RunReadError
+    from .formats.safeio import INDEX_JSON, read_model
 
     try:
-        return ReplayResult.model_validate_json(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValidationError, ValueError) as e:
+        return read_model(Path(path), ReplayResult, INDEX_JSON)
+    except (RunReadError, OSError, ValidationError, ValueError) as e:
         raise UsageError(f"--replay: cannot read {path}: {str(e).splitlines()[0]}") from None
 
 
@@ -318,8 +332,8 @@ def compare_il_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dir1", required=True, help="First intermediate logging directory")
     parser.add_argument("--dir2", required=True, help="Second intermediate logging directory")
     parser.add_argument("--output", help="Output file for the report (default: stdout)")
-    parser.add_argument("--rtol", type=float, default=1e-5, help="Relative tolerance for tensor comparison (default: 1e-5)")
-    parser.add_argument("--atol", type=float, default=1e-8, help="Absolute tolerance for tensor comparison (default: 1e-8)")
+    parser.add_argument("--rtol", type=tolerance, default=1e-5, help="Relative tolerance for tensor comparison (default: 1e-5)")
+    parser.add_argument("--atol", type=tolerance, default=1e-8, help="Absolute tolerance for tensor comparison (default: 1e-8)")
     parser.add_argument("--steps", help="Comma-separated list of steps to compare (default: all)")
     parser.add_argument(
         "--modules", type=regex_list, help="Comma-separated list of module name patterns to compare (default: all)"
@@ -335,7 +349,11 @@ def _cmd_compare_il(args: argparse.Namespace) -> int:
 
     steps = [s.strip() for s in args.steps.split(",")] if args.steps else None
     for d in (args.dir1, args.dir2):
-        if not Path(d).is_dir():
+        try:
+            is_dir = Path(d).is_dir()
+        except OSError as e:
+            raise UsageError(f"cannot use {d[:200]!r}: {e.strerror or e}") from None
+        if not is_dir:
             raise UsageError(f"not a directory: {d}")
     report = reference_compare(args.dir1, args.dir2, rtol=args.rtol, atol=args.atol, steps=steps, modules=args.modules)
     try:

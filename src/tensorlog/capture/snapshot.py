@@ -122,15 +122,16 @@ class Snapshotter:
                 file = names.tensor_file(stem, device, self.rank, self.ext)
             else:
                 used.add(stem)
-            strided = t.layout == torch.strided
-            numel = t.numel()
+            nested = t.is_nested  # no single shape: recorded by dtype and device only
+            strided = t.layout == torch.strided and not nested
+            numel = t.numel() if not nested else 0
             s = TensorSnap(
                 name=name,
                 kind=kind,
                 key=key,
                 path=path,
                 stem=stem,
-                shape=t.shape,
+                shape=t.shape if not nested else None,
                 dtype=t.dtype,
                 device=device,
                 stride=t.stride() if strided else None,
@@ -140,6 +141,9 @@ class Snapshotter:
             s.host = t  # the live tensor, until copy() replaces it by a private copy (or drops it)
             if not self.selector.device(dev):
                 s.skipped = "device_names"
+            elif not plain_data(t):
+                s.skipped = f"a {_kind_of(t)} tensor: no plain data to copy or take statistics of"
+                strided = False
             elif cfg.max_tensor_size is not None and numel > cfg.max_tensor_size:
                 s.skipped = "max_tensor_size"
                 if self.layout == "reference" and path:  # a single output's sidecar would be outputs.json itself
@@ -193,7 +197,7 @@ class Snapshotter:
                 s.host = _host_copy(t, self._stream(t.device) if cuda else None)
                 on_cuda |= cuda
             kept = s.skipped is None and (s.packed_at is not None or s.file is not None)
-            wanted = s.skipped != "device_names" and (cuda or not kept or self.config.detect_anomaly)
+            wanted = s.skipped != "device_names" and plain_data(t) and (cuda or not kept or self.config.detect_anomaly)
             if s.parameter and s.skipped is None and self.config.mode == "statistics" and not live.is_inference():
                 if s.stats is None:
                     self._weights[id(live)] = (weakref.ref(live), live._version, s)
@@ -322,3 +326,16 @@ def _host_copy(t: torch.Tensor, stream: Any = None) -> torch.Tensor:
         t.record_stream(stream)
         return host
     return t.to("cpu").clone(memory_format=torch.contiguous_format)
+
+
+def plain_data(t: torch.Tensor) -> bool:
+    """A dense tensor with data: what can be copied, saved and reduced (not meta, nested, quantized or sparse)."""
+    return t.layout == torch.strided and t.device.type != "meta" and not t.is_nested and not t.is_quantized
+
+
+def _kind_of(t: torch.Tensor) -> str:
+    if t.device.type == "meta":
+        return "meta"
+    if t.is_nested:
+        return "nested"
+    return "quantized" if t.is_quantized else str(t.layout).removeprefix("torch.")

@@ -56,7 +56,7 @@ class StepState:
         """The directory name of this logged call, unique within the step; recorded in start order."""
         base = _call_dir(name, call_index)
         dirname, n = base, 0
-        while dirname in self._taken:
+        while dirname in self._taken or names.is_step_file(dirname):
             n += 1
             dirname = names.safe_name(f"{base}~{n}")
         self._taken.add(dirname)

@@ -10,10 +10,11 @@ import difflib
 import json
 import os
 import re
+import stat
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 DEFAULT_OUTPUT_DIR = "/tmp/tensorlog"
+MAX_RANKS = 1 << 20
 
 
 class LogConfig(BaseModel):
@@ -83,7 +85,7 @@ class LogConfig(BaseModel):
     on_backpressure: Literal["block", "drop"] = "block"
     max_total_bytes: int | None = Field(default=None, ge=0)
     """Stop logging cleanly (and mark the run incomplete) once this many bytes are written."""
-    ranks: list[int] = Field(default_factory=list)
+    ranks: list[Annotated[int, Field(ge=0, lt=MAX_RANKS)]] = Field(default_factory=list)
     """Global ranks that log; ``[]`` means all."""
     level: Literal["module", "op", "mix"] = "module"
     """``op`` logs torch operations (named ``<enclosing module>.<op>_<k>``); ``mix`` modules and ops."""
@@ -170,7 +172,11 @@ class LogConfig(BaseModel):
             raise ValueError("contains a NUL byte")
         if not v.strip():
             raise ValueError("is empty (give a directory, e.g. /tmp/tensorlog)")
-        if Path(v).expanduser().resolve() == Path("/"):
+        try:
+            root = Path(v).expanduser().resolve() == Path("/")
+        except (RuntimeError, OSError) as e:  # an unknown ~user, a symlink loop, a name too long
+            raise ValueError(f"cannot be used: {getattr(e, 'strerror', None) or e}") from None
+        if root:
             raise ValueError("is the root directory; give a directory of its own")
         return v
 
@@ -191,9 +197,13 @@ class LogConfig(BaseModel):
         out: list[Any] = []
         for item in v:
             if isinstance(item, str) and re.fullmatch(r"\d+-\d+", item.strip()):
+                if len(item.strip()) > 19:
+                    raise ValueError(f"rank range {item!r} is too large")
                 lo, hi = (int(x) for x in item.split("-"))
                 if hi < lo:
                     raise ValueError(f"empty rank range {item!r}")
+                if hi - lo >= MAX_RANKS:
+                    raise ValueError(f"rank range {item!r} spans more than {MAX_RANKS} ranks")
                 out.extend(range(lo, hi + 1))
             else:
                 out.append(item)
@@ -292,16 +302,36 @@ def load_config(config: ConfigLike, **defaults: Any) -> LogConfig:
         text = os.fspath(config)
         if text.lstrip().startswith("{"):
             return build_config(_parse_json(text, " (inline JSON)"), source=" (inline JSON)", **defaults)
-        path = Path(text).expanduser()
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError as e:
+            raise ConfigError(f"cannot use {text[:200]!r} as a config file: {e}") from None
         source = f" in {path}"
         try:
-            raw = path.read_text(encoding="utf-8")
+            raw = _read_config_file(path)
         except FileNotFoundError:
             raise ConfigError(f"tensorlog config file not found: {path}") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read tensorlog config {path}: {e}") from None
         return build_config(_parse_json(raw, source), source=source, **defaults)
     raise ConfigError(f"cannot build a tensorlog config from {type(config).__name__}; pass a dict, JSON text or a path")
+
+
+CONFIG_FILE_LIMIT = 1 << 20
+
+
+def _read_config_file(path: Path) -> str:
+    """A regular file of at most 1 MiB: a FIFO would block for ever, ``/dev/zero`` would never end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        data = os.read(fd, CONFIG_FILE_LIMIT + 1)
+    finally:
+        os.close(fd)
+    if len(data) > CONFIG_FILE_LIMIT:
+        raise OSError(f"{path} is larger than {CONFIG_FILE_LIMIT} bytes")
+    return data.decode("utf-8")
 
 
 def _parse_json(text: str, source: str) -> Any:

@@ -40,11 +40,14 @@ def _reader(p: Path, listing: Listing) -> Callable[[Path, Listing], Run] | None:
 
 def resolve_run_dir(path: str | Path) -> tuple[Path, Listing]:
     """A run directory itself, or an output dir that holds exactly one run."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise RunReadError(f"no such directory: {p}")
-    if not p.is_dir():
-        raise RunReadError(f"not a directory: {p}")
+    try:
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise RunReadError(f"no such directory: {p}")
+        if not p.is_dir():
+            raise RunReadError(f"not a directory: {p}")
+    except (OSError, RuntimeError) as e:  # a name too long, an unknown ~user, a symlink loop
+        raise RunReadError(f"cannot use {str(path)[:200]!r} as a run: {getattr(e, 'strerror', None) or e}") from None
     listing = Listing(p)
     if _reader(p, listing) is not None:
         return p, listing
@@ -68,8 +71,12 @@ def run_parts(source: RunSource) -> list[tuple[Path, str | None]]:
         RunReadError: an empty list, or a parts file that cannot be read.
     """
     if isinstance(source, (str, Path)):
-        p = Path(source).expanduser()
-        return read_parts_file(p) if p.is_file() and p.suffix == ".json" else [(p, None)]
+        try:
+            p = Path(source).expanduser()
+            is_parts = p.is_file() and p.suffix == ".json"
+        except (OSError, RuntimeError) as e:
+            raise RunReadError(f"cannot use {str(source)[:200]!r} as a run: {getattr(e, 'strerror', None) or e}") from None
+        return read_parts_file(p) if is_parts else [(p, None)]
     items = [x for s in source for x in run_parts(s)]
     if not items:
         raise RunReadError("no run directory given")

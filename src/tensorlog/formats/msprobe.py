@@ -53,10 +53,12 @@ from .safeio import INDEX_JSON, Listing, as_number, first_error, read_json
 
 __all__ = ["is_msprobe_dump", "load_msprobe_dump"]
 
-_STEP_DIR = re.compile(r"^step(\d+)$")
-_RANK_DIR = re.compile(r"^(?:rank|proc)(\d*)$")
-_MODULE_KEY = re.compile(r"^(?:Module|Cell)\.(?P<name>.+)\.(?P<cls>[^.]+)\.(?P<dir>forward|backward)\.(?P<k>\d+)$")
-_API_KEY = re.compile(r"^(?P<api>(?P<type>[A-Za-z_]\w*)\.(?P<op>.+))\.(?P<k>\d+)\.(?P<dir>forward|backward)$")
+# Numbers are capped at 9 digits: a longer one is not a call index or a step, and Python refuses to parse
+# one of over 4,300 digits.
+_STEP_DIR = re.compile(r"^step(\d{1,9})$")
+_RANK_DIR = re.compile(r"^(?:rank|proc)(\d{0,9})$")
+_MODULE_KEY = re.compile(r"^(?:Module|Cell)\.(?P<name>.+)\.(?P<cls>[^.]+)\.(?P<dir>forward|backward)\.(?P<k>\d{1,9})$")
+_API_KEY = re.compile(r"^(?P<api>(?P<type>[A-Za-z_]\w*)\.(?P<op>.+))\.(?P<k>\d{1,9})\.(?P<dir>forward|backward)$")
 _DUMP_FILE = "dump.json"
 _CONSTRUCT_FILE = "construct.json"
 _DATA_DIR = "dump_tensor_data"
@@ -135,7 +137,7 @@ def is_msprobe_dump(path: Path) -> bool:
         return False
     for _, _, d in _dump_dirs(path):
         f = d / _DUMP_FILE
-        if f.is_file():
+        if f.is_file() and not f.is_symlink():  # a linked one is refused when loading, as a problem of the dump
             return _looks_like_dump_json(f)
     return False
 
@@ -552,7 +554,7 @@ def load_msprobe_dump(path: Path, *, include_backward: bool = False) -> Run:
             "msprobe": {k: v for k, v in info.items() if isinstance(v, str)},
             "world_size": max(1, len(ranks)),
             "ranks": {
-                r: {"dir": n, **({"pid": int(n[4:])} if n.startswith("proc") and n[4:].isdigit() else {})}
+                r: {"dir": n, **({"pid": int(n[4:])} if n.startswith("proc") and n[4:].isdigit() and len(n) < 14 else {})}
                 for n, r in sorted(ranks.items())
                 if r is not None
             },

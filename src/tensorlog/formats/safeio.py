@@ -26,8 +26,9 @@ __all__ = ["Listing", "list_dir", "read_json", "read_model", "SMALL_JSON", "INDE
 
 SMALL_JSON = 16 << 20
 """``run.json``, a call's ``inputs.json``: far smaller in any real run."""
-INDEX_JSON = 256 << 20
-"""A step index: about 1 KB per logged call."""
+INDEX_JSON = 32 << 20
+"""A step index (and a packed file's header): about 1 KB per logged call, so room for some 30,000 calls; parsing
+a hostile one of this size into Python objects takes about half a GB."""
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -10,6 +10,7 @@ the run's ``problems``), never raised, so a damaged run still loads.
 
 from __future__ import annotations
 
+import math
 import re
 import socket
 from collections.abc import Iterator
@@ -82,6 +83,7 @@ def _module_tree(listing: Listing, problems: list[str]) -> dict[str, str] | None
 
 
 def _read_manifests(p: Path, listing: Listing, problems: list[str]) -> RunManifest:
+    problems.extend(f"{p / n}: not a regular file" for n in listing.dirs if names.RUN_FILE_RE.match(n))
     main: RunManifest | None = None
     by_rank: dict[int, RunManifest] = {}
     for name, f in sorted(listing.files.items()):
@@ -146,6 +148,7 @@ def _legacy_step_info(manifest: RunManifest) -> dict[int, StepInfo]:
 def _load_step(index: int, d: Path, manifest: RunManifest, problems: list[str], legacy: StepInfo | None) -> Step:
     listing = Listing(d)
     problems.extend(listing.refused)
+    problems.extend(f"{d / n}: not a regular file" for n in listing.dirs if names.is_step_file(n))
     indexes: dict[int | None, StepIndex] = {}
     for name, f in listing.files.items():
         m = names.INDEX_FILE_RE.match(name)
@@ -198,7 +201,12 @@ def _calls_from_index(step: int, d: Path, listing: Listing, idx: StepIndex, prob
     packed: tuple[Path, dict[str, Any], int] | None = None
     out: list[ModuleCall] = []
     dirs: dict[str, Listing] = {}
+    seen: set[str] = set()
     for pos, c in enumerate(idx.calls):
+        if c.dirname in seen:  # one call directory described twice: which is right cannot be known
+            problems.append(f"{d}: the step index lists {c.dirname!r} twice; the second is ignored")
+            continue
+        seen.add(c.dirname)
         call = _call(step, c, idx.rank, pos)
         sub = None
         if c.dirname in listing.dirs:
@@ -490,7 +498,8 @@ def _legacy_stats(stats: dict[str, Any] | None) -> Stats | None:
     out: dict[str, Any] = {}
     for k, v in stats.items():
         if k.endswith("_count"):
-            out[k] = int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0
+            finite = isinstance(v, int) or (isinstance(v, float) and math.isfinite(v))
+            out[k] = int(v) if finite and not isinstance(v, bool) else 0
         else:
             try:
                 out[k] = float(v) if v is not None else None

@@ -39,6 +39,7 @@ __all__ = [
     "call_dir",
     "safe_name",
     "rank_infix",
+    "is_step_file",
     "file_rank",
     "device_tag",
     "tensor_stem",
@@ -185,6 +186,14 @@ def temp_name(name: str, pid: int, thread: int) -> str:
 def is_temp_name(name: str) -> bool:
     """A temporary file left by a process that died before renaming it (swept by readers and new runs)."""
     return bool(_TEMP_RE.match(name)) or bool(re.match(r"^\..+\.tmp\d+$", name))  # also the 0.1 naming
+
+
+PACKED_FILE_RE = re.compile(r"^tensors(?:\.rank(\d{1,9}))?\.safetensors$")
+
+
+def is_step_file(name: str) -> bool:
+    """A name tensorlog's own files take in a step directory: a module's directory cannot have it."""
+    return bool(INDEX_FILE_RE.match(name) or CALLS_FILE_RE.match(name) or PACKED_FILE_RE.match(name))
 
 
 MODULES_FILE_RE = re.compile(r"^modules(?:\.rank(\d{1,9}))?\.json$")

@@ -10,7 +10,7 @@ is an error, not ``True``).
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
@@ -99,7 +99,7 @@ class TensorEntry(_Record):
     """The flattened position (``0``, ``0_1``, ``hidden_states``); None for a single output."""
     path: list[str] = Field(default_factory=list)
     tensor: StrictBool = True
-    shape: list[StrictInt] | None = None
+    shape: list[Annotated[StrictInt, Field(ge=0)]] | None = None
     dtype: str | None = None
     device: str | None = None
     stride: list[StrictInt] | None = None

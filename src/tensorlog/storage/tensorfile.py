@@ -21,9 +21,11 @@ import json
 import mmap
 import os
 import pickle
+import re
 import stat
 import struct
 import warnings
+import zipfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -339,7 +341,25 @@ def load_tensor_file(path: Path) -> torch.Tensor:
     if not isinstance(obj, torch.Tensor):
         raise RunReadError(f"{path}: holds a {type(obj).__name__}, not a tensor")
     check_dense(obj, path)
+    _check_record(path, obj)
     return obj
+
+
+_DATA_RECORD = re.compile(r"^[^/]+/data/[^/]+$")
+
+
+def _check_record(path: Path, t: torch.Tensor) -> None:
+    """The file's one data record holds exactly the tensor's storage: a memory map over a record that is shorter
+    (or a storage that claims more) would read the zip's other bytes as data."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            records = [i for i in z.infolist() if _DATA_RECORD.match(i.filename)]
+    except (OSError, zipfile.BadZipFile, ValueError) as e:
+        raise RunReadError(f"cannot read tensor file {path}: {e}") from None
+    nbytes = t.untyped_storage().nbytes()
+    if len(records) != 1 or records[0].file_size != nbytes or records[0].compress_type != zipfile.ZIP_STORED:
+        sizes = ", ".join(str(r.file_size) for r in records[:3])
+        raise RunReadError(f"{path}: its storage claims {nbytes} bytes but its data record holds {sizes or 'nothing'}; refused")
 
 
 def check_dense(t: torch.Tensor, path: Any) -> None:
@@ -368,7 +388,7 @@ def _mmap_safetensors(path: Path) -> torch.Tensor:
             raise RunReadError(f"cannot read tensor file {path}: bad header length {n}")
         try:
             header = json.loads(f.read(n))
-        except ValueError:
+        except (ValueError, RecursionError):
             raise RunReadError(f"cannot read tensor file {path}: corrupt header") from None
         entries = {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else {}
         if len(entries) != 1:
@@ -382,7 +402,7 @@ def _st_view(path: Any, fileno: int, size: int, data_start: int, info: Any) -> t
         dtype = ST_DTYPES[info["dtype"]]
         shape = [int(d) for d in info["shape"]]
         start, end = (int(o) for o in info["data_offsets"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise RunReadError(f"cannot read tensor file {path}: corrupt header entry") from None
     if any(d < 0 for d in shape) or start < 0 or end < start:
         raise RunReadError(f"cannot read tensor file {path}: corrupt header entry")
@@ -430,7 +450,7 @@ def read_safetensors_header(path: Path, limit: int) -> tuple[dict[str, Any], int
         os.close(fd)
     try:
         header = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise RunReadError(f"cannot read {path}: corrupt header") from None
     if not isinstance(header, dict):
         raise RunReadError(f"cannot read {path}: corrupt header")
