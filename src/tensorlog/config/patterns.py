@@ -7,6 +7,9 @@ from typing import Any
 
 __all__ = ["compile_pattern", "split_call_index"]
 
+MAX_WIDE_REPEATS = 3
+"""``k`` repeats like ``.*`` in a row can try ``len(name) ** k`` splits of a name that does not match."""
+
 _CALL_INDEX = re.compile(r"^(?P<regex>.*):(?P<index>\d+)$", re.DOTALL)
 
 
@@ -28,8 +31,8 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
     problem = _backtracking_risk(pattern)
     if problem:
         raise ValueError(
-            f"regex {pattern!r} {problem}: it can take exponential time on long module names; "
-            "write it without a repeated group that repeats inside (e.g. 'a+' instead of '(a+)+')"
+            f"regex {pattern!r} {problem}: it can take exponential (or high polynomial) time on long module names; "
+            "write it without a repeated group that repeats inside (e.g. 'a+' instead of '(a+)+'), and with few '.*'"
         )
     return compiled
 
@@ -97,6 +100,23 @@ def _backtracking_risk(pattern: str) -> str | None:
                     return inner
         return None
 
+    def wide_repeats(items: Any) -> int:
+        """Unbounded repeats of something wider than one character (``.*``, ``\\w+``, ``[^.]+``)."""
+        n = 0
+        for op, av in items:
+            if op in (c.MAX_REPEAT, c.MIN_REPEAT):
+                wide = not (len(av[2]) == 1 and av[2][0][0] is c.LITERAL)
+                n += int(av[1] == c.MAXREPEAT and wide) + wide_repeats(av[2])
+            elif op is c.SUBPATTERN:
+                n += wide_repeats(av[-1])
+            elif op is c.BRANCH:
+                n += max((wide_repeats(b) for b in av[1]), default=0)
+            elif op in (c.ASSERT, c.ASSERT_NOT):
+                n += wide_repeats(av[1])
+        return n
+
+    if wide_repeats(tree) > MAX_WIDE_REPEATS:
+        return f"has more than {MAX_WIDE_REPEATS} unbounded repeats like '.*' (each multiplies the work by the name's length)"
     return risky(tree)
 
 
