@@ -224,7 +224,11 @@ def _read_remote(ray: Any, source: Any, stats: RayStats) -> tuple[Run, dict[int 
 def _recorded_nodes(run: Run) -> dict[int | None, str | None]:
     listed = (run.manifest.model_extra or {}).get("ranks")
     if isinstance(listed, dict):
-        return {int(r): ((info or {}).get("node") or {}).get("ray_node_id") for r, info in listed.items()}
+        return {
+            int(r): node.get("ray_node_id")
+            for r, info in listed.items()
+            if isinstance(r, int) and isinstance(info, dict) and isinstance(node := info.get("node"), dict)
+        }
     node = run.manifest.node
     return {run.manifest.rank if run.world_size > 1 else None: node.ray_node_id if node else None}
 

@@ -101,6 +101,7 @@ def compare(
 def run_notes(r1: Run, r2: Run) -> tuple[list[str], list[str]]:
     """What the report says of the runs themselves: incomplete, compiled or not; unreadable files, nothing logged."""
     notes = [f"run {i} is incomplete: {r.incomplete_reason}" for i, r in ((1, r1), (2, r2)) if not r.complete]
+    notes += [f"run {i} {gap}" for i, r in ((1, r1), (2, r2)) if (gap := _missing_ranks(r))]
     notes += _mode_notes(r1, r2)
     problems = [f"run {i}: {p}" for i, r in ((1, r1), (2, r2)) for p in r.problems]
     problems += [
@@ -109,6 +110,21 @@ def run_notes(r1: Run, r2: Run) -> tuple[list[str], list[str]]:
         if not any(c.tensors for c in r.calls()) and not r.problems
     ]
     return notes, problems
+
+
+def _missing_ranks(run: Run) -> str | None:
+    """Ranks a multi-rank run should hold but has no call of (a part left out, a rank that never wrote)."""
+    world = run.world_size
+    present = {c.rank for c in run.calls()}
+    if world <= 1 or not present or world > 4096:
+        return None
+    chosen = run.manifest.config.get("ranks") or []
+    expected = {r for r in chosen if isinstance(r, int)} or set(range(world))
+    missing = sorted(expected - present, key=lambda r: -1 if r is None else r)
+    if not missing:
+        return None
+    shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+    return f"has no call of rank {shown} (world size {world}): those ranks' modules are on one side only"
 
 
 Pair = tuple[ModuleCall | None, ModuleCall | None]

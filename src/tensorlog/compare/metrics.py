@@ -79,8 +79,10 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float = 1e-5, ato
     """
     if a.numel() != b.numel():
         raise ValueError(f"cannot compare tensors of {a.numel()} and {b.numel()} elements")
-    n = a.numel()
     fa, fb = a.detach().reshape(-1), b.detach().reshape(-1)
+    if fa.dtype.is_complex or fb.dtype.is_complex:  # real and imaginary parts as pairs of reals
+        fa, fb = (torch.view_as_real(x.to(torch.complex128)).reshape(-1) for x in (fa, fb))
+    n = fa.numel()
     if fa.device.type != "cpu":
         fa = fa.cpu()
     if fb.device.type != "cpu":

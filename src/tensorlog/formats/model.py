@@ -32,6 +32,7 @@ __all__ = [
     "Step",
     "Run",
     "dtype_of",
+    "unique_dirnames",
 ]
 
 
@@ -261,6 +262,19 @@ class Run:
     def __repr__(self) -> str:
         n = sum(len(s.calls) for s in self.steps.values())
         return f"<tensorlog Run {self.path} ({self.layout}): {len(self.steps)} steps, {n} module calls>"
+
+
+def unique_dirnames(calls: list[ModuleCall]) -> None:
+    """Give calls whose names collide once made safe for a file system (``a/b`` and ``a_b``) distinct
+    directory names, ``~<n>`` as capture does: otherwise one would silently hide the other in a compare."""
+    taken: set[tuple[int | None, str]] = set()
+    for c in calls:
+        name, n = c.dirname, 0
+        while (c.rank, name) in taken:
+            n += 1
+            name = f"{c.dirname}~{n}"
+        taken.add((c.rank, name))
+        c.dirname = name
 
 
 def dtype_of(name: str | None) -> torch.dtype:

@@ -48,7 +48,7 @@ from pydantic import ValidationError
 from ..errors import RunReadError
 from ..schema import names as _layout
 from ..schema.records import RunManifest, TensorEntry
-from .model import FileSource, ModuleCall, Run, Step, TensorRecord
+from .model import FileSource, ModuleCall, Run, Step, TensorRecord, unique_dirnames
 from .safeio import INDEX_JSON, Listing, as_number, first_error, read_json
 
 __all__ = ["is_msprobe_dump", "load_msprobe_dump"]
@@ -546,6 +546,7 @@ def load_msprobe_dump(path: Path, *, include_backward: bool = False) -> Run:
             s.extra["skipped_entries"][k] = s.extra["skipped_entries"].get(k, 0) + v
     for s in steps.values():  # by rank (None first), each rank in start order, like tensorlog runs
         s.calls.sort(key=lambda c: (-1 if c.rank is None else c.rank, c.position))
+        unique_dirnames(s.calls)
     manifest = RunManifest.model_validate(
         {
             "layout": "msprobe",

@@ -32,7 +32,7 @@ def part_ranks(run: Run) -> set[int | None]:
     ranks: set[int | None] = {c.rank for c in run.calls()}
     listed = (run.manifest.model_extra or {}).get("ranks")
     if isinstance(listed, dict):
-        ranks |= {int(r) for r in listed}
+        ranks |= {int(r) for r in listed if isinstance(r, int) or (isinstance(r, str) and r.isdigit() and len(r) < 10)}
     elif run.manifest.rank is not None and run.world_size > 1:
         ranks.add(run.manifest.rank)
     return ranks or {None}
@@ -111,7 +111,7 @@ def _merge_manifests(runs: Sequence[Run]) -> Any:
     for r in runs:
         listed = (r.manifest.model_extra or {}).get("ranks")
         if isinstance(listed, dict):
-            ranks.update(listed)
+            ranks.update({k: v for k, v in listed.items() if isinstance(k, int)})
         elif r.manifest.rank is not None:
             m = r.manifest
             ranks[m.rank] = {

@@ -19,7 +19,7 @@ from ..schema import names
 from ..schema.records import RunManifest, TensorEntry
 from ..storage import stats as _stats
 from ..storage.tensorfile import check_dense, load_error_text, open_regular
-from .model import MemorySource, ModuleCall, Run, Step, TensorRecord
+from .model import MemorySource, ModuleCall, Run, Step, TensorRecord, unique_dirnames
 from .safeio import Listing
 
 __all__ = ["is_pass_dump", "load_pass_dump"]
@@ -147,7 +147,12 @@ def load_pass_dump(path: Path, listing: Listing) -> Run:
     return Run(
         path=path,
         manifest=manifest,
-        steps={i: Step(index=i, calls=c) for i, c in sorted(steps.items())},
+        steps={i: Step(index=i, calls=_unique(c)) for i, c in sorted(steps.items())},
         layout="pass-dump",
         problems=problems,
     )
+
+
+def _unique(calls: list[ModuleCall]) -> list[ModuleCall]:
+    unique_dirnames(calls)
+    return calls

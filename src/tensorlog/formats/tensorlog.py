@@ -181,10 +181,10 @@ def _load_step(index: int, d: Path, manifest: RunManifest, problems: list[str], 
 def _removed(manifest: RunManifest, rank: int | None, step: int) -> bool:
     """Retention removed this rank's data of ``step``: what is left of it was being deleted, not cut short."""
     listed = (manifest.model_extra or {}).get("ranks")
-    through = manifest.removed_through
-    if isinstance(listed, dict) and rank in listed:
-        through = (listed[rank] or {}).get("removed_through")
-    return through is not None and step <= through
+    through: Any = manifest.removed_through
+    if isinstance(listed, dict) and isinstance(listed.get(rank), dict):
+        through = listed[rank].get("removed_through")
+    return isinstance(through, int) and step <= through
 
 
 def _safe_relative(rel: str, listing: Listing) -> tuple[str, str] | None:
