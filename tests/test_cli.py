@@ -42,6 +42,7 @@ def test_inspect_shows_modules_shapes_and_stats(tmp_path):
         (["inspect", "{run}", "--steps", "a,b"], "--steps: comma-separated integers"),
         (["compare", "{run}", "{run}", "--modules", "(a+)+$"], "exponential (or high polynomial) time"),
         (["inspect", "{run}", "--modules", ".*.*.*.*.*.*z"], "unbounded repeats"),
+        (["inspect", "{run}", "--modules", "(a?){{32}}a{{32}}"], "can match nothing"),
         (["compare", "{run}"], "compare takes two runs, got 1"),
         (["compare", "{run}", "--dir2", "{run}"], "either as RUN1 RUN2 or as --dir1 RUN1 --dir2 RUN2"),
         (["compare", "{run}", "{run}", "--map", "nope"], "--map: mapping 'nope' is neither a preset"),

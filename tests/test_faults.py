@@ -342,3 +342,20 @@ def test_names_long_in_bytes_do_not_stop_the_run(tmp_path):
     assert run.stopped_reason is None
     assert all(len(p.name.encode()) <= 255 for p in run.path.rglob("*"))
     assert {c.module for c in tensorlog.load_run(run.path).calls()} >= {"d." + long, "d.tail"}  # real names kept
+
+
+def test_a_disk_that_cannot_take_the_first_file_is_one_warning_and_the_model_runs(tmp_path):
+    script = tmp_path / "full.py"
+    script.write_text(
+        "import torch, tensorlog, warnings\n"
+        "m = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(20)])\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    with tensorlog.capture(m, {{'output_dir': {str(tmp_path / 'out')!r}}}) as h:\n"
+        "        y = m(torch.randn(2, 64))\n"
+        "print(tuple(y.shape), h.enabled, [str(x.message) for x in w if 'tensorlog' in str(x.message)])\n"
+    )
+    # every file over 300 bytes fails with EFBIG, as on a disk with no room: modules.json is the first
+    r = subprocess.run(["prlimit", "--fsize=300", sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(2, 64) False" in r.stdout and "not logging this run: cannot write to" in r.stdout

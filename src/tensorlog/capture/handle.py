@@ -93,7 +93,11 @@ class CaptureHandle:
             self._disable(str(e))
             return
         graft = Graft(config.reload_input_dir, rank) if config.reload_input_dir else None
-        write_module_tree(self.path, model, rank)
+        try:
+            write_module_tree(self.path, model, rank)
+        except OSError as e:  # a full disk, a file size limit: no logging, and the model runs
+            self._disable(f"cannot write to {self.path}: {e.strerror or e}")
+            return
         self._writer = open_writer(config, model, self._info, self.path)
         self._recorder = Recorder(config, self._selector, self._writer, rank=rank, layout=self._writer.layout, graft=graft)
         self._sources(model)

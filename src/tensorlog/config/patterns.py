@@ -78,11 +78,29 @@ def _backtracking_risk(pattern: str) -> str | None:
                 return True
         return False
 
+    def nullable(items: Any) -> bool:
+        """Can match the empty string (a repeat of it can split a name in exponentially many ways)."""
+        for op, av in items:
+            if op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
+                if av[0] > 0 and not nullable(av[2]):
+                    return False
+            elif op is c.SUBPATTERN:
+                if not nullable(av[-1]):
+                    return False
+            elif op is c.BRANCH:
+                if not any(nullable(b) for b in av[1]):
+                    return False
+            elif op not in (c.AT, c.ASSERT, c.ASSERT_NOT):
+                return False
+        return True
+
     def risky(items: Any) -> str | None:
         for op, av in items:
             if op in (c.MAX_REPEAT, c.MIN_REPEAT) and av[1] > 1:
                 if repeats(av[2]):
                     return "repeats a group that itself repeats"
+                if len(av[2]) and nullable(av[2]) and any(o is not c.AT for o, _ in av[2]):
+                    return "repeats a group that can match nothing"
                 if ambiguous(av[2]):
                     return "repeats an alternation whose branches can match alike"
             elif op is c.SUBPATTERN:
