@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from re import _constants as c  # type: ignore[attr-defined]
+from re import _parser as _sre  # type: ignore[attr-defined]
 from typing import Any
 
 __all__ = ["compile_pattern", "split_call_index"]
@@ -38,104 +40,107 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
 
 
 def _backtracking_risk(pattern: str) -> str | None:
-    from re import _constants as c  # type: ignore[attr-defined]
-    from re import _parser as p  # type: ignore[attr-defined]
-
     try:
-        tree = p.parse(pattern)
+        tree = _sre.parse(pattern)
     except Exception:
         return None
 
-    def repeats(items: Any) -> bool:
-        for op, av in items:
-            if op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT) and av[1] > 1:
-                return True
-            if op is c.SUBPATTERN and repeats(av[-1]):
-                return True
-            if op is c.BRANCH and any(repeats(b) for b in av[1]):
-                return True
-        return False
-
-    def first(items: Any) -> Any:
-        for op, av in items:
-            if op is c.LITERAL:
-                return av
-            if op is c.SUBPATTERN:
-                return first(av[-1])
-            return None  # anything else may start with many characters
-        return "empty"
-
-    def ambiguous(items: Any) -> bool:
-        """An alternation (anywhere inside) whose branches can start alike, or match nothing."""
-        for op, av in items:
-            if op is c.BRANCH:
-                starts = [first(b) for b in av[1]]
-                if None in starts or "empty" in starts or len(set(starts)) < len(starts):
-                    return True
-                if any(ambiguous(b) for b in av[1]):
-                    return True
-            elif op is c.SUBPATTERN and ambiguous(av[-1]):
-                return True
-        return False
-
-    def nullable(items: Any) -> bool:
-        """Can match the empty string (a repeat of it can split a name in exponentially many ways)."""
-        for op, av in items:
-            if op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
-                if av[0] > 0 and not nullable(av[2]):
-                    return False
-            elif op is c.SUBPATTERN:
-                if not nullable(av[-1]):
-                    return False
-            elif op is c.BRANCH:
-                if not any(nullable(b) for b in av[1]):
-                    return False
-            elif op not in (c.AT, c.ASSERT, c.ASSERT_NOT):
-                return False
-        return True
-
-    def risky(items: Any) -> str | None:
-        for op, av in items:
-            if op in (c.MAX_REPEAT, c.MIN_REPEAT) and av[1] > 1:
-                if repeats(av[2]):
-                    return "repeats a group that itself repeats"
-                if len(av[2]) and nullable(av[2]) and any(o is not c.AT for o, _ in av[2]):
-                    return "repeats a group that can match nothing"
-                if ambiguous(av[2]):
-                    return "repeats an alternation whose branches can match alike"
-            elif op is c.SUBPATTERN:
-                inner = risky(av[-1])
-                if inner:
-                    return inner
-            elif op is c.BRANCH:
-                for b in av[1]:
-                    inner = risky(b)
-                    if inner:
-                        return inner
-            elif op in (c.ASSERT, c.ASSERT_NOT):
-                inner = risky(av[1])
-                if inner:
-                    return inner
-        return None
-
-    def wide_repeats(items: Any) -> int:
-        """Unbounded repeats of something wider than one character (``.*``, ``\\w+``, ``[^.]+``)."""
-        n = 0
-        for op, av in items:
-            if op in (c.MAX_REPEAT, c.MIN_REPEAT):
-                wide = not (len(av[2]) == 1 and av[2][0][0] is c.LITERAL)
-                n += int(av[1] == c.MAXREPEAT and wide) + wide_repeats(av[2])
-            elif op is c.SUBPATTERN:
-                n += wide_repeats(av[-1])
-            elif op is c.BRANCH:
-                n += max((wide_repeats(b) for b in av[1]), default=0)
-            elif op in (c.ASSERT, c.ASSERT_NOT):
-                n += wide_repeats(av[1])
-        return n
-
-    if wide_repeats(tree) > MAX_WIDE_REPEATS:
+    if _wide_repeats(tree) > MAX_WIDE_REPEATS:
         return f"has more than {MAX_WIDE_REPEATS} unbounded repeats like '.*' (each multiplies the work by the name's length)"
-    return risky(tree)
+    return _risky(tree)
+
+
+def _repeats(items: Any) -> bool:
+    for op, av in items:
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT) and av[1] > 1:
+            return True
+        if op is c.SUBPATTERN and _repeats(av[-1]):
+            return True
+        if op is c.BRANCH and any(_repeats(b) for b in av[1]):
+            return True
+    return False
+
+
+def _first(items: Any) -> Any:
+    for op, av in items:
+        if op is c.LITERAL:
+            return av
+        if op is c.SUBPATTERN:
+            return _first(av[-1])
+        return None  # anything else may start with many characters
+    return "empty"
+
+
+def _ambiguous(items: Any) -> bool:
+    """An alternation (anywhere inside) whose branches can start alike, or match nothing."""
+    for op, av in items:
+        if op is c.BRANCH:
+            starts = [_first(b) for b in av[1]]
+            if None in starts or "empty" in starts or len(set(starts)) < len(starts):
+                return True
+            if any(_ambiguous(b) for b in av[1]):
+                return True
+        elif op is c.SUBPATTERN and _ambiguous(av[-1]):
+            return True
+    return False
+
+
+def _nullable(items: Any) -> bool:
+    """Can match the empty string (a repeat of it can split a name in exponentially many ways)."""
+    for op, av in items:
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
+            if av[0] > 0 and not _nullable(av[2]):
+                return False
+        elif op is c.SUBPATTERN:
+            if not _nullable(av[-1]):
+                return False
+        elif op is c.BRANCH:
+            if not any(_nullable(b) for b in av[1]):
+                return False
+        elif op not in (c.AT, c.ASSERT, c.ASSERT_NOT):
+            return False
+    return True
+
+
+def _risky(items: Any) -> str | None:
+    for op, av in items:
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT) and av[1] > 1:
+            if _repeats(av[2]):
+                return "repeats a group that itself repeats"
+            if len(av[2]) and _nullable(av[2]) and any(o is not c.AT for o, _ in av[2]):
+                return "repeats a group that can match nothing"
+            if _ambiguous(av[2]):
+                return "repeats an alternation whose branches can match alike"
+        elif op is c.SUBPATTERN:
+            inner = _risky(av[-1])
+            if inner:
+                return inner
+        elif op is c.BRANCH:
+            for b in av[1]:
+                inner = _risky(b)
+                if inner:
+                    return inner
+        elif op in (c.ASSERT, c.ASSERT_NOT):
+            inner = _risky(av[1])
+            if inner:
+                return inner
+    return None
+
+
+def _wide_repeats(items: Any) -> int:
+    """Unbounded repeats of something wider than one character (``.*``, ``\\w+``, ``[^.]+``)."""
+    n = 0
+    for op, av in items:
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT):
+            wide = not (len(av[2]) == 1 and av[2][0][0] is c.LITERAL)
+            n += int(av[1] == c.MAXREPEAT and wide) + _wide_repeats(av[2])
+        elif op is c.SUBPATTERN:
+            n += _wide_repeats(av[-1])
+        elif op is c.BRANCH:
+            n += max((_wide_repeats(b) for b in av[1]), default=0)
+        elif op in (c.ASSERT, c.ASSERT_NOT):
+            n += _wide_repeats(av[1])
+    return n
 
 
 def split_call_index(pattern: str) -> tuple[str, int | None]:
