@@ -436,6 +436,8 @@ def _apply_legacy(
             else:
                 source = FileSource(listing.files[e.file])
                 referenced.add(e.file)
+        if _bad_counts(e.stats):
+            error = f"{d}: the statistics of {e.name!r} hold a NaN/Inf count that is not a finite number; refused"
         key = e.name
         stem_key = key.replace(".", "_") if key else None
         if e.file:
@@ -490,6 +492,11 @@ def _legacy_structure(s: dict[str, Any]) -> dict[str, Any]:
         return str(node).replace(".", "_")
 
     return {"args": conv(s.get("args", [])), "kwargs": conv(s.get("kwargs", {})), "tuples": ["*"]}  # 0.1 rebuilt tuples
+
+
+def _bad_counts(stats: dict[str, Any] | None) -> bool:
+    counts = [v for k, v in (stats or {}).items() if k.endswith("_count")]
+    return any(isinstance(v, float) and not math.isfinite(v) for v in counts)
 
 
 def _legacy_stats(stats: dict[str, Any] | None) -> Stats | None:
