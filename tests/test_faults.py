@@ -359,3 +359,4 @@ def test_a_disk_that_cannot_take_the_first_file_is_one_warning_and_the_model_run
     r = subprocess.run(["prlimit", "--fsize=300", sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "(2, 64) False" in r.stdout and "not logging this run: cannot write to" in r.stdout
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # no run that never started is left

@@ -37,7 +37,7 @@ from .graft import Graft
 from .hooks import ModuleHooks, RootHooks
 from .ops import OpCapture
 from .recorder import Recorder
-from .run import RunInfo, UnusableOutputDir, base_manifest, claim_run_dir, write_module_tree
+from .run import RunInfo, UnusableOutputDir, base_manifest, claim_run_dir, release_run_dir, write_module_tree
 from .stacks import StackRecorder
 
 __all__ = ["CaptureHandle", "start_capture", "RunInfo"]
@@ -96,6 +96,7 @@ class CaptureHandle:
         try:
             write_module_tree(self.path, model, rank)
         except OSError as e:  # a full disk, a file size limit: no logging, and the model runs
+            release_run_dir(self.path, rank)
             self._disable(f"cannot write to {self.path}: {e.strerror or e}")
             return
         self._writer = open_writer(config, model, self._info, self.path)

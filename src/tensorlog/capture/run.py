@@ -18,7 +18,7 @@ from ..schema import names
 from ..schema.records import NodeInfo, RunManifest
 from ..storage.atomic import write_atomic
 
-__all__ = ["RunInfo", "claim_run_dir", "base_manifest", "write_module_tree", "now"]
+__all__ = ["RunInfo", "claim_run_dir", "release_run_dir", "base_manifest", "write_module_tree", "now"]
 
 
 @dataclass
@@ -74,6 +74,20 @@ def claim_run_dir(config: LogConfig, rank: int | None) -> Path:
             path = base.with_name(f"{base.name}-{n}")
         except OSError as e:
             raise UnusableOutputDir(f"cannot create the run directory {path}: {e.strerror or e}") from None
+
+
+def release_run_dir(path: Path, rank: int | None) -> None:
+    """Give back a claimed run directory that nothing could be written to (its empty ``run.json``; the directory
+    too, when no other rank has written there), so no run that never started is left to read."""
+    for leftover in (path / names.modules_file(rank), path / names.run_file(rank)):
+        try:
+            leftover.unlink()
+        except OSError:
+            pass
+    try:
+        path.rmdir()
+    except OSError:
+        pass
 
 
 def base_manifest(config: LogConfig, model: torch.nn.Module, info: RunInfo, *, layout: str, path: Path) -> RunManifest:
