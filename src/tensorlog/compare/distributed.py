@@ -30,7 +30,7 @@ import torch
 
 from ..errors import DependencyError, RunReadError, TensorlogError, UsageError
 from ..formats import ModuleCall, Run, RunSource, TensorRecord, run_parts
-from ..formats.model import MemorySource
+from ..formats.model import MemorySource, listed_ranks
 from ..formats.parts import merge_parts, part_ranks
 from ..formats.safeio import Listing, read_model
 from ..schema import names
@@ -222,13 +222,9 @@ def _read_remote(ray: Any, source: Any, stats: RayStats) -> tuple[Run, dict[int 
 
 
 def _recorded_nodes(run: Run) -> dict[int | None, str | None]:
-    listed = (run.manifest.model_extra or {}).get("ranks")
-    if isinstance(listed, dict):
-        return {
-            int(r): node.get("ray_node_id")
-            for r, info in listed.items()
-            if isinstance(r, int) and isinstance(info, dict) and isinstance(node := info.get("node"), dict)
-        }
+    listed = listed_ranks(run.manifest)
+    if listed:
+        return {r: node.get("ray_node_id") for r, e in listed.items() if isinstance(node := e.get("node"), dict)}
     node = run.manifest.node
     return {run.manifest.rank if run.world_size > 1 else None: node.ray_node_id if node else None}
 

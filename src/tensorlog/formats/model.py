@@ -33,6 +33,8 @@ __all__ = [
     "Run",
     "dtype_of",
     "unique_dirnames",
+    "rank_entry",
+    "listed_ranks",
 ]
 
 
@@ -262,6 +264,27 @@ class Run:
     def __repr__(self) -> str:
         n = sum(len(s.calls) for s in self.steps.values())
         return f"<tensorlog Run {self.path} ({self.layout}): {len(self.steps)} steps, {n} module calls>"
+
+
+def rank_entry(m: RunManifest) -> dict[str, Any]:
+    """What a merged manifest's ``ranks`` keeps of one rank's ``run.json``."""
+    return {
+        "complete": m.complete,
+        "incomplete_reason": m.incomplete_reason,
+        "pid": m.pid,
+        "host": m.host,
+        "steps_written": m.steps_done(),
+        "node": m.node.model_dump() if m.node else None,
+        "removed_through": m.removed_through,
+    }
+
+
+def listed_ranks(m: RunManifest) -> dict[int, dict[str, Any]]:
+    """A merged manifest's ``ranks`` (rank -> :func:`rank_entry`); anything else under that key is ignored."""
+    listed = (m.model_extra or {}).get("ranks")
+    if not isinstance(listed, dict):
+        return {}
+    return {r: e for r, e in listed.items() if isinstance(r, int) and not isinstance(r, bool) and isinstance(e, dict)}
 
 
 def unique_dirnames(calls: list[ModuleCall]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import RunReadError
 from ..schema.records import RunParts
-from .model import ModuleCall, Run, Step
+from .model import ModuleCall, Run, Step, listed_ranks, rank_entry
 from .safeio import read_model
 
 __all__ = ["read_parts_file", "merge_parts", "merge_step_streams", "part_ranks"]
@@ -30,9 +30,9 @@ def read_parts_file(path: Path) -> list[tuple[Path, str | None]]:
 def part_ranks(run: Run) -> set[int | None]:
     """The ranks a part holds: from its calls, and from its manifests (a rank may have logged nothing yet)."""
     ranks: set[int | None] = {c.rank for c in run.calls()}
-    listed = (run.manifest.model_extra or {}).get("ranks")
-    if isinstance(listed, dict):
-        ranks |= {int(r) for r in listed if isinstance(r, int) or (isinstance(r, str) and r.isdigit() and len(r) < 10)}
+    listed = listed_ranks(run.manifest)
+    if listed:
+        ranks |= set(listed)
     elif run.manifest.rank is not None and run.world_size > 1:
         ranks.add(run.manifest.rank)
     return ranks or {None}
@@ -109,18 +109,11 @@ def _merge_manifests(runs: Sequence[Run]) -> Any:
     base = runs[0].manifest
     ranks: dict[Any, Any] = {}
     for r in runs:
-        listed = (r.manifest.model_extra or {}).get("ranks")
-        if isinstance(listed, dict):
-            ranks.update({k: v for k, v in listed.items() if isinstance(k, int)})
+        listed = listed_ranks(r.manifest)
+        if listed:
+            ranks.update(listed)
         elif r.manifest.rank is not None:
-            m = r.manifest
-            ranks[m.rank] = {
-                "complete": m.complete,
-                "incomplete_reason": m.incomplete_reason,
-                "pid": m.pid,
-                "host": m.host,
-                "node": m.node.model_dump() if m.node else None,
-            }
+            ranks[r.manifest.rank] = rank_entry(r.manifest)
     bad = [f"{r.path}: {r.incomplete_reason}" for r in runs if not r.complete]
     layouts: dict[str, Any] = {}
     for r in runs:

@@ -24,7 +24,7 @@ from ..schema import names
 from ..schema.records import CallEntry, Checksum, ModuleNode, RunManifest, Stats, StepIndex, StepInfo, TensorEntry, ValueDesc
 from ..storage.atomic import sweep_temps
 from ..storage.tensorfile import read_limited, read_safetensors_header
-from .model import FileSource, ModuleCall, PackedSource, Run, Source, Step, TensorRecord
+from .model import FileSource, ModuleCall, PackedSource, Run, Source, Step, TensorRecord, listed_ranks, rank_entry
 from .safeio import INDEX_JSON, SMALL_JSON, Listing, first_error, read_json, read_model
 
 __all__ = ["is_tensorlog_run", "load_tensorlog_run"]
@@ -103,18 +103,7 @@ def _read_manifests(p: Path, listing: Listing, problems: list[str]) -> RunManife
         first = by_rank[min(by_rank)]
         base = main or first
         bad = [f"rank {r}: {m.incomplete_reason}" for r, m in sorted(by_rank.items()) if not m.complete]
-        ranks = {
-            r: {
-                "complete": m.complete,
-                "incomplete_reason": m.incomplete_reason,
-                "pid": m.pid,
-                "host": m.host,
-                "steps_written": m.steps_done(),
-                "node": m.node.model_dump() if m.node else None,
-                "removed_through": m.removed_through,
-            }
-            for r, m in sorted(by_rank.items())
-        }
+        ranks = {r: rank_entry(m) for r, m in sorted(by_rank.items())}
         return base.model_copy(
             update={
                 "complete": not bad and (main is None or main.complete),
@@ -180,10 +169,8 @@ def _load_step(index: int, d: Path, manifest: RunManifest, problems: list[str], 
 
 def _removed(manifest: RunManifest, rank: int | None, step: int) -> bool:
     """Retention removed this rank's data of ``step``: what is left of it was being deleted, not cut short."""
-    listed = (manifest.model_extra or {}).get("ranks")
-    through: Any = manifest.removed_through
-    if isinstance(listed, dict) and isinstance(listed.get(rank), dict):
-        through = listed[rank].get("removed_through")
+    entry = listed_ranks(manifest).get(rank) if rank is not None else None
+    through = entry.get("removed_through") if entry is not None else manifest.removed_through
     return isinstance(through, int) and step <= through
 
 
