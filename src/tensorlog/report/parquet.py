@@ -16,9 +16,8 @@ from typing import Any
 
 from ..errors import UsageError
 from ..formats import ModuleCall, Run, RunSource, iter_run
-from ..schema.columns import Columns, parquet_file
 from ..storage.atomic import make_dir
-from ..storage.parquet import MAX_WINDOW_ROWS, require_pyarrow, write_parquet
+from ..storage.parquet import MAX_WINDOW_ROWS, ParquetSink, require_pyarrow
 
 __all__ = ["export_parquet", "Export"]
 
@@ -54,50 +53,33 @@ def export_parquet(
         shell, total, steps = iter_run(run)
     dest = Path(dest).expanduser()
     out = Export()
+
+    def written(first: int, last: int, path: Path, nbytes: int, rows: int) -> None:
+        out.files.append(path)
+        out.rows += rows
+
     try:
         make_dir(dest)
-        windows: dict[int | None, _Window] = {}
+        sinks: dict[int | None, ParquetSink] = {}
         for done, step in enumerate(steps, 1):
             by_rank: dict[int | None, list[dict[str, Any]]] = {}
             for c in step.calls:
                 by_rank.setdefault(c.rank, []).append(_call_doc(c, out))
             for rank, calls in by_rank.items():
-                w = windows.setdefault(rank, _Window())
-                if w.first is not None and step.index // window != w.first // window:
-                    out.files.append(w.write(dest, rank, out))
-                w.add(step.index, rank, calls, step.info.model_dump() if step.info else None)
-            if sum(len(w.cols) for w in windows.values()) >= MAX_WINDOW_ROWS:
-                out.files += [w.write(dest, rank, out) for rank, w in windows.items() if w.first is not None]
+                if rank not in sinks:
+                    sinks[rank] = ParquetSink(dest, rank, window, on_file=written)
+                sinks[rank].add(step.index, calls, step.info.model_dump() if step.info else None)
+            if sum(sink.rows for sink in sinks.values()) >= MAX_WINDOW_ROWS:  # every rank's rows together
+                for sink in sinks.values():
+                    sink.flush()
             if progress:
                 progress(done, total)
-        out.files += [w.write(dest, rank, out) for rank, w in windows.items() if w.first is not None]
+        for sink in sinks.values():
+            sink.flush()
     except OSError as e:
         raise UsageError(f"cannot write Parquet files to {dest}: {e.strerror or e}") from None
     out.problems = list(shell.problems) + out.problems
     return out
-
-
-class _Window:
-    """One rank's rows of the current window."""
-
-    def __init__(self) -> None:
-        self.cols = Columns()
-        self.first: int | None = None
-        self.last: int | None = None
-
-    def add(self, step: int, rank: int | None, calls: list[dict[str, Any]], info: dict[str, Any] | None) -> None:
-        self.cols.add_step(step, rank, calls, info)
-        self.first = step if self.first is None else self.first
-        self.last = step
-
-    def write(self, dest: Path, rank: int | None, out: Export) -> Path:
-        assert self.first is not None and self.last is not None
-        path = dest / parquet_file(rank, self.first, self.last)
-        write_parquet(path, self.cols)
-        out.rows += len(self.cols)
-        self.cols.clear()
-        self.first = self.last = None
-        return path
 
 
 def _call_doc(c: ModuleCall, out: Export) -> dict[str, Any]:

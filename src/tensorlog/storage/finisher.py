@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..schema import names
+from ..schema.columns import PARQUET_DIR
 from ..schema.records import Anomaly, Dropped, RunManifest, StepInfo
 from . import stats as _stats
 from .atomic import link_atomic, make_dir, write_atomic, write_in_place
@@ -80,7 +81,9 @@ class StepFinisher:
         self._gone: list[Item] = []
         """What retention decided to remove, deleted once ``run.json`` says so."""
         self._parquet = (
-            ParquetSink(run_dir, rank, parquet_window, on_file=self._parquet_written) if parquet_window is not None else None
+            ParquetSink(run_dir / PARQUET_DIR, rank, parquet_window, on_file=self._parquet_written)
+            if parquet_window is not None
+            else None
         )
 
     def finish(self, end: StepEnd, packed: PackedFile | None) -> None:
@@ -137,7 +140,7 @@ class StepFinisher:
         if self.rank is not None:
             self._retention.sweep(self.run_dir, self._manifest.world_size or 1)
 
-    def _parquet_written(self, first: int, last: int, path: Path, nbytes: int) -> None:
+    def _parquet_written(self, first: int, last: int, path: Path, nbytes: int, rows: int) -> None:
         self._account(nbytes)
         if self._retention is not None:
             self._gone += self._retention.add_file(first, last, path, nbytes)

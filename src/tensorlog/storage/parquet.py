@@ -16,14 +16,14 @@ import contextlib
 import os
 import shutil
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import DependencyError
 from ..schema import names
-from ..schema.columns import PARQUET_DIR, Columns, arrow_schema, parquet_file
+from ..schema.columns import Columns, arrow_schema, parquet_file
 from ..schema.records import RunManifest
 from .atomic import make_dir, write_atomic
 
@@ -58,11 +58,14 @@ def write_parquet(path: Path, cols: Columns) -> int:
 
 
 class ParquetSink:
-    """One rank's Parquet files: a window of ``window`` steps per file. Used by one thread."""
+    """One rank's Parquet files in ``directory``: a window of ``window`` steps per file. Used by one thread.
 
-    def __init__(self, run_dir: Path, rank: int | None, window: int, on_file: Any = None) -> None:
+    ``on_file(first, last, path, nbytes, rows)`` is called for each file written.
+    """
+
+    def __init__(self, directory: Path, rank: int | None, window: int, on_file: Any = None) -> None:
         require_pyarrow()
-        self.dir = run_dir / PARQUET_DIR
+        self.dir = directory
         self.rank = rank
         self.window = window
         self._on_file = on_file
@@ -70,7 +73,7 @@ class ParquetSink:
         self._first: int | None = None
         self._last: int | None = None
 
-    def add(self, step: int, calls: list[Mapping[str, Any]], info: Mapping[str, Any] | None) -> None:
+    def add(self, step: int, calls: Sequence[Mapping[str, Any]], info: Mapping[str, Any] | None) -> None:
         if self._first is not None and step // self.window != self._first // self.window:
             self.flush()
         self._cols.add_step(step, self.rank, calls, info)
@@ -79,6 +82,11 @@ class ParquetSink:
         if len(self._cols) >= MAX_WINDOW_ROWS:
             self.flush()
 
+    @property
+    def rows(self) -> int:
+        """Rows waiting for the current window's file."""
+        return len(self._cols)
+
     def flush(self) -> None:
         if self._first is None or self._last is None:
             return
@@ -86,7 +94,7 @@ class ParquetSink:
         path = self.dir / parquet_file(self.rank, self._first, self._last)
         size = write_parquet(path, self._cols) if len(self._cols) else 0
         if size and self._on_file is not None:
-            self._on_file(self._first, self._last, path, size)
+            self._on_file(self._first, self._last, path, size, len(self._cols))
         self._cols.clear()
         self._first = self._last = None
 
