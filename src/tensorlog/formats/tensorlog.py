@@ -39,23 +39,14 @@ def is_tensorlog_run(listing: Listing) -> bool:
 
 
 def load_tensorlog_run(p: Path, listing: Listing) -> Run:
-    problems: list[str] = list(listing.refused)
-    manifest = _read_manifests(p, listing, problems)
-    if manifest.host == socket.gethostname():
-        sweep_temps(p)  # temporary files of writers that died; only their own host can tell
-    legacy_info = _legacy_step_info(manifest)
-    steps: dict[int, Step] = {}
-    for name, d in sorted(listing.dirs.items()):
-        m = names.STEP_DIR_RE.match(name)
-        if m:
-            index = int(m.group(1))
-            steps[index] = _load_step(index, d, manifest, problems, legacy_info.get(index))
-    incomplete = [f"step {s.index}: {s.incomplete_reason}" for s in steps.values() if not s.complete]
-    if incomplete and manifest.complete:
-        manifest = manifest.model_copy(update={"complete": False, "incomplete_reason": "; ".join(incomplete[:3])})
-    return Run(
-        path=p, manifest=manifest, steps=dict(sorted(steps.items())), problems=problems, modules=_module_tree(listing, problems)
-    )
+    run, _, steps = tensorlog_steps(p, listing, [])
+    if run.manifest.host == socket.gethostname():
+        sweep_temps(p)  # temporary files of writers that died; only their own host can tell (before any step is read)
+    run.steps = {s.index: s for s in steps}
+    incomplete = [f"step {s.index}: {s.incomplete_reason}" for s in run.steps.values() if not s.complete]
+    if incomplete and run.complete:
+        run.manifest = run.manifest.model_copy(update={"complete": False, "incomplete_reason": "; ".join(incomplete[:3])})
+    return run
 
 
 def tensorlog_steps(p: Path, listing: Listing, problems: list[str]) -> tuple[Run, list[int], Iterator[Step]]:
