@@ -35,7 +35,7 @@ from ..formats.parts import merge_parts, part_ranks
 from ..formats.safeio import Listing, read_model
 from ..schema import names
 from ..schema.records import RunManifest
-from .engine import Plan, assemble, choose_mapping, plan_pairs, run_notes
+from .engine import Plan, assemble, choose_mapping, pair_bytes, plan_pairs, run_notes
 from .pairing import module_result
 from .replay import ReplayResult
 from .results import CompareProgress, Comparison, ModuleResult
@@ -144,7 +144,7 @@ def _compare(ray: Any, s1: Any, s2: Any, rtol: float, atol: float, steps: Any, m
         (_, _, _, c2, _), *_ = items
         if len(items) == 1 and c2 is not None and nodes2.get(c2.rank) != node:  # run 2's side lives elsewhere
             fetched = fetch.options(scheduling_strategy=_on(nodes2[c2.rank])).remote(c2)
-            stats.moved_bytes += sum(t.nbytes for t in c2.tensors if t.has_data)
+            stats.moved_bytes += pair_bytes((None, c2))
         args = [(c1, c2, s, completion) for (s, completion, c1, c2, _) in items]
         pending[task.options(scheduling_strategy=_on(node)).remote(args, rtol, atol, fetched)] = i
     done: dict[int, list[ModuleResult]] = {}
@@ -291,7 +291,7 @@ def _batches(
     for s, pairs in plan:
         for completion, (c1, c2) in enumerate(pairs):
             node = nodes1[c1.rank] if c1 is not None else nodes2[c2.rank]  # type: ignore[union-attr]
-            nbytes = sum(t.nbytes for c in (c1, c2) if c is not None for t in c.tensors if t.has_data)
+            nbytes = pair_bytes((c1, c2))
             item = (s, completion, c1, c2, nbytes)
             stats.pairs += 1
             stats.data_bytes += nbytes

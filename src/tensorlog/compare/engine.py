@@ -21,7 +21,7 @@ from .pairing import module_result
 from .replay import ReplayResult
 from .results import CompareProgress, Comparison, Divergence, ModuleResult, Summary
 
-__all__ = ["compare", "Comparison", "plan_pairs", "assemble", "Plan", "run_notes", "run_label", "choose_mapping"]
+__all__ = ["compare", "Comparison", "plan_pairs", "assemble", "Plan", "run_notes", "run_label", "choose_mapping", "pair_bytes"]
 
 
 def compare(
@@ -90,7 +90,7 @@ def compare(
     plan = plan_pairs(r1, r2, steps=steps, modules=modules)
     more, problems = run_notes(r1, r2)
     notes += more
-    sizes = [_pair_bytes(pair) for _, pairs in plan for pair in pairs]
+    sizes = [pair_bytes(pair) for _, pairs in plan for pair in pairs]
     tracker = CompareProgress(modules_total=len(sizes), bytes_total=sum(sizes))
     tasks = [(c1, c2, s, rtol, atol, completion) for s, pairs in plan for completion, (c1, c2) in enumerate(pairs)]
     workers = _workers(jobs, tracker.bytes_total, spec is not None, len(tasks))
@@ -296,7 +296,8 @@ def _world(run: Run) -> int:
 PARALLEL_MIN_BYTES = 256 << 20
 
 
-def _pair_bytes(pair: tuple[ModuleCall | None, ModuleCall | None]) -> int:
+def pair_bytes(pair: tuple[ModuleCall | None, ModuleCall | None]) -> int:
+    """Bytes of tensor data the two sides of a pair hold on disk (what comparing them reads)."""
     return sum(t.nbytes for c in pair if c is not None for t in c.tensors if t.has_data)
 
 
