@@ -38,6 +38,11 @@ def _reader(p: Path, listing: Listing) -> Callable[[Path, Listing], Run] | None:
     return None
 
 
+def _unusable(path: str | Path, e: OSError | RuntimeError) -> RunReadError:
+    """A path the OS refuses before anything is read: a name too long, an unknown ~user, a symlink loop."""
+    return RunReadError(f"cannot use {str(path)[:200]!r} as a run: {getattr(e, 'strerror', None) or e}")
+
+
 def resolve_run_dir(path: str | Path) -> tuple[Path, Listing]:
     """A run directory itself, or an output dir that holds exactly one run."""
     try:
@@ -47,7 +52,7 @@ def resolve_run_dir(path: str | Path) -> tuple[Path, Listing]:
         if not p.is_dir():
             raise RunReadError(f"not a directory: {p}")
     except (OSError, RuntimeError) as e:  # a name too long, an unknown ~user, a symlink loop
-        raise RunReadError(f"cannot use {str(path)[:200]!r} as a run: {getattr(e, 'strerror', None) or e}") from None
+        raise _unusable(path, e) from None
     listing = Listing(p)
     if _reader(p, listing) is not None:
         return p, listing
@@ -75,7 +80,7 @@ def run_parts(source: RunSource) -> list[tuple[Path, str | None]]:
             p = Path(source).expanduser()
             is_parts = p.is_file() and p.suffix == ".json"
         except (OSError, RuntimeError) as e:
-            raise RunReadError(f"cannot use {str(source)[:200]!r} as a run: {getattr(e, 'strerror', None) or e}") from None
+            raise _unusable(source, e) from None
         return read_parts_file(p) if is_parts else [(p, None)]
     items = [x for s in source for x in run_parts(s)]
     if not items:
