@@ -168,13 +168,14 @@ def test_steps_modules_output_and_verbose_flags(tmp_path):
     r = cli("--dir1", a, "--dir2", b, "--modules", "^block,^head$", "--output", out, "--steps", "0")
     assert r.returncode == 1 and r.stdout == ""
     data = json.loads(out.read_text())
-    assert data["schema_version"] == 2 and data["type"] == "comparison"
+    assert data["schema_version"] == 3 and data["type"] == "comparison"
     assert {m["module"] for m in data["modules"]} == {"block1", "block1.0", "block1.1", "block2", "block2.0", "block2.1", "head"}
     assert data["first_divergence"][0]["module"] == "head"
     r = cli("--dir1", a, "--dir2", b, "--modules", "block", "--steps", "0")
     assert r.returncode == 0  # only blocks compared: they match
     r = cli("--dir1", a, "--dir2", b, "--steps", "5")
-    assert r.returncode == 2 and "steps: none" in r.stdout and "NOTHING COMPARED" in r.stdout  # never "all 0 match"
+    assert r.returncode == 2 and r.stdout == ""  # never "all 0 match"
+    assert "no step 5 in either run (run 1 has steps 0, run 2 has steps 0)" in r.stderr
     quiet = cli("--dir1", a, "--dir2", b).stdout
     loud = cli("--dir1", a, "--dir2", b, "--verbose").stdout
     assert "outputs_cpu" not in quiet and "outputs_cpu" in loud and "min atol to pass" in loud

@@ -48,9 +48,9 @@ def capture(model: torch.nn.Module, config: ConfigLike | None = None, /, **overr
     """
     info, step_info = None, None
     if type(model).__module__.startswith("transformers."):
-        from .integrations.transformers import run_facts, step_layout
+        from .integrations.transformers import StepLayout, run_facts
 
-        info, step_info = RunInfo(facts=run_facts(model)), step_layout
+        info, step_info = RunInfo(facts=run_facts(model)), StepLayout()
     return start_capture(model, config, info=info, step_info=step_info, **overrides)
 
 

@@ -84,8 +84,10 @@ def tolerance(text: str) -> float:
 def _parents() -> dict[str, argparse.ArgumentParser]:
     """Options that several subcommands share, each defined once."""
     tol = _Parser(add_help=False)
-    tol.add_argument("--rtol", type=tolerance, default=1e-5, help="relative tolerance (default: 1e-5)")
-    tol.add_argument("--atol", type=tolerance, default=1e-8, help="absolute tolerance (default: 1e-8)")
+    tol.add_argument(
+        "--rtol", type=tolerance, help="relative tolerance, as torch.allclose (default: judge by the dtypes' rounding)"
+    )
+    tol.add_argument("--atol", type=tolerance, help="absolute tolerance, as torch.allclose (with --rtol: 1e-8)")
     sel = _Parser(add_help=False)
     sel.add_argument("--steps", type=int_list, help="comma-separated steps (default: all)")
     sel.add_argument("--modules", type=regex_list, help="comma-separated regexes of module names (default: all)")
@@ -196,6 +198,12 @@ def _add_compare(sub: argparse._SubParsersAction, parents: dict[str, argparse.Ar
         help="compare each pair on the Ray node that holds its files; only metrics come back "
         "(ADDRESS: a cluster's address; default: the cluster this machine belongs to; needs tensorlog[ray])",
     )
+    p.add_argument(
+        "--exact",
+        action="store_true",
+        help="judge bitwise: against a run served in other batches, names the first module whose output for a "
+        "request depends on the batch",
+    )
     p.add_argument("--output", help="write the report to this file (default: stdout)")
     p.add_argument("--verbose", action="store_true", help="include per-tensor details")
     p.add_argument("--format", choices=["md", "json", "html"], help="report format (default: from --output's suffix, else md)")
@@ -205,7 +213,8 @@ def _add_compare(sub: argparse._SubParsersAction, parents: dict[str, argparse.Ar
         "--map",
         dest="mapping",
         help="align the runs first: a preset (hf-vllm, identity) or a mapping JSON/YAML file "
-        "(default: hf-vllm when one run is HF and the other vLLM; shard reassembly when world sizes differ)",
+        "(default: hf-vllm when one run is HF and the other vLLM; else identity, pairing rows by request and "
+        "token and reassembling shards, whenever the runs' batching or world sizes differ)",
     )
     p.set_defaults(func=_cmd_compare)
 
@@ -235,6 +244,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                 dir2,
                 rtol=args.rtol,
                 atol=args.atol,
+                exact=args.exact,
                 steps=args.steps,
                 modules=args.modules,
                 progress=progress,
@@ -438,7 +448,14 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     if not run:
         raise UsageError("replay needs the run to replay on: tensorlog replay RUN --model MODEL")
     model = load_causal_lm(args.model, dtype=args.dtype)
-    result = replay(model, run, modules=args.modules, steps=args.steps, rtol=args.rtol, atol=args.atol)
+    result = replay(
+        model,
+        run,
+        modules=args.modules,
+        steps=args.steps,
+        rtol=1e-5 if args.rtol is None else args.rtol,
+        atol=1e-8 if args.atol is None else args.atol,
+    )
     if args.output:
         _write(args.output, result.model_dump_json(indent=1))
     _stdout().print(render_replay(result), markup=False, highlight=False)

@@ -42,7 +42,9 @@ from .stacks import StackRecorder
 
 __all__ = ["CaptureHandle", "start_capture", "RunInfo"]
 
-StepInfoFn = Callable[[tuple[Any, ...], dict[str, Any]], "dict[str, Any] | None"]
+StepInfoFn = Callable[[tuple[Any, ...], dict[str, Any], bool], "dict[str, Any] | None"]
+"""(args, kwargs, logged) of the root forward -> the step's request layout; called on every forward, so it can
+keep state across steps, and told whether the step is logged (it must cost nothing when it is not)."""
 
 
 class CaptureHandle:
@@ -160,6 +162,11 @@ class CaptureHandle:
         return self._writer.anomaly if self._writer is not None else None
 
     @property
+    def logging_step(self) -> bool:
+        """True while a step that is logged is open."""
+        return self._writer is not None and self._recorder.in_step
+
+    @property
     def paused(self) -> bool:
         return self._writer is not None and self._recorder.paused
 
@@ -244,10 +251,10 @@ class CaptureHandle:
         if self._grads is not None and self._forwards:
             self._close_step(None)  # with gradients logged, a step ends when the next forward starts
         self._open_step()
-        if self._step_info_fn is not None and self._recorder.in_step:
+        if self._step_info_fn is not None:
             try:
-                info = self._step_info_fn(args, kwargs)
-                if info:
+                info = self._step_info_fn(args, kwargs, self._recorder.in_step)
+                if info and self._recorder.in_step:
                     self.annotate_step(info)
             except Exception:  # facts for alignment only; never break the model
                 pass

@@ -4,7 +4,8 @@ Walking a step in completion order (children finish before their parents), a
 module whose inputs match and whose outputs do not is where a difference
 appears. A parent in that state is attributed to its logged descendant that is
 itself born ("contains"), so the answer is the innermost module, not the root
-whose token-id inputs always match.
+whose token-id inputs always match. Where no nesting was recorded (a dump of the
+reference logger), the module tree comes from the qualified names.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def attribute(results: list[ModuleResult], calls: dict[tuple[int | None, str], M
                     )
                     if inside and (child is None or oc.seq_end < calls[(child.rank, child.module)].seq_end):  # type: ignore[operator,union-attr]
                         child = other
+            elif me is not None:
+                child = _named_descendant(r, born)
             if child is not None:
                 r = r.model_copy(update={"verdict": "contains", "explained_by": child.module})
             elif r.inputs_match is None and failed_before:
@@ -50,6 +53,14 @@ def attribute(results: list[ModuleResult], calls: dict[tuple[int | None, str], M
         failed_before = failed_before or r.verdict in ("born", "inherited")
         out.append(r)
     return out
+
+
+def _named_descendant(r: ModuleResult, born: list[ModuleResult]) -> ModuleResult | None:
+    """Without a recorded nesting (the reference logger writes none), the module tree of the names: the first
+    born module, in start order, whose qualified name lies under this one's (``model`` holds ``model.layers.1``)."""
+    prefix = r.module + "."
+    inside = [o for o in born if o is not r and o.rank == r.rank and o.module.startswith(prefix)]
+    return min(inside, key=lambda o: o.position, default=None)
 
 
 def innermost_born(results: list[ModuleResult]) -> ModuleResult | None:

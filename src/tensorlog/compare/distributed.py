@@ -36,6 +36,7 @@ from ..formats.safeio import Listing, read_model
 from ..schema import names
 from ..schema.records import RunManifest
 from .engine import Plan, assemble, choose_mapping, pair_bytes, plan_pairs, run_notes
+from .metrics import Tolerance
 from .pairing import module_result
 from .replay import ReplayResult
 from .results import CompareProgress, Comparison, ModuleResult
@@ -75,8 +76,7 @@ def compare_on_ray(
     source2: Run | RunSource,
     *,
     address: str,
-    rtol: float,
-    atol: float,
+    tol: Tolerance,
     steps: Iterable[int] | None = None,
     modules: Iterable[str] | None = None,
     progress: Callable[[CompareProgress], None] | None = None,
@@ -98,7 +98,7 @@ def compare_on_ray(
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise UsageError(f"cannot connect to a Ray cluster at {address}: {str(e).splitlines()[0]}") from None
     try:
-        return _compare(ray, source1, source2, rtol, atol, steps, modules, progress, replay)
+        return _compare(ray, source1, source2, tol, steps, modules, progress, replay)
     finally:
         if started:
             ray.shutdown()
@@ -123,14 +123,14 @@ def _ray() -> Any:
     return ray
 
 
-def _compare(ray: Any, s1: Any, s2: Any, rtol: float, atol: float, steps: Any, modules: Any, progress: Any, replay: Any) -> Any:
+def _compare(ray: Any, s1: Any, s2: Any, tol: Tolerance, steps: Any, modules: Any, progress: Any, replay: Any) -> Any:
     t0 = time.perf_counter()
     stats = RayStats()
     (r1, nodes1), (r2, nodes2) = (_read_remote(ray, s, stats) for s in (s1, s2))
     if choose_mapping(r1, r2, None) is not None:
         raise UsageError(
-            "compare on Ray pairs runs of one layout and world size; aligned comparisons (HF against vLLM, "
-            "different tensor-parallel sizes, a mapping) run on one machine"
+            "compare on Ray pairs runs of one layout, world size and schedule; aligned comparisons (HF against vLLM, "
+            "different tensor-parallel sizes or batching, a mapping) run on one machine"
         )
     plan = plan_pairs(r1, r2, steps=steps, modules=modules)
     batches = _batches(plan, nodes1, nodes2, stats)
@@ -146,7 +146,7 @@ def _compare(ray: Any, s1: Any, s2: Any, rtol: float, atol: float, steps: Any, m
             fetched = fetch.options(scheduling_strategy=_on(nodes2[c2.rank])).remote(c2)
             stats.moved_bytes += pair_bytes((None, c2))
         args = [(c1, c2, s, completion) for (s, completion, c1, c2, _) in items]
-        pending[task.options(scheduling_strategy=_on(node)).remote(args, rtol, atol, fetched)] = i
+        pending[task.options(scheduling_strategy=_on(node)).remote(args, tol, fetched)] = i
     done: dict[int, list[ModuleResult]] = {}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
@@ -165,9 +165,7 @@ def _compare(ray: Any, s1: Any, s2: Any, rtol: float, atol: float, steps: Any, m
     stats.tasks = len(batches)
     stats.seconds = time.perf_counter() - t0
     notes, problems = run_notes(r1, r2)
-    result = assemble(
-        r1, r2, plan, results, rtol=rtol, atol=atol, notes=[*notes, _describe(stats)], problems=problems, replay=replay
-    )
+    result = assemble(r1, r2, plan, results, tol=tol, notes=[*notes, _describe(stats)], problems=problems, replay=replay)
     return result, stats
 
 
@@ -317,8 +315,7 @@ def _batches(
 
 def _compare_batch(
     items: list[tuple[ModuleCall | None, ModuleCall | None, int, int]],
-    rtol: float,
-    atol: float,
+    tol: Tolerance,
     fetched: dict[str, torch.Tensor | str] | None = None,
 ) -> tuple[bytes, int]:
     """Compare pairs on this node; ``fetched``: run 2's tensors of a lone pair, read on the node that holds them."""
@@ -326,7 +323,7 @@ def _compare_batch(
         (c1, c2, s, completion), *_ = items
         assert c2 is not None
         items = [(c1, _with_data(c2, fetched), s, completion)]
-    results = [module_result(c1, c2, s, rtol, atol, completion) for c1, c2, s, completion in items]
+    results = [module_result(c1, c2, s, tol, completion) for c1, c2, s, completion in items]
     return pickle.dumps(results, protocol=pickle.HIGHEST_PROTOCOL), peak_rss()
 
 

@@ -8,6 +8,7 @@ from :mod:`.pairing` and :mod:`.attribution`. Nothing here prints.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,13 @@ from typing import Any
 from ..config import ConfigError, Selector, build_config, compile_pattern
 from ..errors import UsageError
 from ..formats import ModuleCall, Run, RunSource, load_run
-from .align import MappingSpec, align_runs, detect_preset, load_mapping
+from .align import MappingSpec, align_runs, detect_preset, load_mapping, same_schedule
+from .align.requests import RequestReport
+from .align.shards import DISAGREE
+from .align.tokens import steps_info
+from .align.virtual import token_plan
 from .attribution import attribute, innermost_born
+from .metrics import Tolerance
 from .pairing import module_result
 from .replay import ReplayResult
 from .results import CompareProgress, Comparison, Divergence, ModuleResult, Summary
@@ -28,8 +34,9 @@ def compare(
     run1: Run | RunSource,
     run2: Run | RunSource,
     *,
-    rtol: float = 1e-5,
-    atol: float = 1e-8,
+    rtol: float | None = None,
+    atol: float | None = None,
+    exact: bool = False,
     steps: Iterable[int] | None = None,
     modules: Iterable[str] | None = None,
     progress: Callable[[CompareProgress], None] | None = None,
@@ -44,8 +51,12 @@ def compare(
         run1, run2 (Run | str | Path | list): runs, or their directories (an output
             dir holding exactly one run also works); a run spread over several
             directories as a list of them or a parts file (see :func:`load_run`).
-        rtol (float, default 1e-5), atol (float, default 1e-8): tolerance,
-            as ``torch.allclose``.
+        rtol (float, optional), atol (float, optional): judge as ``torch.allclose`` (a missing one is
+            1e-5 / 1e-8). By default each pair is judged against the rounding of its dtypes at its own
+            scale (:func:`~tensorlog.compare.metrics.rounding_budget`), so runs that compute the same thing
+            in another order (fused kernels, batching, tensor parallelism) match, and a 1e-3 defect does not.
+        exact (bool, default False): bitwise; with runs served in different batches, the first module that
+            differs is the first whose output for a request depends on the batch.
         steps (iterable of int, optional): only these steps.
         modules (iterable of str, optional): only modules matching one of these regexes.
         progress (callable, optional): called with a :class:`CompareProgress` (modules and
@@ -73,29 +84,58 @@ def compare(
         >>> result.first_divergence[0].module
         'model.layers.3.mlp.down_proj'
     """
+    tol = Tolerance.of(rtol, atol, exact=exact)
     if ray is not None:
         if mapping is not None or jobs is not None:
             raise UsageError("a compare on Ray takes neither a mapping nor a number of jobs: each node's cores do the work")
         from .distributed import compare_on_ray
 
-        return compare_on_ray(
-            run1, run2, address=ray, rtol=rtol, atol=atol, steps=steps, modules=modules, progress=progress, replay=replay
-        )[0]
+        return compare_on_ray(run1, run2, address=ray, tol=tol, steps=steps, modules=modules, progress=progress, replay=replay)[0]
     r1 = run1 if isinstance(run1, Run) else load_run(run1)
     r2 = run2 if isinstance(run2, Run) else load_run(run2)
+    notes, problems = run_notes(r1, r2)
     spec = choose_mapping(r1, r2, mapping)
-    notes: list[str] = []
+    requests = _unpaired(r1, r2)
     if spec is not None:
-        r1, r2, notes = align_runs(r1, r2, spec)
+        aligned = align_runs(r1, r2, spec)
+        r1, r2, requests = aligned.run1, aligned.run2, aligned.requests or requests
+        notes = aligned.notes + notes
     plan = plan_pairs(r1, r2, steps=steps, modules=modules)
-    more, problems = run_notes(r1, r2)
-    notes += more
+    _check_steps(plan, steps, r1, r2)
     sizes = [pair_bytes(pair) for _, pairs in plan for pair in pairs]
     tracker = CompareProgress(modules_total=len(sizes), bytes_total=sum(sizes))
-    tasks = [(c1, c2, s, rtol, atol, completion) for s, pairs in plan for completion, (c1, c2) in enumerate(pairs)]
+    tasks = [(c1, c2, s, tol, completion) for s, pairs in plan for completion, (c1, c2) in enumerate(pairs)]
     workers = _workers(jobs, tracker.bytes_total, spec is not None, len(tasks))
     results = _run_tasks(tasks, workers, progress, tracker, sizes)
-    return assemble(r1, r2, plan, results, rtol=rtol, atol=atol, notes=notes, problems=problems, replay=replay)
+    return assemble(r1, r2, plan, results, tol=tol, notes=notes, problems=problems, replay=replay, requests=requests)
+
+
+def _unpaired(r1: Run, r2: Run) -> RequestReport | None:
+    """How requests pair when no alignment runs: by prompt where both runs recorded the same schedule; where only
+    one run recorded its requests, pairing by step is a guess the report must say it made."""
+    has = [bool(steps_info(r)) for r in (r1, r2)]
+    if has[0] and has[1]:
+        tokens = token_plan(r1, r2)
+        return tokens.report if tokens is not None else None
+    if has[0] == has[1]:
+        return None
+    i = 2 if has[0] else 1
+    return RequestReport(how="step", why=f"run {i} recorded no request layout, so steps are paired by number")
+
+
+def _check_steps(plan: Plan, steps: Iterable[int] | None, r1: Run, r2: Run) -> None:
+    if steps is None or plan:
+        return
+    wanted = ", ".join(map(str, sorted(set(steps))))
+    have = [_step_range(r) for r in (r1, r2)]
+    raise UsageError(f"no step {wanted} in either run (run 1 has steps {have[0]}, run 2 has steps {have[1]})")
+
+
+def _step_range(run: Run) -> str:
+    s = sorted(run.steps)
+    if not s:
+        return "none"
+    return f"{s[0]}-{s[-1]}" if s == list(range(s[0], s[-1] + 1)) and len(s) > 1 else ", ".join(map(str, s[:10]))
 
 
 def run_notes(r1: Run, r2: Run) -> tuple[list[str], list[str]]:
@@ -154,11 +194,11 @@ def assemble(
     plan: Plan,
     results: list[ModuleResult],
     *,
-    rtol: float,
-    atol: float,
+    tol: Tolerance,
     notes: list[str],
     problems: list[str],
     replay: ReplayResult | None = None,
+    requests: RequestReport | None = None,
 ) -> Comparison:
     """The report from the pairs' results (in plan order): absence notes, attribution, divergences, summary."""
     computed = iter(results)
@@ -176,8 +216,11 @@ def assemble(
     return Comparison(
         dir1=run_label(r1),
         dir2=run_label(r2),
-        rtol=rtol,
-        atol=atol,
+        rtol=tol.rtol if tol.mode == "allclose" else None,
+        atol=tol.atol if tol.mode == "allclose" else None,
+        tolerance=tol.mode,
+        tolerance_text=tol.describe(),
+        requests=requests,
         steps=[s for s, _ in plan],
         summary=_summary(all_results),
         first_divergence=divergences,
@@ -204,16 +247,25 @@ def _with_absence(result: ModuleResult, pair: Pair, step: int, r1: Run, r2: Run)
 
 def _divergence(step: int, born: ModuleResult) -> Divergence:
     worst = max((t for t in born.tensors if t.kind == "outputs" and t.failed), key=lambda t: t.score, default=None)
-    disagree = next((t.mapping for t in born.tensors if t.failed and t.mapping and "RANKS DISAGREE" in t.mapping), None)
+    failed = [t for t in born.tensors if t.failed]
+    disagree = next((t.note for t in failed if t.note and DISAGREE in t.note), None)
+    disagree = disagree or next((t.mapping for t in failed if t.mapping and DISAGREE in t.mapping), None)
+    rank = born.rank
+    if disagree:
+        found = re.search(r"rank (\d+)'s copy", disagree)
+        rank = int(found.group(1)) if found else rank
+    elif worst is not None and (tagged := re.search(r"@rank(\d+)$", worst.name)):
+        rank = int(tagged.group(1))
     return Divergence(
         step=step,
         module=born.module,
-        rank=born.rank,
+        rank=rank,
         max_abs=born.worst_max_abs,
         max_rel=born.worst_max_rel,
         rel_diff=born.worst_rel_diff,
         tensor=worst.name if worst else None,
-        note=disagree[disagree.index("RANKS DISAGREE") :].split(";")[0] if disagree else None,
+        note=disagree[disagree.index(DISAGREE) :].split(";")[0] if disagree else None,
+        judged_by=worst.metrics.judged_by if worst is not None and worst.metrics is not None else None,
     )
 
 
@@ -228,6 +280,9 @@ def _summary(results: list[ModuleResult]) -> Summary:
     return Summary(
         pairs_compared=sum(t.status in ("match", "mismatch", "shape_mismatch", "value_mismatch") for t in tensors),
         matched=sum(t.status == "match" for t in tensors),
+        matched_exact=sum(
+            t.status == "match" and (t.method != "tensor" or (t.metrics is not None and t.metrics.exact)) for t in tensors
+        ),
         mismatched=sum(t.failed for t in tensors),
         only_in_1=sum(t.status == "only_in_1" for t in tensors),
         only_in_2=sum(t.status == "only_in_2" for t in tensors),
@@ -279,13 +334,15 @@ def _absence(other: Run, i: int, module: str, step: int) -> str | None:
 
 
 def choose_mapping(r1: Run, r2: Run, mapping: str | Path | MappingSpec | None) -> MappingSpec | None:
+    """The alignment two runs need: a given one, a framework preset, or ``identity`` (names as they are) to pair
+    rows by request whenever both runs recorded requests, and to reassemble shards when the TP sizes differ."""
     if mapping is not None:
         return load_mapping(mapping)
     preset = detect_preset(r1, r2)
     if preset is not None:
         return preset
-    if _world(r1) != _world(r2):
-        return load_mapping("identity")  # reassemble tensor-parallel shards, names as they are
+    if _world(r1) != _world(r2) or (steps_info(r1) and steps_info(r2) and not same_schedule(r1, r2)):
+        return load_mapping("identity")
     return None
 
 
@@ -312,8 +369,8 @@ def _workers(jobs: int | None, total_bytes: int, aligned: bool, n_tasks: int) ->
 
 
 def _task(args: tuple[Any, ...]) -> ModuleResult:
-    c1, c2, s, rtol, atol, completion = args
-    return module_result(c1, c2, s, rtol, atol, completion)
+    c1, c2, s, tol, completion = args
+    return module_result(c1, c2, s, tol, completion)
 
 
 def _run_tasks(

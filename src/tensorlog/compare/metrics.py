@@ -10,17 +10,64 @@ infinities) counted as equal and any other non-finite value as a mismatch.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from ..formats.safeio import as_number
 
-__all__ = ["TensorMetrics", "compare_tensors", "compare_stats", "CHUNK_ELEMENTS"]
+__all__ = ["TensorMetrics", "Tolerance", "rounding_budget", "compare_tensors", "compare_stats", "CHUNK_ELEMENTS"]
 
 CHUNK_ELEMENTS = 1 << 18  # 2 MiB per float64 chunk: stays in cache, ~8x faster than 32 MiB chunks
 QUANTILE_MAX_ELEMENTS = 1 << 22  # skip costly quantiles on huge tensors
+
+
+def rounding_budget(dtype: torch.dtype) -> tuple[float, float]:
+    """How far two computations of the same thing in ``dtype`` may drift by rounding alone: (relative L2, max abs / scale).
+
+    Another summation order (a fused kernel, another batch's GEMM blocking, a TP all-reduce) moves a float32
+    result by a few ulps per op, and depth adds them up: measured at 1e-7 to 2e-6 of the tensor's scale
+    (``docs/tolerance.md``). The budget is ``max(4 eps, min(1024 eps, 2^-13))`` in relative L2 (1.2e-4 in float32,
+    3.1e-2 in bfloat16) and four times that element-wise, relative to the pair's largest magnitude; the 2^-13 cap
+    keeps a 1e-3 relative defect eight times above it. Integer and boolean tensors have no rounding: exact.
+    """
+    if not (dtype.is_floating_point or dtype.is_complex):
+        return 0.0, 0.0
+    eps = torch.finfo(dtype).eps
+    l2 = max(4 * eps, min(1024 * eps, 2.0**-13))
+    return l2, 4 * l2
+
+
+class Tolerance(BaseModel):
+    """How a pair is judged: ``rounding`` (the default: a budget from the dtypes and the tensor's scale),
+    ``allclose`` (``|a-b| <= atol + rtol*|b|``, when the user gives ``rtol``/``atol``) or ``exact`` (bitwise)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["rounding", "allclose", "exact"] = "rounding"
+    rtol: float = 0.0
+    atol: float = 0.0
+
+    @classmethod
+    def of(cls, rtol: float | None = None, atol: float | None = None, *, exact: bool = False) -> Tolerance:
+        if exact:
+            return cls(mode="exact")
+        if rtol is None and atol is None:
+            return cls(mode="rounding")
+        return cls(mode="allclose", rtol=1e-5 if rtol is None else rtol, atol=1e-8 if atol is None else atol)
+
+    def describe(self) -> str:
+        if self.mode == "exact":
+            return "exact (bitwise; NaNs in the same places are equal)"
+        if self.mode == "allclose":
+            return f"rtol={self.rtol:g}, atol={self.atol:g} (|a-b| <= atol + rtol*|b|)"
+        return "rounding of the pair's dtype: relative L2 <= max(4 eps, min(1024 eps, 2^-13)), max abs <= 4x that x scale"
+
+    def budget(self, *dtypes: torch.dtype) -> tuple[float, float]:
+        """(relative L2, element-wise fraction of the scale) for a rounding judgement of these dtypes: the coarsest's."""
+        worst = max((rounding_budget(d) for d in dtypes), default=(0.0, 0.0))
+        return worst if self.mode == "rounding" else (math.inf, 0.0)
 
 
 class TensorMetrics(BaseModel):
@@ -53,6 +100,10 @@ class TensorMetrics(BaseModel):
     min_atol: float
     abs_p50: float | None = None
     abs_p99: float | None = None
+    rel_l2: float = 0.0
+    """``||a-b|| / max(||a||, ||b||)`` over the finite elements."""
+    judged_by: str | None = None
+    """The tolerance that judged the pair: ``exact``, ``rounding of float32 (...)`` or ``rtol=..., atol=...``."""
 
     def __bool__(self) -> bool:
         return self.allclose
@@ -62,13 +113,16 @@ def _json_float(v: float) -> float | str:
     return v if math.isfinite(v) else repr(v)
 
 
-def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-8) -> TensorMetrics:
+def compare_tensors(
+    a: torch.Tensor, b: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-8, tolerance: Tolerance | None = None
+) -> TensorMetrics:
     """Compare two tensors of equal ``numel`` element by element (flattened).
 
     Args:
         a (Tensor): run 1's tensor (the signal for SNR).
         b (Tensor): run 2's tensor.
-        rtol (float, default 1e-5), atol (float, default 1e-8): the tolerance.
+        rtol (float, default 1e-5), atol (float, default 1e-8): the tolerance, when ``tolerance`` is not given.
+        tolerance (Tolerance, optional): judge by rounding of the dtypes, exactly, or as allclose.
 
     Returns:
         TensorMetrics: all metrics; ``bool()`` of it is the verdict.
@@ -87,11 +141,22 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float = 1e-5, ato
         fa = fa.cpu()
     if fb.device.type != "cpu":
         fb = fb.cpu()
+    tol = tolerance or Tolerance(mode="allclose", rtol=rtol, atol=atol)
     if n == 0:
         return _identical(0, quantiles=False)
     if fa.dtype == fb.dtype and not fa.dtype.is_complex and torch.equal(fa, fb):
         # Bit-identical (torch.equal is False when NaNs are present): no arithmetic needed.
         return _identical(n, quantiles=True)
+    l2_budget, scale_frac = tol.budget(a.dtype, b.dtype)
+    if tol.mode == "allclose":
+        rtol, atol, judged = tol.rtol, tol.atol, f"rtol={tol.rtol:g}, atol={tol.atol:g}"
+    elif tol.mode == "exact" or l2_budget == 0.0:
+        rtol, atol, l2_budget, judged = 0.0, 0.0, 0.0, "exact"
+    else:
+        scale = max(_finite_abs_max(fa), _finite_abs_max(fb))
+        rtol, atol = 0.0, scale_frac * scale
+        coarse = max((a.dtype, b.dtype), key=lambda d: rounding_budget(d)[0])
+        judged = f"rounding of {str(coarse).removeprefix('torch.')} (rel L2 <= {l2_budget:.2g}, max abs <= {atol:.3g})"
     sxx = syy = sxy = sdd = sabs = srel = 0.0
     max_abs, max_rel, min_atol = -1.0, 0.0, 0.0
     worst = 0
@@ -147,8 +212,11 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float = 1e-5, ato
         all_d = torch.cat(abs_all)
         k50, k99 = max(1, math.ceil(0.5 * all_d.numel())), max(1, math.ceil(0.99 * all_d.numel()))
         p50, p99 = float(all_d.kthvalue(k50).values), float(all_d.kthvalue(k99).values)
+    rel_l2 = math.sqrt(sdd / max(sxx, syy)) if max(sxx, syy) > 0 else (0.0 if sdd == 0 else math.inf)
     return TensorMetrics(
-        allclose=outside == 0,
+        allclose=outside == 0 and (tol.mode == "allclose" or rel_l2 <= l2_budget),
+        rel_l2=rel_l2,
+        judged_by=judged,
         numel=n,
         exact=False,
         max_abs=math.inf if nonfinite else max(max_abs, 0.0),
@@ -167,6 +235,21 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float = 1e-5, ato
         abs_p50=p50,
         abs_p99=p99,
     )
+
+
+def _finite_abs_max(x: torch.Tensor) -> float:
+    """The largest finite magnitude, without a float64 copy of the tensor."""
+    lo, hi = torch.aminmax(x) if x.dtype != torch.bool else (x.min(), x.max())
+    m = max(abs(float(lo)), abs(float(hi)))
+    if math.isfinite(m):
+        return m
+    out = 0.0
+    for i in range(0, x.numel(), CHUNK_ELEMENTS):
+        c = x[i : i + CHUNK_ELEMENTS].to(torch.float64)
+        c = c[torch.isfinite(c)]
+        if c.numel():
+            out = max(out, float(c.abs().max()))
+    return out
 
 
 def _identical(n: int, *, quantiles: bool) -> TensorMetrics:
@@ -188,6 +271,7 @@ def _identical(n: int, *, quantiles: bool) -> TensorMetrics:
         worst_index=None,
         worst_values=None,
         min_atol=0.0,
+        judged_by="exact",
         **({"abs_p50": 0.0, "abs_p99": 0.0} if quantiles else {}),
     )
 
@@ -197,7 +281,15 @@ MEAN_NOISE = 8 * 2.0**-24
 """How far two float32 sums of the same values may differ, relative to the largest value: a few ulps."""
 
 
-def compare_stats(s1: dict[str, Any], s2: dict[str, Any], *, rtol: float, atol: float) -> tuple[bool, dict[str, float], float]:
+def compare_stats(
+    s1: dict[str, Any],
+    s2: dict[str, Any],
+    *,
+    rtol: float,
+    atol: float,
+    tolerance: Tolerance | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[bool, dict[str, float], float]:
     """Compare two statistics dicts: each statistic with the same tolerance test.
 
     A mean is also allowed the rounding of the float32 sums it came from
@@ -212,6 +304,11 @@ def compare_stats(s1: dict[str, Any], s2: dict[str, Any], *, rtol: float, atol: 
         (abs(v) for v in (as_number(s1.get("abs_max")), as_number(s2.get("abs_max"))) if v is not None and math.isfinite(v)),
         default=0.0,
     )
+    if tolerance is not None and tolerance.mode != "allclose":
+        frac = tolerance.budget(dtype or torch.float32)[1] if tolerance.mode == "rounding" else 0.0
+        rtol, atol = frac, frac * scale  # statistics of a tensor within rounding are within rounding of its scale
+    else:
+        rtol, atol = (tolerance.rtol, tolerance.atol) if tolerance is not None else (rtol, atol)
     for key in STAT_COMPARED:
         a, b = as_number(s1.get(key)), as_number(s2.get(key))
         if a is None or b is None:

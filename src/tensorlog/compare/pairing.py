@@ -7,15 +7,13 @@ from typing import Any, Literal
 from ..errors import AlignmentError, RunReadError
 from ..formats import ModuleCall, TensorRecord
 from ..formats.model import DerivedSource
-from .metrics import compare_stats, compare_tensors
+from .metrics import Tolerance, compare_stats, compare_tensors, rounding_budget
 from .results import ModuleResult, ModuleVerdict, TensorResult
 
 __all__ = ["module_result", "pair_tensors"]
 
 
-def compare_pair(
-    r1: TensorRecord, r2: TensorRecord, step: int, module: str, rank: int | None, rtol: float, atol: float
-) -> TensorResult:
+def compare_pair(r1: TensorRecord, r2: TensorRecord, step: int, module: str, rank: int | None, tol: Tolerance) -> TensorResult:
     base: dict[str, Any] = dict(
         step=step,
         module=module,
@@ -57,7 +55,12 @@ def compare_pair(
         note = None if a.dtype == b.dtype else f"dtype {a.dtype} vs {b.dtype}; compared in float64"
         if a.shape != b.shape:
             return TensorResult(**base, status="shape_mismatch", method="none", note=f"shape {list(a.shape)} vs {list(b.shape)}")
-        m = compare_tensors(a, b, rtol=rtol, atol=atol)
+        m = compare_tensors(a, b, tolerance=tol)
+        faults = _faults(r1, 1) + _faults(r2, 2)
+        if faults:  # what the values cannot show: a rank whose copy of a replicated tensor differs
+            return TensorResult(
+                **base, status="mismatch", method="tensor", metrics=m, note="; ".join([*faults, *filter(None, [note])])
+            )
         return TensorResult(**base, status="match" if m.allclose else "mismatch", method="tensor", metrics=m, note=note)
     if r1.checksum and r2.checksum and r1.checksum_algorithm == r2.checksum_algorithm:
         same = r1.checksum == r2.checksum
@@ -68,7 +71,7 @@ def compare_pair(
             note="checksums equal (bit-exact)" if same else "checksums differ (not bit-exact)",
         )
     if r1.stats and r2.stats:
-        ok, rel, _ = compare_stats(r1.stats, r2.stats, rtol=rtol, atol=atol)
+        ok, rel, _ = compare_stats(r1.stats, r2.stats, rtol=0.0, atol=0.0, tolerance=tol, dtype=_coarser(r1.dtype, r2.dtype))
         return TensorResult(
             **base,
             status="match" if ok else "mismatch",
@@ -77,6 +80,22 @@ def compare_pair(
             note="compared by statistics (one side has no tensor data)" + (f"; {note}" if note else ""),
         )
     return TensorResult(**base, status="not_comparable", method="none", note="no data or statistics on one side")
+
+
+def _faults(r: TensorRecord, run: int) -> list[str]:
+    return [f"run {run}: {f}" for f in r.source.faults] if isinstance(r.source, DerivedSource) else []
+
+
+def _coarser(*names: str | None) -> Any:
+    from ..formats.model import dtype_of
+
+    dts = []
+    for n in names:
+        try:
+            dts.append(dtype_of(n))
+        except ValueError:
+            pass
+    return max(dts, key=lambda d: rounding_budget(d)[0], default=None)
 
 
 def _mapping_note(r1: TensorRecord, r2: TensorRecord) -> str | None:
@@ -155,9 +174,7 @@ def _unreadable(errors: list[str], step: int, module: str, rank: int | None) -> 
     ]
 
 
-def module_result(
-    c1: ModuleCall | None, c2: ModuleCall | None, step: int, rtol: float, atol: float, completion: int
-) -> ModuleResult:
+def module_result(c1: ModuleCall | None, c2: ModuleCall | None, step: int, tol: Tolerance, completion: int) -> ModuleResult:
     ref = c1 or c2
     assert ref is not None
     if c1 is None or c2 is None:
@@ -178,7 +195,7 @@ def module_result(
     tensors: list[TensorResult] = []
     for kind in ("inputs", "outputs"):
         pairs, only1, only2 = pair_tensors(getattr(c1, kind), getattr(c2, kind))
-        tensors.extend(compare_pair(r1, r2, step, c1.dirname, c1.rank, rtol, atol) for r1, r2 in pairs)
+        tensors.extend(compare_pair(r1, r2, step, c1.dirname, c1.rank, tol) for r1, r2 in pairs)
         tensors.extend(_only(r, "only_in_1", step, c1.dirname, c1.rank) for r in only1)
         tensors.extend(_only(r, "only_in_2", step, c2.dirname, c2.rank) for r in only2)
     errors = [f"run 1: {e}" for e in c1.errors] + [f"run 2: {e}" for e in c2.errors]

@@ -102,8 +102,10 @@ def _files(d: Path, unreadable: list[str]) -> dict[str, dict[str, dict[str, Any]
             for kind in ("inputs", "outputs"):
                 if f"{kind}.json" in files.files:
                     entry[f"{kind}_json"] = files.files[f"{kind}.json"]
-            modules[module] = entry
-        out[step] = modules
+            if entry:  # the reference lists a module only by the files it reads, a step only by its modules
+                modules[module] = entry
+        if modules:
+            out[step] = modules
     return out
 
 
@@ -202,12 +204,13 @@ def reference_compare(
         pats = [re.compile(p) for p in modules] if modules else None
         f1, f2 = (
             {
-                s: {m: v for m, v in mods.items() if not pats or any(p.search(m) for p in pats)}
+                s: kept
                 for s, mods in f.items()
-                if keep is None or s in keep
+                if (keep is None or s in keep)
+                and (kept := {m: v for m, v in mods.items() if not pats or any(p.search(m) for p in pats)})
             }
             for f in (f1, f2)
-        )
+        )  # a step none of whose modules match is left out, as the reference's (its ``Steps`` count says 0)
     report = ReferenceReport(dir1=str(d1), dir2=str(d2), rtol=rtol, atol=atol)
     for step in sorted(set(f1) | set(f2)):
         sr = RefStep()

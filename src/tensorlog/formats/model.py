@@ -87,6 +87,8 @@ class DerivedSource(Source):
     make: Callable[[], torch.Tensor] = field(repr=False)
     notes: list[str] = field(default_factory=list, compare=False)
     """What the alignment found while making it (how ranks were merged; ranks that disagree)."""
+    faults: list[str] = field(default_factory=list, compare=False)
+    """What it found that makes the pair a mismatch whatever the values compared (ranks whose copies disagree)."""
 
     def load(self) -> torch.Tensor:
         return self.make()

@@ -18,9 +18,10 @@ import torch
 from ..capture import CaptureHandle, RunInfo, start_capture
 from ..config import ConfigLike, load_config
 from ..errors import DependencyError, UsageError
+from ..schema.records import PROMPT_IDS_MAX, prompt_digest
 from .model_facts import model_dims
 
-__all__ = ["capture_generate", "run_facts", "step_layout", "load_causal_lm", "DTYPES"]
+__all__ = ["capture_generate", "run_facts", "step_layout", "StepLayout", "load_causal_lm", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,26 +46,91 @@ def run_facts(model: Any, model_path: str | None = None) -> dict[str, Any]:
     return facts
 
 
-def step_layout(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
-    """The request layout of one ``forward`` from its ``input_ids`` and ``position_ids`` / ``cache_position``."""
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-        return None
-    batch, n = ids.shape
-    pos = kwargs.get("position_ids")
-    if isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.numel():
-        starts = [int(v) for v in pos[:, 0]]
-    else:
+class StepLayout:
+    """The request layout of each ``forward`` of one capture, from ``input_ids`` and ``attention_mask``.
+
+    Each ``generate()`` call (a forward with an empty cache) starts new requests, one per batch row,
+    named ``g<call>.<row>`` so that two calls in one capture never share rows; each is keyed across runs
+    by its prompt with the padding removed (recorded at its first logged step), so a left-padded batch
+    pairs with the same prompts run alone. A row's real tokens are the last ``num_tokens`` columns of
+    the step; their positions count the real tokens before them in the attention mask.
+    """
+
+    def __init__(self) -> None:
+        self.call = -1
+        self.started: set[str] = set()
+
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any], logged: bool = True) -> dict[str, Any] | None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            return None
+        if _cache_empty(kwargs):
+            self.call += 1
+        if not logged:
+            return None  # reading the mask would cost a host sync on a step that logs nothing
+        batch, n = ids.shape
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= n:
+            m = mask.detach().to("cpu", torch.int64)
+            real = [int(v) for v in m[:, -n:].sum(1)]
+            starts = [int(v) for v in m[:, : m.shape[1] - n].sum(1)]
+        else:
+            real, starts = [int(n)] * batch, self._starts(kwargs, batch)
+        call = max(self.call, 0)
+        req_ids = [f"g{call}.{b}" for b in range(batch)]
+        info: dict[str, Any] = {
+            "req_ids": req_ids,
+            "num_tokens": real,
+            "start_positions": starts,
+            "total_tokens": int(sum(real)),
+            "layout": "batch_major",
+            "width": int(n),
+        }
+        new = []
+        host_ids = None
+        for b, r in enumerate(req_ids):
+            if r in self.started or starts[b] != 0:
+                continue  # a request whose prompt this capture never saw whole is keyed by nothing
+            if host_ids is None:
+                host_ids = ids.detach().to("cpu", torch.int64)
+            prompt = [int(v) for v in host_ids[b, n - real[b] :]]
+            self.started.add(r)
+            new.append(
+                {
+                    "id": r,
+                    "prompt_len": len(prompt),
+                    "prompt_digest": prompt_digest(prompt),
+                    "prompt": prompt if len(prompt) <= PROMPT_IDS_MAX else None,
+                }
+            )
+        if new:
+            info["new_requests"] = new
+        return info
+
+    @staticmethod
+    def _starts(kwargs: dict[str, Any], batch: int) -> list[int]:
+        pos = kwargs.get("position_ids")
+        if isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.numel():
+            return [int(v) for v in pos[:, 0]]
         cache_pos = kwargs.get("cache_position")
         start = int(cache_pos[0]) if isinstance(cache_pos, torch.Tensor) and cache_pos.numel() else 0
-        starts = [start] * batch
-    return {
-        "req_ids": [str(i) for i in range(batch)],
-        "num_tokens": [int(n)] * batch,
-        "start_positions": starts,
-        "total_tokens": int(batch * n),
-        "layout": "batch_major",
-    }
+        return [start] * batch
+
+
+def _cache_empty(kwargs: dict[str, Any]) -> bool:
+    """A forward that starts a generation: no KV cache yet, or an empty one (a length read from shapes: no sync)."""
+    cache = kwargs.get("past_key_values")
+    if cache is None:
+        return True
+    try:
+        return int(cache.get_seq_length()) == 0
+    except Exception:
+        return False
+
+
+def step_layout(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """One forward's request layout, for a caller with no capture of its own (see :class:`StepLayout`)."""
+    return StepLayout()(args, kwargs)
 
 
 def load_causal_lm(model: str, *, dtype: str = "float32", device: str = "cpu") -> torch.nn.Module:
@@ -113,7 +179,7 @@ def capture_generate(
     m = load_causal_lm(str(model), dtype=dtype, device=device) if path is not None else model
     assert isinstance(m, torch.nn.Module)
     ids = torch.tensor(input_ids, device=device)
-    handle: CaptureHandle = start_capture(m, cfg, info=RunInfo(facts=run_facts(m, path)), step_info=step_layout, **overrides)
+    handle: CaptureHandle = start_capture(m, cfg, info=RunInfo(facts=run_facts(m, path)), step_info=StepLayout(), **overrides)
     with torch.no_grad(), handle:
         generate: Any = m.generate
         out = generate(

@@ -67,7 +67,8 @@ def render_html(c: Comparison, *, verbose: bool = False) -> str:
         "</style></head><body>",
         "<h1>tensorlog comparison</h1>",
         f"<p class='headline'>{e(headline(c)).replace('`', '')}</p>",
-        f"<p>dir1: <code>{e(c.dir1)}</code><br>dir2: <code>{e(c.dir2)}</code><br>rtol={c.rtol:g}, atol={c.atol:g}</p>",
+        f"<p>dir1: <code>{e(c.dir1)}</code><br>dir2: <code>{e(c.dir2)}</code><br>tolerance: {e(c.tolerance_text)}</p>",
+        *([f"<p>requests: {e(c.requests.summary())}</p>"] if c.requests is not None else []),
         "<table id='summary'><tr><th>pairs compared</th><th>matched</th><th>mismatched</th><th>only in dir1</th><th>only in dir2</th><th>unreadable</th></tr>",
         f"<tr><td class=num>{s.pairs_compared}</td><td class=num>{s.matched}</td><td class=num>{s.mismatched}</td><td class=num>{s.only_in_1}</td>"
         f"<td class=num>{s.only_in_2}</td><td class=num>{s.unreadable}</td></tr></table>",

@@ -17,7 +17,8 @@ def render_markdown(c: Comparison, *, verbose: bool = False) -> str:
         "",
         f"- dir1: `{clean(c.dir1)}`",
         f"- dir2: `{clean(c.dir2)}`",
-        f"- tolerance: rtol={c.rtol:g}, atol={c.atol:g} (|a-b| <= atol + rtol*|b|); steps: {', '.join(map(str, c.steps)) or 'none'}",
+        f"- tolerance: {c.tolerance_text}; steps: {', '.join(map(str, c.steps)) or 'none'}",
+        *([f"- requests: {clean(c.requests.summary())}"] if c.requests is not None else []),
         "",
         "## Summary",
         "",
@@ -28,6 +29,7 @@ def render_markdown(c: Comparison, *, verbose: bool = False) -> str:
     ]
     if c.notes or c.problems:
         out += ["Notes:", ""] + [f"- {clean(n)}" for n in [*c.problems, *c.notes]] + [""]
+    out += _requests(c)
     for step in c.steps:
         mods = [m for m in c.modules if m.step == step]
         replayed = any(m.added_error is not None for m in mods)
@@ -53,10 +55,38 @@ def render_markdown(c: Comparison, *, verbose: bool = False) -> str:
     return "\n".join(out) + "\n"
 
 
+def _requests(c: Comparison) -> list[str]:
+    """Which request of run 1 is which of run 2, and the tokens only one run logged: never dropped in silence."""
+    r = c.requests
+    if r is None or (
+        r.how == "prompt" and not (r.different_prompts or r.only_in_1 or r.only_in_2 or r.tokens_only_1 or r.tokens_only_2)
+    ):
+        return []
+    out = ["## Requests", ""]
+    if r.why:
+        out += [f"Paired by {r.how}: {clean(r.why)}.", ""]
+    out += [f"- {clean(d.describe())}" for d in r.different_prompts]
+    if r.only_in_1:
+        out.append(f"- only in run 1 (not compared): {', '.join(clean(i) for i in r.only_in_1[:20])}")
+    if r.only_in_2:
+        out.append(f"- only in run 2 (not compared): {', '.join(clean(i) for i in r.only_in_2[:20])}")
+    if r.matched:
+        out += [
+            "",
+            "| request (run 1) | request (run 2) | prompt tokens | sample | tokens in both | only in run 1 | only in run 2 |",
+            "|---|---|---:|---:|---:|---|---|",
+        ]
+        for p in r.matched:
+            one = f"{p.tokens_only_1} ({p.only_1})" if p.tokens_only_1 else "0"
+            two = f"{p.tokens_only_2} ({p.only_2})" if p.tokens_only_2 else "0"
+            out.append(f"| {clean(p.id1)} | {clean(p.id2)} | {p.prompt_len} | {p.sample} | {p.tokens_both} | {one} | {two} |")
+    return [*out, ""]
+
+
 def _tensor_table(mods: list[ModuleResult]) -> list[str]:
     out = [
-        "| module | tensor | status | method | shape | dtype | max abs | mean abs | max rel | cosine | rel diff | SNR dB | outside tol | worst at (a, b) | min atol to pass | note |",
-        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+        "| module | tensor | status | method | shape | dtype | max abs | mean abs | max rel | cosine | rel diff | SNR dB | outside tol | worst at (a, b) | min atol to pass | judged by | note |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|",
     ]
     for m in mods:
         for t in m.tensors:
@@ -90,10 +120,11 @@ def _tensor_row(m: ModuleResult, t: TensorResult) -> str:
             f"{mt.num_outside} ({mt.frac_outside:.2%})",
             worst,
             fmt(mt.min_atol),
+            clean(mt.judged_by or ""),
         ]
     elif t.stat_rel:
-        cells += ["", "", fmt(max(t.stat_rel.values())), "", "", "", "", "", ""]
+        cells += ["", "", fmt(max(t.stat_rel.values())), "", "", "", "", "", "", ""]
     else:
-        cells += [""] * 9
+        cells += [""] * 10
     cells.append(clean(t.note or "").replace("|", "\\|"))
     return "| " + " | ".join(cells) + " |"

@@ -12,7 +12,7 @@ import re
 
 from ..compare.results import Comparison, ModuleResult
 
-__all__ = ["clean", "fmt", "headline", "verdict_text", "VERDICT_TEXT"]
+__all__ = ["clean", "fmt", "headline", "judged", "verdict_text", "VERDICT_TEXT"]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
@@ -93,10 +93,44 @@ def headline(c: Comparison) -> str:
     return text
 
 
+def _requests_line(c: Comparison) -> str:
+    """What the reader must know before any verdict: the runs had different inputs, or could not be paired by request."""
+    r = c.requests
+    if r is None:
+        return ""
+    if r.different_prompts:
+        more = f" (and {len(r.different_prompts) - 1} more)" if len(r.different_prompts) > 1 else ""
+        return f"DIFFERENT PROMPTS: {clean(r.different_prompts[0].describe())}{more}. "
+    if r.how != "prompt":
+        return f"REQUESTS NOT PAIRED BY PROMPT: {clean(r.why or '')}. "
+    return ""
+
+
+def judged(c: Comparison) -> str:
+    """How the matches were judged, in words: ``12 bit-exact, 40 within rounding of float32``."""
+    if c.tolerance == "allclose":
+        return f"rtol={c.rtol:g}, atol={c.atol:g}"
+    if c.tolerance == "exact":
+        return "bit-exact"
+    kinds: dict[str, int] = {}
+    for m in c.modules:
+        for t in m.tensors:
+            j = t.metrics.judged_by if t.status == "match" and t.metrics is not None else None
+            if j and j.startswith("rounding of "):
+                dtype = j.removeprefix("rounding of ").split(" ")[0]
+                kinds[dtype] = kinds.get(dtype, 0) + 1
+    rest = ", ".join(f"{n} within rounding of {d}" for d, n in sorted(kinds.items()))
+    return f"{c.summary.matched_exact} bit-exact" + (f", {rest}" if rest else "")
+
+
 def _divergence_line(c: Comparison) -> str:
+    return _requests_line(c) + _verdict_line(c)
+
+
+def _verdict_line(c: Comparison) -> str:
     if not c.first_divergence:
         if c.summary.mismatched == 0:
-            return f"All {c.summary.pairs_compared} compared tensor pairs match (rtol={c.rtol:g}, atol={c.atol:g})."
+            return f"All {c.summary.pairs_compared} compared tensor pairs match ({judged(c)})."
         first = min((m for m in c.modules if m.verdict == "inherited"), key=lambda m: (m.step, m.position), default=None)
         if first is not None:
             return (
@@ -108,8 +142,13 @@ def _divergence_line(c: Comparison) -> str:
     for d in c.first_divergence:
         rank = f" (rank {d.rank})" if d.rank is not None else ""
         note = f"; {clean(d.note).lower()}" if d.note else ""
+        beyond = f"; beyond {clean(d.judged_by)}" if d.judged_by and d.judged_by != "exact" else ""
         parts.append(
-            f"step {d.step}: `{clean(d.module)}`{rank} (max abs diff {fmt(d.max_abs)}, max rel diff {fmt(d.max_rel)}{note})"
+            f"step {d.step}: `{clean(d.module)}`{rank} (max abs diff {fmt(d.max_abs)}, max rel diff {fmt(d.max_rel)}{beyond}{note})"
+        )
+    if c.tolerance == "exact" and c.requests is not None and c.requests.rebatched:
+        return "Batch dependence: the first module whose output for a request differs when it is served in another batch: " + (
+            "; ".join(parts)
         )
     return "First divergence: " + "; ".join(parts)
 

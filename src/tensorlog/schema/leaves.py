@@ -5,7 +5,8 @@ list or tuple (named tuples included) add ``_<i>``, the values of a dict add
 ``_<key>``, and anything else is not saved. So ``m([k, k], {"k": k})`` writes
 ``inputs_0_0``, ``inputs_0_1``, ``inputs_1_k``, and a module returning
 ``(a, (b, c))`` writes ``outputs_0``, ``outputs_1_0``, ``outputs_1_1``; a single
-tensor output is ``outputs``. tensorlog also logs keyword inputs, named the
+tensor output is ``outputs``. Two keys of one dict that read the same (``0`` and
+``"0"``) become ``0`` and ``0~1``. tensorlog also logs keyword inputs, named the
 same way after the keyword (``inputs_position_ids``), and records non-tensor
 leaves by type and value (never pickled).
 """
@@ -13,11 +14,12 @@ leaves by type and value (never pickled).
 from __future__ import annotations
 
 import math
+from collections.abc import Container
 from typing import Any
 
 import torch
 
-__all__ = ["Leaf", "flatten_inputs", "flatten_value", "describe_value", "MAX_DEPTH"]
+__all__ = ["Leaf", "flatten_inputs", "flatten_value", "describe_value", "unique_key", "MAX_DEPTH"]
 
 MAX_DEPTH = 32
 
@@ -42,9 +44,26 @@ def _walk(value: Any, path: tuple[str, ...], out: list[Leaf], tuples: list[str] 
             tuples.append("_".join(path))
         return [_walk(v, (*path, str(i)), out, tuples) for i, v in enumerate(value)]
     if isinstance(value, dict):
-        return {str(k): _walk(v, (*path, str(k)), out, tuples) for k, v in value.items()}
+        node: dict[str, Any] = {}
+        for k, v in value.items():
+            key = unique_key(str(k), node)
+            node[key] = _walk(v, (*path, key), out, tuples)
+        return node
     out.append((path, value))
     return "_".join(path)
+
+
+def unique_key(key: str, taken: Container[str]) -> str:
+    """``key``, or ``key~<n>`` when the dict already has a key that reads the same (``0`` and ``"0"``).
+
+    Each value keeps its own leaf, file and json entry: the reference writes both to one file, the second
+    overwriting the first.
+    """
+    out, n = key, 0
+    while out in taken:
+        n += 1
+        out = f"{key}~{n}"
+    return out
 
 
 def flatten_inputs(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> tuple[list[Leaf], dict[str, Any]]:

@@ -24,6 +24,9 @@ __all__ = [
     "CallStructure",
     "CallEntry",
     "StepInfo",
+    "RequestStart",
+    "prompt_digest",
+    "PROMPT_IDS_MAX",
     "Dropped",
     "StepIndex",
     "Anomaly",
@@ -147,6 +150,34 @@ class CallEntry(_Record):
     """Its inputs were replaced by another run's (``reload_input_dir``)."""
 
 
+PROMPT_IDS_MAX = 4096
+"""Prompts up to this many tokens are recorded whole, so a compare can say where two prompts first differ."""
+
+
+def prompt_digest(ids: list[int]) -> str:
+    """What identifies a prompt across runs and engines: blake2b-128 of its token ids as little-endian int64."""
+    import hashlib
+    import struct
+
+    return hashlib.blake2b(struct.pack(f"<{len(ids)}q", *ids), digest_size=16).hexdigest()
+
+
+class RequestStart(_Record):
+    """A request first scheduled in this step, and what identifies it in any other run: its prompt.
+
+    Engine-local request ids mean nothing across runs (a request served alone in a fresh engine is "0"
+    like a different one elsewhere), so compare pairs requests by prompt and sample index instead.
+    """
+
+    id: str
+    prompt_len: StrictInt
+    prompt_digest: str
+    prompt: list[StrictInt] | None = None
+    """The token ids, when at most :data:`PROMPT_IDS_MAX`."""
+    sample: StrictInt = 0
+    """Which of a request's ``n`` samples (vLLM's parallel sampling names them ``<i>_<parent id>``)."""
+
+
 class StepInfo(_Record):
     """The request layout of a step: rows of the flattened ``[num_tokens, ...]`` activations per request."""
 
@@ -155,6 +186,10 @@ class StepInfo(_Record):
     start_positions: list[StrictInt] | None = None
     total_tokens: StrictInt | None = None
     layout: Literal["flat", "batch_major"] = "flat"
+    width: StrictInt | None = None
+    """``batch_major`` only: the step's padded sequence width; a row's real tokens are its last ``num_tokens``
+    columns (left padding), the columns before them padding."""
+    new_requests: list[RequestStart] = Field(default_factory=list)
 
 
 class Dropped(_Record):

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .leaves import unique_key
+
 __all__ = ["describe", "dumps", "sidecar", "MAX_DEPTH", "BIG_CONTAINER"]
 
 MAX_DEPTH = 32
@@ -47,16 +49,16 @@ def describe(value: Any, depth: int = 0) -> Any:
             }
         return {"type": kind, "items": [describe(v, depth + 1) for v in value]}
     if isinstance(value, dict):
+        keys = _keys(value)
         if len(value) > BIG_CONTAINER:
-            keys = [_key(k) for k in value]
             return {
                 "type": "dict",
                 "length": len(value),
                 "keys": keys,
-                "sample": {_key(k): describe(value[k], depth + 1) for k in list(value)[:BIG_CONTAINER]},
+                "sample": {k: describe(v, depth + 1) for k, v in zip(keys[:BIG_CONTAINER], value.values())},
                 "note": f"Showing only first {BIG_CONTAINER} of {len(value)} items",
             }
-        return {"type": "dict", "items": {_key(k): describe(v, depth + 1) for k, v in value.items()}}
+        return {"type": "dict", "items": {k: describe(v, depth + 1) for k, v in zip(keys, value.values())}}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     given = getattr(value, "__tensorlog_reference__", None)
@@ -71,6 +73,24 @@ def describe(value: Any, depth: int = 0) -> Any:
 
 def _key(k: Any) -> Any:
     return k if k is None or isinstance(k, (str, int, float, bool)) else str(k)
+
+
+def _keys(d: dict[Any, Any]) -> list[Any]:
+    """The json keys of ``d``; where json would write two alike (``0`` and ``"0"``), every key as its files name it.
+
+    The reference writes such a key twice, and a reader keeps only the last value; here each entry
+    describes the file it names (``0`` and ``0~1``, :func:`.leaves.unique_key`).
+    """
+    if all(isinstance(k, str) for k in d):
+        return list(d)
+    keys = [_key(k) for k in d]
+    texts = [k if isinstance(k, str) else json.dumps(k) for k in keys]
+    if len(set(texts)) == len(texts):
+        return keys
+    names: dict[str, None] = {}
+    for k in d:
+        names[unique_key(str(k), names)] = None
+    return list(names)
 
 
 @functools.lru_cache(maxsize=4096)

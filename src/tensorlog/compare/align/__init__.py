@@ -5,6 +5,6 @@
 """
 
 from .spec import PRESETS, MappingSpec, detect_preset, load_mapping
-from .virtual import align_runs
+from .virtual import Alignment, align_runs, same_schedule
 
-__all__ = ["MappingSpec", "PRESETS", "load_mapping", "detect_preset", "align_runs"]
+__all__ = ["MappingSpec", "PRESETS", "load_mapping", "detect_preset", "align_runs", "Alignment", "same_schedule"]

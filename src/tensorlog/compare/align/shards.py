@@ -27,7 +27,10 @@ from ...errors import AlignmentError
 from ...schema.records import ShardLayout
 from .spec import ShardRule
 
-__all__ = ["ShardPlan", "plan_for", "merge", "disagreement"]
+__all__ = ["ShardPlan", "plan_for", "merge", "disagreement", "DISAGREE"]
+
+DISAGREE = "RANKS DISAGREE"
+"""Marks a merge whose ranks hold different copies of what should be one tensor: a mismatch in itself."""
 
 How = Literal["concat", "concat_parts", "replicated", "partial_sum", "vocab", "infer"]
 
@@ -153,7 +156,7 @@ def _infer(parts: list[torch.Tensor], other: torch.Tensor | None, n: int, tokens
             return _sum(parts), f"{n} ranks: partial sums added (their sum matches the other run; the copies differ) {tag}"
         rank, worst = disagreement(parts)
         return first, (
-            f"{n} ranks: RANKS DISAGREE: rank {rank}'s copy differs from rank 0's by max abs {worst:.3g}; "
+            f"{n} ranks: {DISAGREE}: rank {rank}'s copy differs from rank 0's by max abs {worst:.3g}; "
             f"rank 0's copy compared {tag}"
         )
     if ref is not None and not tokens and ref.dim() == first.dim():

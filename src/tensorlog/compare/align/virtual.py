@@ -28,24 +28,26 @@ import torch
 from ...config import compile_pattern
 from ...errors import AlignmentError
 from ...formats.model import DerivedSource, ModuleCall, Run, Step, TensorRecord
-from ...schema.records import ShardLayout, TensorEntry
-from .shards import ShardPlan, disagreement, merge, plan_for
+from ...schema.records import ShardLayout, StepInfo, TensorEntry
+from .requests import RequestReport, id_keys, match_requests, request_table, unmatched_reason
+from .shards import DISAGREE, ShardPlan, disagreement, merge, plan_for
 from .spec import MappingSpec, ShardRule, SplitRule
-from .tokens import request_keys, rows_by_token, steps_info
+from .tokens import TokenIndex, rows_by_token, step_tokens, steps_info
 
-__all__ = ["align_runs"]
+__all__ = ["align_runs", "Alignment", "token_plan", "Tokens", "same_schedule"]
 
 _Loader = Callable[[], torch.Tensor]
 
 
 class _Cache:
-    """The few most recently loaded tensors: alignment reads one tensor for many rows."""
+    """The few most recently loaded or made tensors, for the whole alignment: one tensor serves many rows,
+    and nothing else holds a loaded tensor, so memory and memory maps stay bounded however long the runs."""
 
     def __init__(self, size: int = 16) -> None:
         self.size = size
-        self.data: OrderedDict[Any, torch.Tensor] = OrderedDict()
+        self.data: OrderedDict[Any, Any] = OrderedDict()
 
-    def get(self, key: Any, load: _Loader) -> torch.Tensor:
+    def get(self, key: Any, load: Callable[[], Any]) -> Any:
         if key in self.data:
             self.data.move_to_end(key)
             return self.data[key]
@@ -227,11 +229,13 @@ def _group_calls(step: Step) -> list[list[ModuleCall]]:
 
 
 class _Whole:
-    """Lazily makes an entry's tensor whole (or one rank's copy), recording how into ``notes``."""
+    """Lazily makes an entry's tensor whole (or one rank's copy), recording how into ``notes``, and into
+    ``faults`` what makes the pair a mismatch whatever its values (ranks whose copies disagree)."""
 
     def __init__(self, e: _Entry) -> None:
         self.e = e
         self.notes: dict[str, list[str]] = {}
+        self.faults: dict[str, list[str]] = {}
 
     def variants(self) -> list[str]:
         """``[""]``, or one suffix per rank for a replicated tensor: each copy is compared on its own."""
@@ -254,13 +258,15 @@ class _Whole:
                     base = parts[0]
                     if base is None or base.shape != t.shape or not torch.equal(base, t):
                         _, worst = disagreement([base, t]) if base is not None else (r, float("inf"))
-                        notes.append(f"RANKS DISAGREE: rank {r}'s copy differs from rank 0's by max abs {worst:.3g}")
+                        notes.append(f"{DISAGREE}: rank {r}'s copy differs from rank 0's by max abs {worst:.3g}")
                     else:
                         notes.append(f"rank {r}'s copy equals rank 0's")
             return t
         t, how = merge(parts, self.e.plan, other(), tokens=tokens)
         if how and not notes:
             notes.append(how)
+            if DISAGREE in how:
+                self.faults.setdefault(variant, []).append(how[how.index(DISAGREE) :].split(";")[0])
         return t
 
 
@@ -268,12 +274,13 @@ def _nothing() -> torch.Tensor | None:
     return None
 
 
-def _record(e: _Entry, name: str, load: _Loader, rules: list[str], notes: list[str], meta: dict[str, Any]) -> TensorRecord:
+def _record(e: _Entry, name: str, load: _Loader, rules: list[str], w: _Whole, variant: str, meta: dict[str, Any]) -> TensorRecord:
     first = e.records[0] if e.records else None
     if first is not None and not first.is_tensor:
         return TensorRecord(entry=first.entry.model_copy(update={"name": name}), mapping="; ".join(rules) or None)
     entry = TensorEntry(name=name, kind=e.kind, key=e.key, **meta)  # type: ignore[arg-type]
-    return TensorRecord(entry=entry, source=DerivedSource(load, notes), mapping="; ".join(rules) or None)
+    source = DerivedSource(load, w.notes.setdefault(variant, []), w.faults.setdefault(variant, []))
+    return TensorRecord(entry=entry, source=source, mapping="; ".join(rules) or None)
 
 
 def _shape_meta(e: _Entry) -> dict[str, Any]:
@@ -283,105 +290,165 @@ def _shape_meta(e: _Entry) -> dict[str, Any]:
 
 
 def _pairs(s1: list[str], s2: list[str]) -> list[tuple[str, str]]:
+    """Every copy of each side is judged: against the other side's one tensor, its own rank's copy, or its first."""
     if len(s1) == 1:
         return [(s1[0], v) for v in s2]
-    if len(s2) == 1:
-        return [(v, s2[0]) for v in s1]
-    return [(v, s2[0]) for v in s1]  # both sides replicated over several ranks: each of run 1's copies vs run 2's first
+    if len(s2) == 1 or len(s1) == len(s2):
+        return list(zip(s1, s2)) if len(s1) == len(s2) else [(v, s2[0]) for v in s1]
+    return [(v, s2[0]) for v in s1] + [(s1[0], v) for v in s2[1:]]
 
 
 class _Both:
     """One tensor pair, made whole lazily and once: the side with fewer ranks first, as the other's reference."""
 
-    def __init__(self, w1: _Whole, w2: _Whole, tokens: bool) -> None:
+    def __init__(self, w1: _Whole, w2: _Whole, tokens: bool, cache: _Cache) -> None:
         self.sides = {1: w1, 2: w2}
         self.tokens = tokens
-        self.done: dict[tuple[int, str], torch.Tensor] = {}
+        self.cache = cache
 
     def get(self, side: int, variant: str) -> torch.Tensor:
-        key = (side, variant)
-        if key not in self.done:
-            me, them = self.sides[side], self.sides[3 - side]
-            if len(me.e.ranks) <= len(them.e.ranks):
-                ref: Callable[[], torch.Tensor | None] = lambda: None  # noqa: E731
-            else:
-                ref = lambda: self.get(3 - side, them.variants()[0])  # noqa: E731
-            self.done[key] = me.get(variant, ref, tokens=self.tokens)
-        return self.done[key]
+        me, them = self.sides[side], self.sides[3 - side]
+        if len(me.e.ranks) <= len(them.e.ranks):
+            ref: Callable[[], torch.Tensor | None] = lambda: None  # noqa: E731
+        else:
+            ref = lambda: self.get(3 - side, them.variants()[0])  # noqa: E731
+        return self.cache.get((id(self), side, variant), lambda: me.get(variant, ref, tokens=self.tokens))
 
 
-def _step_pairs(e1: _Entry, e2: _Entry) -> list[tuple[TensorRecord, TensorRecord]]:
+def _step_pairs(e1: _Entry, e2: _Entry, cache: _Cache) -> list[tuple[TensorRecord, TensorRecord]]:
     w1, w2 = _Whole(e1), _Whole(e2)
-    both = _Both(w1, w2, tokens=False)
+    both = _Both(w1, w2, tokens=False, cache=cache)
     out = []
     for v1, v2 in _pairs(w1.variants(), w2.variants()):
         name = e1.tensor_name + (v1 or v2)
-        r1 = _record(
-            e1, name, functools.partial(both.get, 1, v1), e1.rules, w1.notes.setdefault(v1, []), _shape_meta(e1) if not v1 else {}
-        )
-        r2 = _record(
-            e2, name, functools.partial(both.get, 2, v2), e2.rules, w2.notes.setdefault(v2, []), _shape_meta(e2) if not v2 else {}
-        )
+        r1 = _record(e1, name, functools.partial(both.get, 1, v1), e1.rules, w1, v1, _shape_meta(e1) if not v1 else {})
+        r2 = _record(e2, name, functools.partial(both.get, 2, v2), e2.rules, w2, v2, _shape_meta(e2) if not v2 else {})
         out.append((r1, r2))
     return out
 
 
-def _token_pairs(
-    e1: _Entry,
-    matches: list[tuple[int, _Entry]],
-    step: int,
-    info1: dict[int, Any],
-    info2: dict[int, Any],
-    key1: Callable[[str], str],
-    key2: Callable[[str], str],
-) -> list[tuple[TensorRecord, TensorRecord]]:
-    """Run 1's tensor of one step against the rows of run 2's tensors, from whichever steps hold the same tokens."""
-    w1 = _Whole(e1)
-    per_step = [(s2, _Both(w1, _Whole(e2), tokens=True)) for s2, e2 in matches]
-    v2s = per_step[0][1].sides[2].variants()
-    state: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+@dataclass
+class Tokens:
+    """How the two runs' rows meet: request keys shared by both runs, and where run 2 computed each token."""
 
-    def both(v1: str, v2: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if (v1, v2) in state:
-            return state[(v1, v2)]
-        t1 = per_step[0][1].get(1, v1)
-        rows1 = rows_by_token(t1, info1[step], key1) if step in info1 else None
+    info1: dict[int, StepInfo]
+    info2: dict[int, StepInfo]
+    key1: Callable[[str], str]
+    key2: Callable[[str], str]
+    index2: TokenIndex
+    report: RequestReport
+
+
+def token_plan(run1: Run, run2: Run) -> Tokens | None:
+    """Pair the runs' requests (by prompt where both recorded prompts, else by id); None when a run has no layout."""
+    info1, info2 = steps_info(run1), steps_info(run2)
+    if not info1 or not info2:
+        return None
+    t1, t2 = request_table(run1), request_table(run2)
+    why = unmatched_reason(t1, t2)
+    key1: Callable[[str], str]
+    key2: Callable[[str], str]
+    if why is None:
+        assert t1 is not None and t2 is not None
+        key1, key2, report = t1.key, t2.key, match_requests(t1, t2)
+    else:
+        key1, key2 = id_keys(run1, run2)
+        report = RequestReport(how="id", why=f"{why}: requests paired by their ids, which engines reuse")
+    same = set(info1) == set(info2) and all(step_tokens(info1[s], key1) == step_tokens(info2[s], key2) for s in info1)
+    return Tokens(info1, info2, key1, key2, TokenIndex(info2, key2), report.model_copy(update={"rebatched": not same}))
+
+
+def same_schedule(run1: Run, run2: Run) -> bool:
+    """Both runs put the same tokens of the same requests (paired by prompt) into the same steps, in the same order,
+    and requests pair one to one: pairing by step is then pairing by token."""
+    tokens = token_plan(run1, run2)
+    if tokens is None or tokens.report.how != "prompt" or tokens.report.only_in_1 or tokens.report.only_in_2:
+        return False
+    return not tokens.report.rebatched
+
+
+class _Rows:
+    """Run 1's rows of one tensor in one step against run 2's rows of the same tokens, from whichever steps hold them.
+
+    Only the tokens both runs computed are compared; the others are counted per request (:mod:`.requests`).
+    """
+
+    def __init__(self, w1: _Whole, per_step: list[tuple[int, _Both]], step: int, tokens: Tokens, cache: _Cache) -> None:
+        self.w1, self.per_step, self.step, self.t, self.cache = w1, per_step, step, tokens, cache
+
+    def get(self, v1: str, v2: str, side: int) -> torch.Tensor:
+        return self.cache.get((id(self), v1, v2), lambda: self._make(v1, v2))[side - 1]
+
+    def _make(self, v1: str, v2: str) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.t
+        t1 = self.per_step[0][1].get(1, v1)
+        rows1 = rows_by_token(t1, t.info1[self.step], t.key1)
         if rows1 is None:
             raise AlignmentError(f"run 1's tensor {tuple(t1.shape)} is not laid out by tokens")
         rows2: dict[tuple[str, int], torch.Tensor] = {}
-        for s2, pair in per_step:
-            if s2 not in info2:
-                continue
+        for s2, pair in self.per_step:
             w2 = pair.sides[2]
-            r = rows_by_token(pair.get(2, v2 if v2 in w2.variants() else w2.variants()[0]), info2[s2], key2)
+            r = rows_by_token(pair.get(2, v2 if v2 in w2.variants() else w2.variants()[0]), t.info2[s2], t.key2)
             if r:
-                rows2.update(r)
+                for k, row in r.items():
+                    rows2.setdefault(k, row)
         common = [k for k in rows1 if k in rows2]
         if not common:
-            raise AlignmentError(f"no (request, position) of run 1's step {step} is in run 2")
-        state[(v1, v2)] = (torch.stack([rows1[k] for k in common]), torch.stack([rows2[k] for k in common]))
-        return state[(v1, v2)]
+            raise AlignmentError(f"no (request, position) of run 1's step {self.step} is in run 2's tensors")
+        shapes = {tuple(rows1[k].shape) for k in common} | {tuple(rows2[k].shape) for k in common}
+        if len(shapes) > 1:
+            raise AlignmentError("per-token rows of different shapes: laid out by the batch (a mask, a cache), not by tokens")
+        return torch.stack([rows1[k] for k in common]), torch.stack([rows2[k] for k in common])
 
-    out = []
-    e2 = matches[0][1]
+
+def _token_pairs(
+    e1: _Entry, matches: dict[int, _Entry], step: int, tokens: Tokens, cache: _Cache
+) -> list[tuple[TensorRecord, TensorRecord]] | None:
+    """Run 1's tensor of one step against the rows of run 2's tensors from the steps that computed the same tokens;
+    None when run 2 computed none of this step's tokens."""
+    needed = tokens.index2.steps_for(step_tokens(tokens.info1[step], tokens.key1)) if step in tokens.info1 else []
+    needed = [s2 for s2 in needed if s2 in matches and s2 in tokens.info2]
+    if not needed:
+        return None
+    w1 = _Whole(e1)
+    per_step = [(s2, _Both(w1, _Whole(matches[s2]), tokens=True, cache=cache)) for s2 in needed]
+    rows = _Rows(w1, per_step, step, tokens, cache)
     w2 = per_step[0][1].sides[2]
-    for v1, v2 in _pairs(w1.variants(), v2s):
+    e2 = matches[needed[0]]
+    out = []
+    for v1, v2 in _pairs(w1.variants(), w2.variants()):
         name = e1.tensor_name + (v1 or v2)
-        r1 = _record(e1, name, functools.partial(lambda a, b: both(a, b)[0], v1, v2), e1.rules, w1.notes.setdefault(v1, []), {})
-        r2 = _record(
-            e2,
-            name,
-            functools.partial(lambda a, b: both(a, b)[1], v1, v2),
-            e2.rules + ["rows gathered by (request, position)"],
-            w2.notes.setdefault(v2, []),
-            {},
-        )
+        r1 = _record(e1, name, functools.partial(rows.get, v1, v2, 1), e1.rules, w1, v1, {})
+        rules2 = [*e2.rules, "rows gathered by (request, position)"]
+        r2 = _record(e2, name, functools.partial(rows.get, v1, v2, 2), rules2, w2, v2, {})
         out.append((r1, r2))
     return out
 
 
-def align_runs(run1: Run, run2: Run, spec: MappingSpec) -> tuple[Run, Run, list[str]]:
-    """Two virtual runs on common module names, tensor names and token layout, and notes about the alignment."""
+@dataclass
+class Alignment:
+    """Two virtual runs on common module names, tensor names and token layout, and what the alignment found."""
+
+    run1: Run
+    run2: Run
+    notes: list[str]
+    requests: RequestReport | None = None
+
+
+def _virtual_call(name: str, src: ModuleCall, step: int, position: int | None = None) -> ModuleCall:
+    return ModuleCall(
+        step=step,
+        dirname=name,
+        module=name,
+        cls=src.cls,
+        seq_start=src.seq_start,
+        seq_end=src.seq_end,
+        position=src.position if position is None else position,
+    )
+
+
+def align_runs(run1: Run, run2: Run, spec: MappingSpec) -> Alignment:
+    """Align two runs by ``spec`` and, where both recorded request layouts, by (request, position)."""
     cache = _Cache()
     ignored: set[str] = set()
     c1 = _Side(run1, spec, cache, ignored).rows()
@@ -389,48 +456,38 @@ def align_runs(run1: Run, run2: Run, spec: MappingSpec) -> tuple[Run, Run, list[
     notes: list[str] = [f"aligned with mapping {spec.name!r}"]
     if ignored:
         notes.append("no counterpart by design, not compared: " + ", ".join(sorted(ignored)))
-    info1, info2 = steps_info(run1), steps_info(run2)
-    by_tokens = bool(info1) and bool(info2)
-    if by_tokens:
-        notes.append("tensors aligned by request and token position (the runs' step boundaries may differ)")
-    key1, key2 = request_keys(run1, run2) if by_tokens else (str, str)
-    index2: dict[tuple[str, str, str], list[tuple[int, _Entry]]] = {}
+    tokens = token_plan(run1, run2)
+    if tokens is not None:
+        notes.append("tensors paired by request and token position; step numbers are run 1's, for orientation only")
+    index2: dict[tuple[str, str, str], dict[int, _Entry]] = {}
     for s, rows in c2.items():
         for name, _, entries in rows:
             for e in entries:
-                index2.setdefault((name, e.kind, e.ident), []).append((s, e))
+                index2.setdefault((name, e.kind, e.ident), {}).setdefault(s, e)
     steps1: dict[int, Step] = {}
     steps2: dict[int, Step] = {}
     for s, rows in c1.items():
         calls1, calls2 = [], []
         for name, src, entries in rows:
-            v1, v2 = (
-                ModuleCall(
-                    step=s,
-                    dirname=name,
-                    module=name,
-                    cls=src.cls,
-                    seq_start=src.seq_start,
-                    seq_end=src.seq_end,
-                    position=src.position,
-                )
-                for _ in range(2)
-            )
+            v1, v2 = _virtual_call(name, src, s), _virtual_call(name, src, s)
             for e in entries:
-                matches = index2.get((name, e.kind, e.ident), [])
-                if not by_tokens:
-                    matches = [(s2, e2) for s2, e2 in matches if s2 == s]
-                if not matches:
+                matches = index2.get((name, e.kind, e.ident), {})
+                pairs = None
+                if tokens is not None and matches:
+                    pairs = _token_pairs(e, matches, s, tokens, cache)
+                    if pairs is None:
+                        continue  # run 2 computed none of these tokens: counted per request, not a module missing
+                elif s in matches:
+                    pairs = _step_pairs(e, matches[s], cache)
+                if pairs is None:
                     w = _Whole(e)
-                    v1.outputs.append(
-                        _record(e, e.tensor_name, functools.partial(w.get, "", _nothing), e.rules, w.notes.setdefault("", []), {})
-                    )
+                    v1.outputs.append(_record(e, e.tensor_name, functools.partial(w.get, "", _nothing), e.rules, w, "", {}))
                     continue
-                pairs = _token_pairs(e, matches, s, info1, info2, key1, key2) if by_tokens else _step_pairs(e, matches[0][1])
                 for rec1, rec2 in pairs:
                     getattr(v1, e.kind).append(rec1)
                     getattr(v2, e.kind).append(rec2)
-            calls1.append(v1)
+            if v1.tensors:
+                calls1.append(v1)
             if v2.tensors:
                 calls2.append(v2)
         steps1[s] = Step(index=s, calls=calls1)
@@ -439,13 +496,13 @@ def align_runs(run1: Run, run2: Run, spec: MappingSpec) -> tuple[Run, Run, list[
     for s, rows in c2.items():  # modules of run 2 with no counterpart in run 1 at all
         for name, src, entries in rows:
             if name not in names1 and s in steps2:
-                v = ModuleCall(step=s, dirname=name, module=name, cls=src.cls, position=10**6 + src.position)
+                v = _virtual_call(name, src, s, position=10**6 + src.position)
                 for e in entries:
                     w = _Whole(e)
                     getattr(v, e.kind).append(
-                        _record(e, e.tensor_name, functools.partial(w.get, "", _nothing), e.rules, w.notes.setdefault("", []), {})
+                        _record(e, e.tensor_name, functools.partial(w.get, "", _nothing), e.rules, w, "", {})
                     )
                 steps2[s].calls.append(v)
     aligned1 = Run(path=run1.path, manifest=run1.manifest, steps=steps1, layout=run1.layout, problems=run1.problems)
     aligned2 = Run(path=run2.path, manifest=run2.manifest, steps=steps2, layout=run2.layout, problems=run2.problems)
-    return aligned1, aligned2, notes
+    return Alignment(aligned1, aligned2, notes, tokens.report if tokens is not None else None)

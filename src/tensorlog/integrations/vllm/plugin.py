@@ -47,6 +47,7 @@ from ...capture import CaptureHandle, RunInfo
 from ...config import LogConfig, load_config
 from ...errors import ConfigError
 from ...schema import names
+from ...schema.records import PROMPT_IDS_MAX, prompt_digest
 from ...storage.atomic import write_atomic
 from ..model_facts import model_dims
 from .shards import shard_layouts
@@ -182,6 +183,8 @@ class _Steps:
         self.dumper = dumper
         self.open = False
         self.num_scheduled: dict[str, int] = {}
+        self.unwritten: dict[str, dict[str, Any]] = {}
+        """Requests whose prompt no logged step has recorded yet (bounded by the requests alive)."""
 
     def begin(self, scheduler_output: Any) -> None:
         self.end()
@@ -189,6 +192,9 @@ class _Steps:
             return  # nothing runs the model: not a step
         self.open = True
         self.num_scheduled = dict(getattr(scheduler_output, "num_scheduled_tokens", {}) or {})
+        for r in getattr(scheduler_output, "finished_req_ids", None) or ():
+            self.unwritten.pop(r, None)
+        self.unwritten.update((n["id"], n) for n in _new_requests(scheduler_output))
         if self.capture is not None:
             self.capture.begin_step()
         if self.dumper is not None:
@@ -199,7 +205,13 @@ class _Steps:
             return
         self.open = False
         if self.capture is not None:
-            self.capture.end_step(self._batch_info())
+            info = self._batch_info()
+            starts = [self.unwritten[r] for r in info["req_ids"] if r in self.unwritten]
+            if starts and self.capture.logging_step:
+                info["new_requests"] = starts
+                for s in starts:
+                    del self.unwritten[s["id"]]
+            self.capture.end_step(info)
         if self.dumper is not None:
             self.dumper.end()
 
@@ -234,6 +246,35 @@ class _Steps:
             self.capture.remove()
         if self.dumper is not None:
             self.dumper.remove()
+
+
+_CHILD_ID = re.compile(r"^(\d{1,6})_(.+)$")
+
+
+def _new_requests(scheduler_output: Any) -> list[dict[str, Any]]:
+    """The requests this step schedules for the first time, by prompt: what pairs them with another run's.
+
+    vLLM's parallel sampling (``n > 1``) names the children ``<index>_<parent id>`` (``ParentRequest.get_child_info``);
+    that index is the sample. Requests given as embeddings carry no token ids and are left out.
+    """
+    out = []
+    for new in getattr(scheduler_output, "scheduled_new_reqs", None) or []:
+        ids = getattr(new, "prompt_token_ids", None)
+        if ids is None:
+            continue
+        ids = [int(t) for t in ids]
+        rid = str(new.req_id)
+        child = _CHILD_ID.match(rid)
+        out.append(
+            {
+                "id": rid,
+                "prompt_len": len(ids),
+                "prompt_digest": prompt_digest(ids),
+                "prompt": ids if len(ids) <= PROMPT_IDS_MAX else None,
+                "sample": int(child.group(1)) if child else 0,
+            }
+        )
+    return out
 
 
 def _wrap_runner_class(cls: type) -> None:
