@@ -5,7 +5,8 @@
 Each scenario is a dict: ``name`` (the run name), and optionally ``prompts`` (lists of token ids), ``alone``
 (serve each prompt in its own ``generate()`` call, in order, instead of all in one batch), ``max_tokens``
 (an int, or one per prompt), ``n``, ``eager``, ``chunk`` (``max_num_batched_tokens``, chunked prefill on),
-``seed`` (sample at temperature 0.8 with this seed; else greedy), ``prefix_caching``, ``perturb`` (``[module, factor]``: scale its output), ``batch_mix`` (a module whose output
+``seed`` (sample at temperature 0.8 with this seed; else greedy), ``prefix_caching``, ``perturb`` (``[module, factor]``: scale its output), ``rank_perturb`` (``[module, rank, delta]``: that rank adds ``delta`` to one feature of the module's output),
+``batch_mix`` (a module whose output
 gets a batch-wide mean added: a module that makes each request depend on its batch), ``tp``, ``dtype``,
 ``config`` (extra logging config). Engines share one import of vLLM (each starts in ~4 s, single-process).
 Prints ``TOKENS <name> <json>`` per scenario.
@@ -21,27 +22,58 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 PROMPTS = [[5, 17, 33, 8, 91, 120, 7, 64, 3, 250, 11], [42, 9, 310]]
 
 
-def _hooks(sc):
-    perturb, mix = sc.get("perturb"), sc.get("batch_mix")
+class _Hooks:
+    """What a scenario does to the model in every worker (a class, so a multi-process engine can pickle it)."""
 
-    def apply(model):
-        if perturb:
-            name, factor = perturb
+    def __init__(self, sc):
+        self.perturb, self.mix, self.on_rank = sc.get("perturb"), sc.get("batch_mix"), sc.get("rank_perturb")
 
-            def scale(module, args, output):
-                return (output[0] * factor, *output[1:]) if isinstance(output, tuple) else output * factor
+    def __bool__(self):
+        return bool(self.perturb or self.mix or self.on_rank)
 
-            model.get_submodule(name).register_forward_hook(scale)
-        if mix:
+    def __call__(self, model):
+        if self.on_rank:  # one rank computes a different value of a replicated output, which the next modules read
+            from vllm.distributed import get_tensor_model_parallel_rank
 
-            def mixed(module, args, output):
-                t = output[0] if isinstance(output, tuple) else output
-                t = t + 1e-3 * t.mean(dim=0, keepdim=True)  # every token now sees the whole batch
-                return (t, *output[1:]) if isinstance(output, tuple) else t
+            name, rank, delta = self.on_rank
+            if get_tensor_model_parallel_rank() == rank:
+                model.get_submodule(name).register_forward_hook(_Shift(delta))
+        if self.perturb:
+            name, factor = self.perturb
+            model.get_submodule(name).register_forward_hook(_Scale(factor))
+        if self.mix:
+            model.get_submodule(self.mix).register_forward_hook(_mixed)
 
-            model.get_submodule(mix).register_forward_hook(mixed)
 
-    return apply if (perturb or mix) else None
+def _out(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _back(output, t):
+    return (t, *output[1:]) if isinstance(output, tuple) else t
+
+
+class _Shift:
+    def __init__(self, delta):
+        self.delta = delta
+
+    def __call__(self, module, args, output):
+        t = _out(output).clone()
+        t[..., 7] += self.delta
+        return _back(output, t)
+
+
+class _Scale:
+    def __init__(self, factor):
+        self.factor = factor
+
+    def __call__(self, module, args, output):
+        return _back(output, _out(output) * self.factor)
+
+
+def _mixed(module, args, output):
+    t = _out(output)
+    return _back(output, t + 1e-3 * t.mean(dim=0, keepdim=True))  # every token now sees the whole batch
 
 
 def run(model, sc, out_dir):
@@ -68,9 +100,9 @@ def run(model, sc, out_dir):
         additional_config={"intermediate_log_config": cfg},
         **kwargs,
     )
-    apply = _hooks(sc)
-    if apply is not None:
-        llm.apply_model(apply)
+    hooks = _Hooks(sc)
+    if hooks:
+        llm.apply_model(hooks)
     prompts = sc.get("prompts", PROMPTS)
     max_tokens = sc.get("max_tokens", 4)
     per = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)

@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "UsageError",
     "RunReadError",
+    "ResourceLimitError",
     "AlignmentError",
     "AnomalyError",
     "GraftError",
@@ -36,6 +37,11 @@ class DependencyError(TensorlogError, ImportError):
 
 class RunReadError(TensorlogError, ValueError):
     """A path is not a run, or one of its files cannot be read safely."""
+
+
+class ResourceLimitError(TensorlogError, MemoryError):
+    """This machine ran out of something (memory, memory maps, file descriptors) while reading a run: not the
+    run's fault, so never reported as unreadable data."""
 
 
 class AlignmentError(TensorlogError, ValueError):

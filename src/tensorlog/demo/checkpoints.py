@@ -23,8 +23,12 @@ TINY = dict(
 """Two layers, hidden 256, 4 heads over 2 KV heads: small enough for a CPU, shaped like the real thing."""
 
 
-def save_tiny_checkpoint(directory: Path, kind: str = "llama", seed: int = 0) -> Path:
-    """Save a random-init ``llama`` / ``mistral`` / ``qwen2`` / ``qwen3`` causal LM to ``directory``."""
+def save_tiny_checkpoint(directory: Path, kind: str = "llama", seed: int = 0, *, rich: bool = False) -> Path:
+    """Save a random-init ``llama`` / ``mistral`` / ``qwen2`` / ``qwen3`` causal LM to ``directory``.
+
+    ``rich``: random biases and norm weights too (HF initialises them to 0 and 1, which hides a mis-applied
+    bias or norm: a tool that compares runs must see them matter).
+    """
     import transformers
 
     config_cls, model_cls = {
@@ -35,5 +39,13 @@ def save_tiny_checkpoint(directory: Path, kind: str = "llama", seed: int = 0) ->
     }[kind]
     extra = {"head_dim": 64} if kind == "qwen3" else {}
     torch.manual_seed(seed)
-    model_cls(config_cls(**TINY, **extra)).save_pretrained(directory)
+    model = model_cls(config_cls(**TINY, **extra))
+    if rich:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0.0, 0.1)
+                elif "norm" in name:
+                    p.normal_(1.0, 0.2)
+    model.save_pretrained(directory)
     return directory

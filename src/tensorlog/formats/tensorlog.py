@@ -326,6 +326,7 @@ def _load_call_dir(step: int, d: Path, skip_ranks: set[int | None], problems: li
             c = by_rank[rank] = ModuleCall(step=step, dirname=d.name, module=d.name, rank=rank)
         return c
 
+    described: dict[tuple[int | None, str], dict[str | None, tuple[list[int], str, int]]] = {}
     for err in listing.refused:
         call_for(None).errors.append(err)
     for name, f in sorted(listing.files.items()):
@@ -351,6 +352,8 @@ def _load_call_dir(step: int, d: Path, skip_ranks: set[int | None], problems: li
             pass  # the reference's sidecar for a single output over max_tensor_size
         elif not (isinstance(doc, dict) and isinstance(doc.get("type"), str)) and doc is not None:
             call_for(rank).errors.append(f"cannot read {f}: neither the reference's structure nor tensorlog's record")
+        else:
+            described[(rank, kind)] = _described_leaves(doc)
     for name, f in sorted(listing.files.items()):
         m = names.TENSOR_FILE_RE.match(name)
         if not m or name in referenced:
@@ -365,6 +368,7 @@ def _load_call_dir(step: int, d: Path, skip_ranks: set[int | None], problems: li
         device = (
             tail.group("dev").replace("_", ":", 1) if tail and "_" in tail.group("dev") else (tail.group("dev") if tail else None)
         )
+        shape, dtype, numel = described.get((rank, kind), {}).get(key, (None, None, None))
         entry = TensorEntry.model_construct(
             name=stem,
             kind=kind,
@@ -372,10 +376,10 @@ def _load_call_dir(step: int, d: Path, skip_ranks: set[int | None], problems: li
             path=key.split("_") if key else [],
             tensor=True,
             device=device,
-            shape=None,
-            dtype=None,
+            shape=shape,
+            dtype=dtype,
             stride=None,
-            numel=None,
+            numel=numel,
             stats=None,
             values=None,
             checksum=None,
@@ -387,6 +391,40 @@ def _load_call_dir(step: int, d: Path, skip_ranks: set[int | None], problems: li
         )
         _add(call_for(rank), TensorRecord(entry=entry, source=FileSource(f)))
     return list(by_rank.values())
+
+
+def _described_leaves(doc: Any) -> dict[str | None, tuple[list[int], str, int]]:
+    """Leaf key (as the tensor files name it) -> (shape, dtype, numel), from the reference's structure json.
+
+    A dump without tensorlog's index says what its tensors are only here. What does not look like a
+    tensor's description is left out: the file's own header decides its data, this only labels it.
+    """
+    out: dict[str | None, tuple[list[int], str, int]] = {}
+
+    def walk(node: Any, path: list[str]) -> None:
+        if not isinstance(node, dict) or len(out) > 100_000:
+            return
+        kind, items = node.get("type"), node.get("items")
+        if kind == "tensor":
+            shape, dtype, numel = node.get("shape"), node.get("dtype"), node.get("numel")
+            ok = (
+                isinstance(shape, list)
+                and len(shape) <= 64
+                and all(type(d) is int and 0 <= d < 1 << 62 for d in shape)
+                and isinstance(dtype, str)
+                and type(numel) is int
+            )
+            if ok:
+                out["_".join(path) or None] = (list(shape), str(dtype), int(numel))  # type: ignore[arg-type]
+        elif kind in ("tuple", "list") and isinstance(items, list):
+            for i, item in enumerate(items):
+                walk(item, [*path, str(i)])
+        elif kind == "dict" and isinstance(items, dict):
+            for k, item in items.items():
+                walk(item, [*path, str(k)])
+
+    walk(doc, [])
+    return out
 
 
 def _apply_legacy(

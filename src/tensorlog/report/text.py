@@ -80,7 +80,12 @@ def headline(c: Comparison) -> str:
             )
         )
     elif c.summary.pairs_compared == 0:
-        text = "NOTHING COMPARED: no tensor of one run has a counterpart in the other (see the notes and the table)."
+        why = (
+            "no request of one run is in the other"
+            if c.requests is not None and c.requests.how == "prompt" and not c.requests.matched
+            else "no tensor of one run has a counterpart in the other (the table lists each side's modules)"
+        )
+        text = _requests_line(c) + f"NOTHING COMPARED: {why}."
     replayed = [m for m in c.modules if m.added_error is not None]
     top = max(replayed, key=lambda m: m.added_excess if m.added_excess is not None else m.added_error or 0.0, default=None)
     if top is not None and top.added_excess is not None:

@@ -15,6 +15,7 @@ would expand to gigabytes when compared) is refused before it is touched.
 from __future__ import annotations
 
 import collections
+import errno
 import functools
 import io
 import json
@@ -32,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..errors import RunReadError
+from ..errors import ResourceLimitError, RunReadError
 
 __all__ = [
     "encode_pt",
@@ -273,6 +274,7 @@ def open_regular(path: Path) -> int:
     try:
         st = os.lstat(path)
     except OSError as e:
+        _raise_if_exhausted(e, path)
         raise RunReadError(f"cannot read {path}: {e.strerror or e}") from None
     if stat.S_ISLNK(st.st_mode):
         raise RunReadError(f"refusing {path}: a symbolic link (a run never contains one)")
@@ -281,6 +283,7 @@ def open_regular(path: Path) -> int:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
+        _raise_if_exhausted(e, path)
         raise RunReadError(f"cannot read {path}: {e.strerror or e}") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since lstat
         os.close(fd)
@@ -306,6 +309,7 @@ def read_limited(path: Path, limit: int) -> bytes:
             raise RunReadError(f"refusing {path}: over the {limit}-byte limit for this kind of file")
         return b"".join(chunks)
     except OSError as e:
+        _raise_if_exhausted(e, path)
         raise RunReadError(f"cannot read {path}: {e.strerror or e}") from None
     finally:
         os.close(fd)
@@ -319,6 +323,23 @@ def load_error_text(e: BaseException) -> str:
     keep = [lines[0][:300]]
     keep += [ln[:300] for ln in lines[1:] if "weights_only" in ln or "arbitrary code" in ln][:2]
     return " ".join(keep)
+
+
+_EXHAUSTED = {errno.ENOMEM, errno.EMFILE, errno.ENFILE}
+_EXHAUSTED_TEXT = ("Cannot allocate memory", "Too many open files", "out of memory")
+
+
+def _raise_if_exhausted(e: BaseException, path: Path) -> None:
+    """Memory, memory maps or file descriptors ran out: the machine's limit, not a fault of the file."""
+    if (
+        isinstance(e, MemoryError)
+        or (isinstance(e, OSError) and e.errno in _EXHAUSTED)
+        or any(t in str(e) for t in _EXHAUSTED_TEXT)
+    ):
+        raise ResourceLimitError(
+            f"this machine ran out of memory, memory maps or file descriptors while reading {path} "
+            f"({type(e).__name__}: {str(e)[:200]}); the file itself was not found at fault"
+        ) from None
 
 
 def load_tensor_file(path: Path) -> torch.Tensor:
@@ -337,6 +358,7 @@ def load_tensor_file(path: Path) -> torch.Tensor:
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated, corrupted, hostile, or not a tensor file at all
+        _raise_if_exhausted(e, path)
         raise RunReadError(f"cannot read tensor file {path}: {type(e).__name__}: {load_error_text(e)}") from None
     if not isinstance(obj, torch.Tensor):
         raise RunReadError(f"{path}: holds a {type(obj).__name__}, not a tensor")
@@ -415,7 +437,11 @@ def _st_view(path: Any, fileno: int, size: int, data_start: int, info: Any) -> t
         raise RunReadError(f"cannot read tensor file {path}: truncated data")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    mm = mmap.mmap(fileno, 0, access=mmap.ACCESS_READ)
+    try:
+        mm = mmap.mmap(fileno, 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        _raise_if_exhausted(e, Path(str(path)))
+        raise RunReadError(f"cannot map tensor file {path}: {e.strerror or e}") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # frombuffer warns that the buffer is read-only; it is never written
         t = torch.frombuffer(mm, dtype=dtype, count=numel, offset=data_start + start)
