@@ -5,7 +5,8 @@ Usage: python benchmarks/verdict_matrix.py [--out docs/verdict-matrix.md] [--dty
 A tiny Qwen2 (q/k/v biases, random biases and norms) serves the same two prompts (11 and 3 tokens, 4 new
 tokens each) under every combination of batching (both prompts in one batch; each alone; chunked prefill of
 4 tokens) x compilation (eager; vLLM's default Dynamo + Inductor) x tensor parallelism (1; 2, batched only)
-x a defect (none; ``model.layers.1.mlp.down_proj``'s output x (1 + d) for d = 1e-3, 1e-2), per dtype. Each run
+x a defect (none; ``model.layers.1.mlp.down_proj``'s weight x (1 + d) in the checkpoint, for d = 1e-3, 1e-2: a
+hook would not reach a compiled graph), per dtype. Each run
 is compared, with ``tensorlog compare``'s defaults, against the clean, eager, batched, TP=1 run of its dtype:
 
 * a clean run is a **false positive** when the verdict is not a match (exit code other than 0);
@@ -36,21 +37,33 @@ BATCHING = {"batched": {}, "alone": {"alone": True}, "chunked": {"chunk": 4}}
 COMPILE = {"eager": {"eager": True}, "compiled": {}}
 
 
-def scenarios(dtype: str) -> tuple[list[dict], list[dict]]:
+def scenarios(dtype: str, models: dict[float, Path]) -> tuple[list[dict], list[dict]]:
     """(TP=1 scenarios, TP=2 scenarios) of one dtype."""
     one, two = [], []
     for d in DEFECTS:
         for comp, c in COMPILE.items():
             for bat, b in BATCHING.items():
-                sc = {"name": f"{dtype}-{bat}-{comp}-tp1-d{d:g}", "dtype": dtype, **b, **c}
-                if d:
-                    sc["perturb"] = [DEFECT_MODULE, 1.0 + d]
-                one.append(sc)
-            sc = {"name": f"{dtype}-batched-{comp}-tp2-d{d:g}", "dtype": dtype, "tp": 2, **c}
-            if d:
-                sc["perturb"] = [DEFECT_MODULE, 1.0 + d]
-            two.append(sc)
+                one.append(
+                    {"name": f"{dtype}-{bat}-{comp}-tp1-d{d:g}", "dtype": dtype, "model": str(models[d]), "defect": d, **b, **c}
+                )
+            two.append(
+                {"name": f"{dtype}-batched-{comp}-tp2-d{d:g}", "dtype": dtype, "tp": 2, "model": str(models[d]), "defect": d, **c}
+            )
     return one, two
+
+
+def defective(clean: Path, d: float) -> Path:
+    """The clean checkpoint with the defect's weight scaled by (1 + d)."""
+    import torch
+    import transformers
+
+    out = clean.with_name(f"{clean.name}-d{d:g}")
+    if not out.exists():
+        m = transformers.AutoModelForCausalLM.from_pretrained(clean)
+        with torch.no_grad():
+            m.get_submodule(DEFECT_MODULE).weight.mul_(1.0 + d)
+        m.save_pretrained(out)
+    return out
 
 
 def serve(model: Path, out: Path, scs: list[dict], multiprocess: bool) -> None:
@@ -108,11 +121,12 @@ def main() -> None:
     model = work / "qwen2"
     if not model.exists():
         save_tiny_checkpoint(model, "qwen2", rich=True)
+    models = {d: defective(model, d) if d else model for d in DEFECTS}
     runs = work / "runs"
     t0 = time.time()
     rows = []
     for dtype in args.dtypes.split(","):
-        one, two = scenarios(dtype)
+        one, two = scenarios(dtype, models)
         print(f"{dtype}: serving {len(one)} TP=1 and {len(two)} TP=2 runs", file=sys.stderr, flush=True)
         serve(model, runs, one, multiprocess=False)
         serve(model, runs, two, multiprocess=True)
@@ -121,7 +135,7 @@ def main() -> None:
             run = runs / sc["name"]
             if run == base:
                 continue
-            d = sc["perturb"][1] - 1.0 if "perturb" in sc else 0.0
+            d = sc["defect"]
             new, old = judge(base, run, d) if run.exists() and base.exists() else ("did not run", "did not run")
             rows.append((dtype, sc["name"].split("-", 1)[1].rsplit("-d", 1)[0], d, new, old))
     lines = [

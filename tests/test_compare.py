@@ -175,7 +175,7 @@ def test_steps_modules_output_and_verbose_flags(tmp_path):
     assert r.returncode == 0  # only blocks compared: they match
     r = cli("--dir1", a, "--dir2", b, "--steps", "5")
     assert r.returncode == 2 and r.stdout == ""  # never "all 0 match"
-    assert "no step 5 in either run (run 1 has steps 0, run 2 has steps 0)" in r.stderr
+    assert "no step 5 in either run (run 1 has step 0, run 2 has step 0)" in r.stderr
     quiet = cli("--dir1", a, "--dir2", b).stdout
     loud = cli("--dir1", a, "--dir2", b, "--verbose").stdout
     assert "outputs_cpu" not in quiet and "outputs_cpu" in loud and "min atol to pass" in loud

@@ -168,7 +168,9 @@ def test_a_non_utf8_file_name_prints_under_a_strict_encoding(good, tmp_path):
     code, out, err = _cli("inspect", b)
     assert code == 0 and "Traceback" not in err
     code, out, err = _cli("compare", "--dir1", good / "a", "--dir2", b)
-    assert code == 0 and "Traceback" not in err and "\\udcff" in out  # the others match; only_in is reported, not failed
+    # run.json lists the step whose index was removed: the disk wins and the disagreement is a problem (2);
+    # the name still prints, escaped
+    assert code == 2 and "Traceback" not in err and "\\udcff" in out and "lists step(s) 0 as written" in out
 
 
 def test_a_corrupt_tensor_is_unreadable_in_the_headline_the_verdict_and_the_exit_code(good, tmp_path):

@@ -2,7 +2,7 @@
 
     python vllm_scenarios.py MODEL_DIR SCENARIOS_JSON OUTPUT_DIR
 
-Each scenario is a dict: ``name`` (the run name), and optionally ``prompts`` (lists of token ids), ``alone``
+Each scenario is a dict: ``name`` (the run name), and optionally ``model`` (another checkpoint), ``prompts`` (lists of token ids), ``alone``
 (serve each prompt in its own ``generate()`` call, in order, instead of all in one batch), ``max_tokens``
 (an int, or one per prompt), ``n``, ``eager``, ``chunk`` (``max_num_batched_tokens``, chunked prefill on),
 ``seed`` (sample at temperature 0.8 with this seed; else greedy), ``prefix_caching``, ``perturb`` (``[module, factor]``: scale its output), ``rank_perturb`` (``[module, rank, delta]``: that rank adds ``delta`` to one feature of the module's output),
@@ -89,7 +89,7 @@ def run(model, sc, out_dir):
     if sc.get("chunk"):
         kwargs.update(max_num_batched_tokens=sc["chunk"], enable_chunked_prefill=True)
     llm = LLM(
-        model=model,
+        model=sc.get("model", model),
         skip_tokenizer_init=True,
         dtype=sc.get("dtype", "float32"),
         max_model_len=128,

@@ -204,6 +204,12 @@ def _add_compare(sub: argparse._SubParsersAction, parents: dict[str, argparse.Ar
         help="judge bitwise: against a run served in other batches, names the first module whose output for a "
         "request depends on the batch",
     )
+    p.add_argument(
+        "--whole-steps",
+        action="store_true",
+        help="compare only the steps both runs finished; without it, a run cut short, stopped or still being "
+        "written makes the verdict incomplete (exit 2)",
+    )
     p.add_argument("--output", help="write the report to this file (default: stdout)")
     p.add_argument("--verbose", action="store_true", help="include per-tensor details")
     p.add_argument("--format", choices=["md", "json", "html"], help="report format (default: from --output's suffix, else md)")
@@ -245,6 +251,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                 rtol=args.rtol,
                 atol=args.atol,
                 exact=args.exact,
+                whole_steps=args.whole_steps,
                 steps=args.steps,
                 modules=args.modules,
                 progress=progress,

@@ -16,7 +16,7 @@ from ..config import LogConfig
 from ..errors import ConfigError
 from ..schema import names
 from ..schema.records import NodeInfo, RunManifest
-from ..storage.atomic import write_atomic
+from ..storage.atomic import sweep_temps, write_atomic
 
 __all__ = ["RunInfo", "claim_run_dir", "release_run_dir", "base_manifest", "write_module_tree", "now"]
 
@@ -61,6 +61,8 @@ def claim_run_dir(config: LogConfig, rank: int | None) -> Path:
             path.mkdir(parents=True, exist_ok=True)
             fd = os.open(path / names.run_file(rank), os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644)
             os.close(fd)
+            if rank is not None:
+                sweep_temps(path)  # a shared run directory: what this host's dead writers left
             return path
         except FileExistsError:
             if path.is_dir() and not config.unique_run_name:

@@ -35,7 +35,7 @@ from ..formats.parts import merge_parts, part_ranks
 from ..formats.safeio import Listing, read_model
 from ..schema import names
 from ..schema.records import RunManifest
-from .engine import Plan, assemble, choose_mapping, pair_bytes, plan_pairs, run_notes
+from .engine import Plan, assemble, check_steps, choose_mapping, pair_bytes, plan_pairs, run_notes, whole_note, whole_steps_of
 from .metrics import Tolerance
 from .pairing import module_result
 from .replay import ReplayResult
@@ -81,6 +81,7 @@ def compare_on_ray(
     modules: Iterable[str] | None = None,
     progress: Callable[[CompareProgress], None] | None = None,
     replay: ReplayResult | None = None,
+    whole_steps: bool = False,
 ) -> tuple[Comparison, RayStats]:
     """Compare two runs with Ray tasks on the nodes that hold their files.
 
@@ -98,7 +99,7 @@ def compare_on_ray(
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise UsageError(f"cannot connect to a Ray cluster at {address}: {str(e).splitlines()[0]}") from None
     try:
-        return _compare(ray, source1, source2, tol, steps, modules, progress, replay)
+        return _compare(ray, source1, source2, tol, steps, modules, progress, replay, whole_steps)
     finally:
         if started:
             ray.shutdown()
@@ -123,16 +124,22 @@ def _ray() -> Any:
     return ray
 
 
-def _compare(ray: Any, s1: Any, s2: Any, tol: Tolerance, steps: Any, modules: Any, progress: Any, replay: Any) -> Any:
+def _compare(
+    ray: Any, s1: Any, s2: Any, tol: Tolerance, steps: Any, modules: Any, progress: Any, replay: Any, whole_steps: bool
+) -> Any:
     t0 = time.perf_counter()
     stats = RayStats()
     (r1, nodes1), (r2, nodes2) = (_read_remote(ray, s, stats) for s in (s1, s2))
+    notes, problems, incomplete = run_notes(r1, r2)
+    if whole_steps:
+        r1, r2, notes, incomplete = whole_steps_of(r1), whole_steps_of(r2), notes + whole_note(incomplete), []
     if choose_mapping(r1, r2, None) is not None:
         raise UsageError(
             "compare on Ray pairs runs of one layout, world size and schedule; aligned comparisons (HF against vLLM, "
             "different tensor-parallel sizes or batching, a mapping) run on one machine"
         )
     plan = plan_pairs(r1, r2, steps=steps, modules=modules)
+    check_steps(plan, steps, r1, r2)
     batches = _batches(plan, nodes1, nodes2, stats)
     stats.nodes = len({node for node, _ in batches})
     tracker = CompareProgress(modules_total=stats.pairs, bytes_total=stats.data_bytes)
@@ -164,8 +171,9 @@ def _compare(ray: Any, s1: Any, s2: Any, tol: Tolerance, steps: Any, modules: An
     results = [by_key[(s, completion)] for s, pairs in plan for completion in range(len(pairs))]
     stats.tasks = len(batches)
     stats.seconds = time.perf_counter() - t0
-    notes, problems = run_notes(r1, r2)
-    result = assemble(r1, r2, plan, results, tol=tol, notes=[*notes, _describe(stats)], problems=problems, replay=replay)
+    result = assemble(
+        r1, r2, plan, results, tol=tol, notes=[*notes, _describe(stats)], problems=problems, replay=replay, incomplete=incomplete
+    )
     return result, stats
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,20 @@ from .pairing import module_result
 from .replay import ReplayResult
 from .results import CompareProgress, Comparison, Divergence, ModuleResult, Summary
 
-__all__ = ["compare", "Comparison", "plan_pairs", "assemble", "Plan", "run_notes", "run_label", "choose_mapping", "pair_bytes"]
+__all__ = [
+    "compare",
+    "Comparison",
+    "plan_pairs",
+    "assemble",
+    "Plan",
+    "run_notes",
+    "run_label",
+    "choose_mapping",
+    "pair_bytes",
+    "check_steps",
+    "whole_steps_of",
+    "whole_note",
+]
 
 
 def compare(
@@ -37,6 +51,7 @@ def compare(
     rtol: float | None = None,
     atol: float | None = None,
     exact: bool = False,
+    whole_steps: bool = False,
     steps: Iterable[int] | None = None,
     modules: Iterable[str] | None = None,
     progress: Callable[[CompareProgress], None] | None = None,
@@ -57,6 +72,8 @@ def compare(
             in another order (fused kernels, batching, tensor parallelism) match, and a 1e-3 defect does not.
         exact (bool, default False): bitwise; with runs served in different batches, the first module that
             differs is the first whose output for a request depends on the batch.
+        whole_steps (bool, default False): compare only the steps both runs finished. Without it, a run that
+            was cut short, stopped logging or is still being written makes the result incomplete (exit code 2).
         steps (iterable of int, optional): only these steps.
         modules (iterable of str, optional): only modules matching one of these regexes.
         progress (callable, optional): called with a :class:`CompareProgress` (modules and
@@ -90,10 +107,23 @@ def compare(
             raise UsageError("a compare on Ray takes neither a mapping nor a number of jobs: each node's cores do the work")
         from .distributed import compare_on_ray
 
-        return compare_on_ray(run1, run2, address=ray, tol=tol, steps=steps, modules=modules, progress=progress, replay=replay)[0]
+        return compare_on_ray(
+            run1,
+            run2,
+            address=ray,
+            tol=tol,
+            steps=steps,
+            modules=modules,
+            progress=progress,
+            replay=replay,
+            whole_steps=whole_steps,
+        )[0]
     r1 = run1 if isinstance(run1, Run) else load_run(run1)
     r2 = run2 if isinstance(run2, Run) else load_run(run2)
-    notes, problems = run_notes(r1, r2)
+    notes, problems, incomplete = run_notes(r1, r2)
+    if whole_steps:
+        r1, r2, notes = whole_steps_of(r1), whole_steps_of(r2), notes + whole_note(incomplete)
+        incomplete = []
     spec = choose_mapping(r1, r2, mapping)
     requests = _unpaired(r1, r2)
     if spec is not None:
@@ -101,13 +131,26 @@ def compare(
         r1, r2, requests = aligned.run1, aligned.run2, aligned.requests or requests
         notes = aligned.notes + notes
     plan = plan_pairs(r1, r2, steps=steps, modules=modules)
-    _check_steps(plan, steps, r1, r2)
+    check_steps(plan, steps, r1, r2)
     sizes = [pair_bytes(pair) for _, pairs in plan for pair in pairs]
     tracker = CompareProgress(modules_total=len(sizes), bytes_total=sum(sizes))
     tasks = [(c1, c2, s, tol, completion) for s, pairs in plan for completion, (c1, c2) in enumerate(pairs)]
     workers = _workers(jobs, tracker.bytes_total, spec is not None, len(tasks))
     results = _run_tasks(tasks, workers, progress, tracker, sizes)
-    return assemble(r1, r2, plan, results, tol=tol, notes=notes, problems=problems, replay=replay, requests=requests)
+    return assemble(
+        r1, r2, plan, results, tol=tol, notes=notes, problems=problems, replay=replay, requests=requests, incomplete=incomplete
+    )
+
+
+def whole_steps_of(run: Run) -> Run:
+    """The run with only its whole steps (each rank's index written), for ``whole_steps``."""
+    return replace(run, steps={i: s for i, s in run.steps.items() if s.complete})
+
+
+def whole_note(incomplete: list[str]) -> list[str]:
+    if not incomplete:
+        return []
+    return [f"compared only the steps both runs finished (whole_steps): {'; '.join(incomplete)}"]
 
 
 def _unpaired(r1: Run, r2: Run) -> RequestReport | None:
@@ -123,25 +166,29 @@ def _unpaired(r1: Run, r2: Run) -> RequestReport | None:
     return RequestReport(how="step", why=f"run {i} recorded no request layout, so steps are paired by number")
 
 
-def _check_steps(plan: Plan, steps: Iterable[int] | None, r1: Run, r2: Run) -> None:
+def check_steps(plan: Plan, steps: Iterable[int] | None, r1: Run, r2: Run) -> None:
+    """Steps asked for that neither run has are a usage error that names the steps each run has."""
     if steps is None or plan:
         return
     wanted = ", ".join(map(str, sorted(set(steps))))
     have = [_step_range(r) for r in (r1, r2)]
-    raise UsageError(f"no step {wanted} in either run (run 1 has steps {have[0]}, run 2 has steps {have[1]})")
+    raise UsageError(f"no step {wanted} in either run (run 1 {have[0]}, run 2 {have[1]})")
 
 
 def _step_range(run: Run) -> str:
     s = sorted(run.steps)
     if not s:
-        return "none"
-    return f"{s[0]}-{s[-1]}" if s == list(range(s[0], s[-1] + 1)) and len(s) > 1 else ", ".join(map(str, s[:10]))
+        return "has no step"
+    if len(s) > 1 and s == list(range(s[0], s[-1] + 1)):
+        return f"has steps {s[0]}-{s[-1]}"
+    return f"has step{'s' if len(s) > 1 else ''} " + ", ".join(map(str, s[:10])) + (", ..." if len(s) > 10 else "")
 
 
-def run_notes(r1: Run, r2: Run) -> tuple[list[str], list[str]]:
-    """What the report says of the runs themselves: incomplete, compiled or not; unreadable files, nothing logged."""
-    notes = [f"run {i} is incomplete: {r.incomplete_reason}" for i, r in ((1, r1), (2, r2)) if not r.complete]
-    notes += [f"run {i} {gap}" for i, r in ((1, r1), (2, r2)) if (gap := _missing_ranks(r))]
+def run_notes(r1: Run, r2: Run) -> tuple[list[str], list[str], list[str]]:
+    """What the report says of the runs themselves: (notes: compiled or not, ranks missing; problems: unreadable
+    files, nothing logged; incomplete: runs cut short, stopped or still being written)."""
+    incomplete = [f"run {i} is incomplete: {r.incomplete_reason}" for i, r in ((1, r1), (2, r2)) if not r.complete]
+    notes = [f"run {i} {gap}" for i, r in ((1, r1), (2, r2)) if (gap := _missing_ranks(r))]
     notes += _mode_notes(r1, r2)
     problems = [f"run {i}: {p}" for i, r in ((1, r1), (2, r2)) for p in r.problems]
     problems += [
@@ -149,7 +196,7 @@ def run_notes(r1: Run, r2: Run) -> tuple[list[str], list[str]]:
         for i, r in ((1, r1), (2, r2))
         if not any(c.tensors for c in r.calls()) and not r.problems
     ]
-    return notes, problems
+    return notes, problems, incomplete
 
 
 def _missing_ranks(run: Run) -> str | None:
@@ -199,6 +246,7 @@ def assemble(
     problems: list[str],
     replay: ReplayResult | None = None,
     requests: RequestReport | None = None,
+    incomplete: list[str] | None = None,
 ) -> Comparison:
     """The report from the pairs' results (in plan order): absence notes, attribution, divergences, summary."""
     computed = iter(results)
@@ -227,6 +275,7 @@ def assemble(
         modules=all_results,
         notes=notes,
         problems=problems,
+        incomplete=incomplete or [],
     )
 
 

@@ -169,6 +169,10 @@ class Comparison(_Model):
     problems: list[str] = Field(default_factory=list)
     """Files of either run that could not be read (``run <i>: <why>``): the result is incomplete."""
 
+    incomplete: list[str] = Field(default_factory=list)
+    """Runs cut short, stopped, or still being written (``run <i> is incomplete: <why>``): no verdict over them is
+    a pass (exit code 2), unless the compare was limited to the steps both finished (``whole_steps``)."""
+
     def __bool__(self) -> bool:
         return self.exit_code == EXIT_OK
 
@@ -179,9 +183,9 @@ class Comparison(_Model):
 
     @property
     def exit_code(self) -> int:
-        """0 everything compared matches; 1 a mismatch, or requests with different prompts; 2 unreadable data, or
-        nothing to compare."""
-        if self.unreadable:
+        """0 everything compared matches; 1 a mismatch, or requests with different prompts; 2 unreadable data, a run
+        that is incomplete (cut short, stopped or still being written), or nothing to compare."""
+        if self.unreadable or self.incomplete:
             return EXIT_UNREADABLE
         if self.requests is not None and self.requests.different_prompts:
             return EXIT_MISMATCH  # the runs were given different inputs: a difference, whatever else matched

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import re
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from ..errors import RunReadError
 from ..schema import names
 from ..schema.records import CallEntry, Checksum, ModuleNode, RunManifest, Stats, StepIndex, StepInfo, TensorEntry, ValueDesc
-from ..storage.atomic import sweep_temps
 from ..storage.tensorfile import read_limited, read_safetensors_header
 from .model import FileSource, ModuleCall, PackedSource, Run, Source, Step, TensorRecord, listed_ranks, rank_entry
 from .safeio import INDEX_JSON, SMALL_JSON, Listing, first_error, read_json, read_model
@@ -39,14 +37,45 @@ def is_tensorlog_run(listing: Listing) -> bool:
 
 
 def load_tensorlog_run(p: Path, listing: Listing) -> Run:
+    """Read a run; nothing is written or removed (a writer's temporary files are its own to sweep)."""
     run, _, steps = tensorlog_steps(p, listing, [])
-    if run.manifest.host == socket.gethostname():
-        sweep_temps(p)  # temporary files of writers that died; only their own host can tell (before any step is read)
     run.steps = {s.index: s for s in steps}
     incomplete = [f"step {s.index}: {s.incomplete_reason}" for s in run.steps.values() if not s.complete]
     if incomplete and run.complete:
         run.manifest = run.manifest.model_copy(update={"complete": False, "incomplete_reason": "; ".join(incomplete[:3])})
+    run.problems.extend(manifest_disagreements(run))
     return run
+
+
+def manifest_disagreements(run: Run) -> list[str]:
+    """Where ``run.json`` and the step indexes on disk disagree: the disk is what a compare reads, so it wins, and
+    the disagreement is a problem (a run.json that lists steps nobody can read, or lags behind what is there)."""
+    m = run.manifest
+    if m.layout_version < 2 or not m.tensorlog_version:
+        return []
+    listed = listed_ranks(m)
+    per_rank: dict[int | None, tuple[Any, Any]] = {
+        r: (e.get("steps_written"), e.get("removed_through")) for r, e in listed.items()
+    }
+    if not per_rank:
+        per_rank[None] = (m.steps_done(), m.removed_through)
+    out = []
+    for rank, (written, removed) in sorted(per_rank.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
+        if not isinstance(written, list):
+            continue
+        gone = removed if isinstance(removed, int) else -1
+        claimed = {s for s in written if isinstance(s, int) and s > gone}
+        on_disk = {i for i, s in run.steps.items() if i > gone and rank in s.extra.get("indexed_ranks", ())}
+        who = f" (rank {rank})" if rank is not None else ""
+        if missing := sorted(claimed - on_disk):
+            out.append(f"run.json{who} lists step(s) {_some(missing)} as written, but their index is not on disk")
+        if m.complete and (unlisted := sorted(on_disk - claimed)):
+            out.append(f"run.json{who} says the run is complete, but step(s) {_some(unlisted)} on disk are not in it")
+    return out
+
+
+def _some(steps: list[int]) -> str:
+    return ", ".join(map(str, steps[:8])) + (f" and {len(steps) - 8} more" if len(steps) > 8 else "")
 
 
 def tensorlog_steps(p: Path, listing: Listing, problems: list[str]) -> tuple[Run, list[int], Iterator[Step]]:
@@ -147,7 +176,10 @@ def _load_step(index: int, d: Path, manifest: RunManifest, problems: list[str], 
             step.info = idx.info if rank in (None, 0) or step.info is None else step.info
         if not idx.complete:
             step.complete, step.incomplete_reason = False, idx.incomplete_reason or "cut short"
+    step.extra["indexed_ranks"] = sorted(indexed_ranks, key=lambda r: -1 if r is None else r)
     scanned = [c for c in _calls_from_dirs(index, d, listing, indexed_ranks, problems) if not _removed(manifest, c.rank, index)]
+    if not indexes and not scanned and manifest.layout_version >= 2 and not _removed(manifest, None, index):
+        step.complete, step.incomplete_reason = False, "cut short: no index (a step's index is written when it ends)"
     if scanned and manifest.layout_version >= 2:
         ranks = sorted({c.rank for c in scanned}, key=lambda r: -1 if r is None else r)
         step.complete = False

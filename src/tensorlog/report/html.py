@@ -73,7 +73,7 @@ def render_html(c: Comparison, *, verbose: bool = False) -> str:
         f"<tr><td class=num>{s.pairs_compared}</td><td class=num>{s.matched}</td><td class=num>{s.mismatched}</td><td class=num>{s.only_in_1}</td>"
         f"<td class=num>{s.only_in_2}</td><td class=num>{s.unreadable}</td></tr></table>",
     ]
-    parts += [f"<p>note: {e(n)}</p>" for n in [*c.problems, *c.notes]]
+    parts += [f"<p>note: {e(n)}</p>" for n in [*c.problems, *c.incomplete, *c.notes]]
     for step in c.steps:
         mods = [m for m in c.modules if m.step == step]
         parts.append(f"<h2>Step {step}</h2>")

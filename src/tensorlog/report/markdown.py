@@ -27,8 +27,8 @@ def render_markdown(c: Comparison, *, verbose: bool = False) -> str:
         f"| {s.pairs_compared} | {s.matched} | {s.mismatched} | {s.only_in_1} | {s.only_in_2} | {s.unreadable} | {s.modules_compared} | {s.modules_mismatched} |",
         "",
     ]
-    if c.notes or c.problems:
-        out += ["Notes:", ""] + [f"- {clean(n)}" for n in [*c.problems, *c.notes]] + [""]
+    if c.notes or c.problems or c.incomplete:
+        out += ["Notes:", ""] + [f"- {clean(n)}" for n in [*c.problems, *c.incomplete, *c.notes]] + [""]
     out += _requests(c)
     for step in c.steps:
         mods = [m for m in c.modules if m.step == step]

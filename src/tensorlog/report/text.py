@@ -57,6 +57,11 @@ def headline(c: Comparison) -> str:
     Unreadable data comes first: a comparison that could not read everything never reads as a match.
     """
     text = _divergence_line(c)
+    if c.incomplete and not c.unreadable:
+        text = (
+            f"INCOMPLETE RUN: {clean('; '.join(c.incomplete))[:400]}. A verdict needs whole runs "
+            "(whole_steps / --whole-steps compares only the steps both runs finished). Of what was written: " + text
+        )
     if c.unreadable:
         bad = [m for m in c.modules if m.verdict == "unreadable"]
         what = []

@@ -175,16 +175,29 @@ def stack_file(rank: int | None = None) -> str:
     return f"stack{rank_infix(rank)}.json"
 
 
-_TEMP_RE = re.compile(r"^\..+\.tmp\d+-\d+$")
+_TEMP_RE = re.compile(r"^\..+\.tmp(\d+)-\d+(?:@([0-9a-f]{8}))?$")
 
 
-def temp_name(name: str, pid: int, thread: int) -> str:
-    """A temporary name unique to one process and thread, renamed into place when whole."""
-    return f".{name}.tmp{pid}-{thread}"
+def host_tag(hostname: str) -> str:
+    """Eight hex digits naming a host in temporary names: a pid means something only on its own host."""
+    import hashlib
+
+    return hashlib.blake2b(hostname.encode(), digest_size=4).hexdigest()
+
+
+def temp_name(name: str, pid: int, thread: int, host: str = "") -> str:
+    """A temporary name unique to one process and thread on one host, renamed into place when whole."""
+    return f".{name}.tmp{pid}-{thread}" + (f"@{host}" if host else "")
+
+
+def temp_owner(name: str) -> tuple[int, str | None] | None:
+    """(pid, host tag) of a temporary name, or None when ``name`` is not one."""
+    m = _TEMP_RE.match(name)
+    return (int(m.group(1)), m.group(2)) if m else None
 
 
 def is_temp_name(name: str) -> bool:
-    """A temporary file left by a process that died before renaming it (swept by readers and new runs)."""
+    """A temporary file: never read; left only by a process that died before renaming it."""
     return bool(_TEMP_RE.match(name)) or bool(re.match(r"^\..+\.tmp\d+$", name))  # also the 0.1 naming
 
 

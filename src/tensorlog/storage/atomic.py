@@ -2,7 +2,7 @@
 
 A crash (kill -9, power loss of the process) never leaves a half-written file
 under a real name; what it can leave is a temporary file, which readers never
-read and :func:`sweep_temps` removes once its process is gone. Big payloads go
+read and :func:`sweep_temps` removes, on the writer's own host, once its process is gone. Big payloads go
 through ``O_DIRECT`` where the file system allows it: buffered writes of new
 files run at a fraction of the disk's speed on many VMs.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import socket
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,9 +30,12 @@ _BOUNCE = 4 << 20
 _local = threading.local()
 
 
+_HOST = names.host_tag(socket.gethostname())
+
+
 def _tmp(path: str) -> str:
     head, name = os.path.split(path)
-    return os.path.join(head, names.temp_name(name, os.getpid(), threading.get_native_id()))
+    return os.path.join(head, names.temp_name(name, os.getpid(), threading.get_native_id(), _HOST))
 
 
 def write_atomic(path: str | Path, chunks: Sequence[Chunk]) -> int:
@@ -164,9 +168,10 @@ def link_atomic(src: str | Path, dst: str | Path) -> None:
 
 
 def sweep_temps(directory: str | Path, *, recursive: bool = True) -> list[str]:
-    """Remove temporary files whose writing process is gone; returns what was removed.
+    """Remove temporary files that a writer of this host left when it died; returns what was removed.
 
-    A temporary name carries its writer's pid: one still alive is left alone.
+    Only a writer calls this, on the run it claims. A temporary name carries its writer's host and pid:
+    another host's files (a shared file system) and a live process's are left alone.
     """
     removed: list[str] = []
     stack = [os.fspath(directory)]
@@ -180,21 +185,13 @@ def sweep_temps(directory: str | Path, *, recursive: bool = True) -> list[str]:
             if e.is_dir(follow_symlinks=False):
                 if recursive:
                     stack.append(e.path)
-            elif names.is_temp_name(e.name) and not _alive(_temp_pid(e.name)):
+            elif (owner := names.temp_owner(e.name)) is not None and owner[1] == _HOST and not _alive(owner[0]):
                 try:
                     os.unlink(e.path)
                     removed.append(e.path)
                 except OSError:
                     pass
     return removed
-
-
-def _temp_pid(name: str) -> int | None:
-    tail = name.rsplit(".tmp", 1)[-1]
-    try:
-        return int(tail.split("-")[0])
-    except ValueError:
-        return None
 
 
 def _alive(pid: int | None) -> bool:

@@ -118,6 +118,8 @@ class _Side:
     def loader(self, rec: TensorRecord | None) -> _Loader | None:
         if rec is None or not rec.is_tensor:
             return None
+        if not rec.has_data:
+            return _no_data  # statistics or a checksum: of a whole step's batch, not of rows that can be realigned
         return lambda: self.cache.get(id(rec), rec.load)
 
     def rows(self) -> dict[int, list[tuple[str, ModuleCall, list[_Entry]]]]:
@@ -216,6 +218,13 @@ class _Side:
             loaders = [piece(recs[0]) if recs else None for r, recs in enumerate(per_rank) if r % stride == 0]
             out[part] = [_Entry("outputs", None, loaders, rules + [f"split {ref.dirname} ({rule.sizes}) -> part {i}"], plan)]
         return out
+
+
+def _no_data() -> torch.Tensor:
+    raise AlignmentError(
+        "no tensor data (a statistics or checksum run): statistics cover a whole step's batch or shard, so they "
+        "compare only between runs of the same schedule and world size"
+    )
 
 
 def _group_calls(step: Step) -> list[list[ModuleCall]]:
