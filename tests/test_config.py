@@ -155,3 +155,29 @@ def test_fuzzed_text_never_escapes_as_another_exception(text):
         load_config("{" + text)
     except ConfigError:
         pass
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('{"log_step_ids": [1], "log_step_ids": [2]}', "key 'log_step_ids' is given twice"),
+        ('{"max_tensor_size": ' + "9" * 5001 + "}", "an integer of 5001 digits"),
+        ('{"log_step_ids": [' + ",".join(["1"] * 3_000_000) + "]}", "lists 3000000 steps; at most 10000"),
+        ('{"log_step_ids": ["5-2"]}', 'ranges "a-b" with a <= b'),
+    ],
+)
+def test_configs_tensorlog_could_not_read_back_are_one_config_error(text, expected):
+    with pytest.raises(tensorlog.ConfigError) as e:
+        tensorlog.load_config(text)
+    assert expected in str(e.value) and len(str(e.value)) < 1000
+
+
+def test_step_ranges_select_steps_and_stay_small_in_run_json(tmp_path):
+    from tensorlog.config import Selector
+
+    cfg = tensorlog.load_config({"log_step_ids": [1, "3-999999"], "output_dir": str(tmp_path)})
+    sel = Selector(cfg)
+    assert [sel.step(i) for i in (0, 1, 2, 3, 999999, 1000000)] == [False, True, False, True, True, False]
+    assert sel.last_step == 999999
+    with pytest.raises(tensorlog.ConfigError, match="an integer past 2\\^62"):
+        tensorlog.load_config({"max_tensor_size": 10**40})

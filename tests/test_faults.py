@@ -365,3 +365,60 @@ def test_a_disk_that_cannot_take_the_first_file_is_one_warning_and_the_model_run
     assert r.returncode == 0, r.stderr[-2000:]
     assert "(2, 64) False" in r.stdout and "not logging this run: cannot write to" in r.stdout
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # no run that never started is left
+
+
+class _Interrupted(nn.Module):
+    """Its second call is left by a KeyboardInterrupt between its children: no call of it is open, and torch
+    runs no always_call hook for a BaseException."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.calls = nn.Linear(4, 4), nn.Linear(4, 4), 0
+
+    def forward(self, x):
+        y = self.a(x)
+        self.calls += 1
+        if self.calls == 2:
+            raise KeyboardInterrupt
+        return self.b(y)
+
+
+def test_ctrl_c_between_a_forwards_calls_marks_that_step_cut_short_and_logging_goes_on(tmp_path):
+    model, x = _Interrupted(), torch.randn(2, 4)
+    run = tensorlog.capture(model, {"output_dir": str(tmp_path), "run_name": "r", "log_step_ids": []})
+    model(x)
+    with pytest.raises(KeyboardInterrupt):
+        model(x)
+    model(x)  # the next forward is a step of its own, not a call nested in the one that was left
+    run.remove()
+    r = tensorlog.load_run(run.path)
+    assert sorted(r.steps) == [0, 1, 2] and not r.complete
+    assert [r.steps[i].complete for i in (0, 1, 2)] == [True, False, True]
+    assert "never returned (KeyboardInterrupt, SystemExit" in r.steps[1].incomplete_reason
+    assert tensorlog.compare(run.path, run.path).exit_code == 2
+
+
+def test_sigterm_between_a_forwards_calls_without_a_with_block_marks_the_run_cut_short(tmp_path):
+    script = f"""
+import signal, sys, time, torch, tensorlog
+from torch import nn
+class Pause(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+    def forward(self, x):
+        y = self.a(x)
+        print("BETWEEN", flush=True)
+        time.sleep(60)
+        return y
+m = Pause()
+run = tensorlog.capture(m, {{"output_dir": {str(tmp_path)!r}, "run_name": "r"}})
+m(torch.randn(2, 4))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "BETWEEN"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    r = tensorlog.load_run(tmp_path / "r")
+    assert not r.complete and not r.steps[0].complete
+    assert "never returned" in r.steps[0].incomplete_reason or "SystemExit" in r.steps[0].incomplete_reason

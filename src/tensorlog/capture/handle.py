@@ -39,6 +39,7 @@ from .ops import OpCapture
 from .recorder import Recorder
 from .run import RunInfo, UnusableOutputDir, base_manifest, claim_run_dir, release_run_dir, write_module_tree
 from .stacks import StackRecorder
+from .steps import ForwardAbandoned
 
 __all__ = ["CaptureHandle", "start_capture", "RunInfo"]
 
@@ -224,7 +225,7 @@ class CaptureHandle:
         if self._writer is None:
             return
         try:
-            self._close_step(None, raised=sys.exc_info()[1] if depth else None)
+            self._close_step(None, raised=(sys.exc_info()[1] or ForwardAbandoned()) if depth else None)
         except AnomalyError:
             pass
         self._detach()

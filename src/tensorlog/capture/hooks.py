@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from .recorder import Recorder
+from .steps import ForwardAbandoned
 
 __all__ = ["ModuleHooks", "RootHooks"]
 
@@ -104,7 +106,12 @@ class ModuleHooks:
 
 
 class RootHooks:
-    """The root module's hooks: a step is one outermost call of the root (nested calls of it are not steps)."""
+    """The root module's hooks: a step is one outermost call of the root (nested calls of it are not steps).
+
+    A forward that a ``BaseException`` left is found when the root is called again on the same thread and
+    the outer call's frame is no longer on the stack (that step is closed as cut short), or by
+    :meth:`abandoned` when the capture ends.
+    """
 
     def __init__(
         self,
@@ -113,6 +120,8 @@ class RootHooks:
         end: Callable[[BaseException | None], None],
     ) -> None:
         self.depth = 0
+        self._outer: Any = None  # the outermost call's frame, while it runs
+        self._thread = 0
         self._begin, self._end = begin, end
         self._handles = [
             model.register_forward_pre_hook(self._pre, with_kwargs=True),
@@ -120,13 +129,34 @@ class RootHooks:
         ]
 
     def _pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self.depth and self._left_behind():
+            self.depth, self._outer = 0, None
+            self._end(ForwardAbandoned())
         if self.depth == 0:
+            self._outer, self._thread = sys._getframe(1), threading.get_ident()
             self._begin(args, kwargs)
         self.depth += 1
+
+    def _left_behind(self) -> bool:
+        """The outer call is not on this thread's stack: it was left by a BaseException (another thread's call
+        of the root, as in DataParallel, is nested in it and not a step)."""
+        if self._thread != threading.get_ident():
+            return False
+        f: Any = sys._getframe(1)  # the old frame is held, so no new frame can be it
+        while f is not None:
+            if f is self._outer:
+                return False
+            f = f.f_back
+        return True
+
+    def abandoned(self) -> bool:
+        """A forward is open that will not return (asked when the capture ends: its step was cut short)."""
+        return self.depth > 0
 
     def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         self.depth = max(0, self.depth - 1)
         if self.depth == 0:
+            self._outer = None
             self._end(sys.exc_info()[1])
 
     def remove(self) -> None:

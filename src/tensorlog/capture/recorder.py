@@ -28,7 +28,7 @@ from ..schema.leaves import Leaf, flatten_inputs, flatten_value
 from ..storage.records import CallRecord, StepEnd, WriteJob
 from ..storage.writer import Writer
 from .snapshot import Snapshotter
-from .steps import StepState
+from .steps import ForwardAbandoned, StepState
 
 __all__ = ["Recorder"]
 
@@ -86,7 +86,11 @@ class Recorder:
         complete, why = True, None
         if raised is not None or unfinished:
             complete = False
-            what = f"the forward raised {type(raised).__name__}" if raised is not None else "calls never returned"
+            what = (
+                (str(raised) if isinstance(raised, ForwardAbandoned) else f"the forward raised {type(raised).__name__}")
+                if raised is not None
+                else "calls never returned"
+            )
             why = what + (f" with {len(unfinished)} call(s) open ({', '.join(unfinished[:3])})" if unfinished else "")
         if self.writer.stopped is not None:
             return None

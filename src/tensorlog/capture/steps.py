@@ -14,7 +14,7 @@ import functools
 
 from ..schema import names
 
-__all__ = ["StepState"]
+__all__ = ["StepState", "ForwardAbandoned"]
 
 _call_dir = functools.lru_cache(maxsize=1 << 16)(names.call_dir)
 
@@ -62,3 +62,11 @@ class StepState:
         self._taken.add(dirname)
         self.order.append(dirname)
         return dirname
+
+
+class ForwardAbandoned(BaseException):
+    """What a step records when its forward never returned: torch runs ``always_call`` hooks only for an
+    ``Exception``, so a ``KeyboardInterrupt`` or ``SystemExit`` (SIGTERM) leaves a forward without a word."""
+
+    def __str__(self) -> str:
+        return "the forward never returned (KeyboardInterrupt, SystemExit or another BaseException left it)"

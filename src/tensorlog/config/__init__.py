@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import ConfigError
 from .patterns import compile_pattern, split_call_index
-from .selection import Selector
+from .selection import Selector, step_range
 
 __all__ = [
     "LogConfig",
@@ -56,7 +56,7 @@ class LogConfig(BaseModel):
     enabled: bool = True
     output_dir: str = DEFAULT_OUTPUT_DIR
     module_call_match: list[str] | None = None
-    log_step_ids: list[int] = Field(default_factory=lambda: [0])
+    log_step_ids: list[int | str] = Field(default_factory=lambda: list[int | str]([0]))
     max_tensor_size: int | None = Field(default=None, ge=0)
     device_names: list[str] = Field(default_factory=list)
     run_name: str = Field(default_factory=lambda: str(uuid.uuid4()))
@@ -182,10 +182,15 @@ class LogConfig(BaseModel):
 
     @field_validator("log_step_ids")
     @classmethod
-    def _steps_non_negative(cls, v: list[int]) -> list[int]:
-        neg = [s for s in v if s < 0]
-        if neg:
-            raise ValueError(f"step ids must be >= 0, got {neg}")
+    def _steps_non_negative(cls, v: list[int | str]) -> list[int | str]:
+        """Steps and ranges of steps (``"0-999999"``, kept as written so run.json stays small)."""
+        if len(v) > MAX_STEP_IDS:
+            raise ValueError(
+                f'lists {len(v)} steps; at most {MAX_STEP_IDS} (give ranges such as "0-999999", or [] for every step)'
+            )
+        bad = [s for s in v if (isinstance(s, int) and not 0 <= s < MAX_INT) or (isinstance(s, str) and step_range(s) is None)]
+        if bad:
+            raise ValueError(f'step ids must be integers >= 0 or ranges "a-b" with a <= b, got {bad[:5]}')
         return v
 
     @field_validator("ranks", mode="before")
@@ -253,14 +258,35 @@ def _format_errors(err: ValidationError, source: str) -> str:
             problems.append(f"unknown key {key!r}{_closest_key(str(e['loc'][0]))}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            problems.append(f"{key}: {msg} (got {e.get('input')!r})" if e["loc"] else msg)
+            got = repr(e.get("input"))
+            got = got if len(got) <= 200 else got[:200] + "..."
+            problems.append(f"{key}: {msg} (got {got})" if e["loc"] else msg)
     return f"invalid tensorlog config{source}: " + "; ".join(problems)
+
+
+MAX_STEP_IDS = 10_000
+"""More step ids than this would make a run.json its own reader refuses: ranges say the same in a few bytes."""
+MAX_INT = 1 << 62
+
+
+def _huge_ints(value: Any, key: str, depth: int = 0) -> list[str]:
+    """Keys holding integers past 2^62: no setting needs one, and the readers would refuse what they write."""
+    if isinstance(value, bool) or depth > 8:
+        return []
+    if isinstance(value, int):
+        return [key] if abs(value) >= MAX_INT else []
+    if isinstance(value, (list, tuple)):
+        return next((_huge_ints(v, key, depth + 1) for v in value if _huge_ints(v, key, depth + 1)), [])
+    return []
 
 
 def build_config(data: Mapping[str, Any], *, source: str = "", **defaults: Any) -> LogConfig:
     """Validate ``data`` (with ``defaults`` for keys it lacks) into a :class:`LogConfig`."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"invalid tensorlog config{source}: expected a JSON object, got {type(data).__name__}")
+    huge = [k for k, v in data.items() if _huge_ints(v, str(k))]
+    if huge:
+        raise ConfigError(f"invalid tensorlog config{source}: " + "; ".join(f"{k}: an integer past 2^62" for k in huge))
     try:
         return LogConfig(**{**defaults, **data})
     except ValidationError as e:
@@ -334,10 +360,34 @@ def _read_config_file(path: Path) -> str:
     return data.decode("utf-8")
 
 
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(k)
+        out[k] = v
+    return out
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > 19:
+        raise ValueError(f"an integer of {len(text)} digits")
+    return int(text)
+
+
 def _parse_json(text: str, source: str) -> Any:
+    """JSON as a config: a key given twice, or an integer longer than any setting needs, is an error."""
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_int=_bounded_int)
     except json.JSONDecodeError as e:
         raise ConfigError(f"invalid JSON{source}: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except _Duplicate as e:
+        raise ConfigError(f"invalid JSON{source}: key {str(e)!r} is given twice") from None
+    except ValueError as e:
+        raise ConfigError(f"invalid JSON{source}: {e}") from None
     except RecursionError:
         raise ConfigError(f"invalid JSON{source}: nested too deeply") from None

@@ -18,7 +18,23 @@ from .patterns import compile_pattern, split_call_index
 if TYPE_CHECKING:
     from . import LogConfig
 
-__all__ = ["Selector"]
+__all__ = ["Selector", "step_range", "step_ranges"]
+
+
+def step_range(text: str) -> tuple[int, int] | None:
+    """``"a-b"`` as (a, b), or None when it is not a range of steps."""
+    m = re.fullmatch(r"\s*(\d{1,18})\s*-\s*(\d{1,18})\s*", text)
+    if not m:
+        return None
+    lo, hi = int(m.group(1)), int(m.group(2))
+    return (lo, hi) if lo <= hi else None
+
+
+def step_ranges(ids: list[int | str]) -> tuple[frozenset[int], list[tuple[int, int]]]:
+    """``log_step_ids`` as (single steps, ranges)."""
+    single = frozenset(s for s in ids if isinstance(s, int))
+    ranges = [r for s in ids if isinstance(s, str) and (r := step_range(s)) is not None]
+    return single, ranges
 
 
 @dataclass(frozen=True)
@@ -38,7 +54,7 @@ class Selector:
             for p in patterns:
                 regex, index = split_call_index(p)
                 self._patterns.append(_Pattern(compile_pattern(regex), index))
-        self._steps = frozenset(config.log_step_ids)
+        self._steps, self._step_ranges = step_ranges(config.log_step_ids)
         self._devices = [torch.device(d) for d in config.device_names]
         self._ranks = frozenset(config.ranks)
 
@@ -66,12 +82,16 @@ class Selector:
         return table
 
     def step(self, step: int) -> bool:
-        return not self._steps or step in self._steps
+        if not self._steps and not self._step_ranges:
+            return True
+        return step in self._steps or any(lo <= step <= hi for lo, hi in self._step_ranges)
 
     @property
     def last_step(self) -> int | None:
         """The last step that can be logged, or ``None`` when every step is."""
-        return max(self._steps) if self._steps else None
+        if not self._steps and not self._step_ranges:
+            return None
+        return max([*self._steps, *(hi for _, hi in self._step_ranges)])
 
     def device(self, device: torch.device) -> bool:
         """``cuda`` in the config matches every CUDA device; ``cuda:1`` only that one."""
