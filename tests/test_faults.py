@@ -4,10 +4,13 @@ a hook that raises, budgets, kill -9, SIGTERM, concurrent writers, colliding and
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -422,3 +425,61 @@ m(torch.randn(2, 4))
     r = tensorlog.load_run(tmp_path / "r")
     assert not r.complete and not r.steps[0].complete
     assert "never returned" in r.steps[0].incomplete_reason or "SystemExit" in r.steps[0].incomplete_reason
+
+
+def test_remove_from_another_thread_mid_forward_waits_for_it_and_never_raises_into_the_model(tmp_path):
+    class Slow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.a(x)
+            started.set()
+            time.sleep(0.3)
+            return self.b(y)
+
+    started, errors, model = threading.Event(), [], Slow()
+    run = tensorlog.capture(model, {"output_dir": str(tmp_path), "run_name": "r", "log_step_ids": []})
+
+    def forwards():
+        try:
+            for _ in range(3):
+                model(torch.randn(2, 4))
+        except BaseException as e:  # the model's thread must never see tensorlog's removal
+            errors.append(e)
+
+    t = threading.Thread(target=forwards)
+    t.start()
+    started.wait(10)
+    run.remove()  # while the first forward sleeps between its two calls
+    t.join(30)
+    assert not errors
+    r = tensorlog.load_run(run.path)
+    assert r.complete and sorted(r.steps) == [0] and r.steps[0].complete  # the forward in flight finished whole
+
+
+def test_a_forked_child_logs_nothing_and_says_so_once(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    run = tensorlog.capture(model, {"output_dir": str(tmp_path), "run_name": "r", "log_step_ids": []})
+    model(torch.randn(2, 4))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: two forwards, a warning, no hang at exit
+        os.close(r)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(torch.randn(2, 4))
+            model(torch.randn(2, 4))
+        os.write(w, json.dumps([str(c.message) for c in caught]).encode())
+        os.close(w)
+        run.remove()
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        said = json.loads(f.read())
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and len(said) == 1 and "was forked from the one that started the capture" in said[0]
+    model(torch.randn(2, 4))
+    run.remove()
+    assert sorted(tensorlog.load_run(run.path).steps) == [0, 1]

@@ -20,6 +20,7 @@ from torch import nn
 import foreign_dumps as formats
 import tensorlog
 from tensorlog import cli
+from tensorlog.report import headline
 
 
 @pytest.fixture(scope="module")
@@ -375,3 +376,32 @@ def test_fuzzed_runs_give_per_file_errors_never_a_crash_a_hang_or_a_silent_match
     assert "Traceback" not in out + err
     code, out, err = _cli("inspect", run)
     assert code in (0, 2) and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "field, value, said",
+    [("dtype", "torch.float64", "but its index says torch.float64"), ("shape", [2, 2], "but its index says [2, 2]")],
+)
+def test_a_tensor_file_that_contradicts_its_index_is_unreadable_not_a_verdict(good, tmp_path, field, value, said):
+    b = _copy(good, tmp_path)
+    index = b / "step_0" / "tensorlog_index.json"
+    doc = json.loads(index.read_text())
+    entry = next(t for c in doc["calls"] for t in c["tensors"] if t.get("file") and t["kind"] == "outputs")
+    entry[field] = value
+    index.write_text(json.dumps(doc))
+    res = tensorlog.compare(good / "a", b)
+    assert res.exit_code == 2 and said in headline(res)
+
+
+def test_index_values_that_contradict_the_file_are_unreadable(good, tmp_path):
+    b = _copy(good, tmp_path)
+    index = b / "step_0" / "tensorlog_index.json"
+    doc = json.loads(index.read_text())
+    entry = next(t for c in doc["calls"] for t in c["tensors"] if t.get("file") and t.get("values") is not None)
+    flat = entry["values"]
+    while isinstance(flat[0], list):
+        flat = flat[0]
+    flat[0] = flat[0] + 1
+    index.write_text(json.dumps(doc))
+    res = tensorlog.compare(good / "a", b)
+    assert res.exit_code == 2 and "its values disagree with those its index records" in headline(res)

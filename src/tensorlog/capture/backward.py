@@ -27,6 +27,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..schema.leaves import flatten_inputs, flatten_value
 from ..storage.records import CallRecord
+from .hooks import hook_arguments
 from .recorder import Recorder
 
 __all__ = ["GradientHooks"]
@@ -62,7 +63,8 @@ class GradientHooks:
     def _post(self, name: str, calls: frozenset[int] | None) -> Callable[..., None]:
         rec = self.recorder
 
-        def post_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        def post_hook(module: torch.nn.Module, args: tuple[Any, ...], *rest: Any) -> None:
+            kwargs, output = hook_arguments(rest)
             if not torch.is_grad_enabled() or not rec.logging:
                 return
             with rec.guard(f"backward hook on {name!r}"):

@@ -389,7 +389,8 @@ class TapHooks:
 
 
 def _pre_hook(site: int) -> Callable[..., None]:
-    def pre(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def pre(module: torch.nn.Module, args: tuple[Any, ...], *rest: dict[str, Any]) -> None:
+        kwargs = rest[0] if rest else {}  # none: torch saw the hook removed mid-call (see hooks.hook_arguments)
         xs: list[torch.Tensor] = []
         desc: list[str] = []
         for i, a in enumerate(args):

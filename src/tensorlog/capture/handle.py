@@ -15,7 +15,9 @@ boundary (vLLM's ``execute_model``, ``Debugger``) create the handle with
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 import warnings
 import weakref
 from collections.abc import Callable
@@ -42,6 +44,20 @@ from .stacks import StackRecorder
 from .steps import ForwardAbandoned
 
 __all__ = ["CaptureHandle", "start_capture", "RunInfo"]
+
+_LIVE: weakref.WeakSet[CaptureHandle] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for handle in list(_LIVE):
+        handle._in_forked_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+REMOVE_WAIT = 60.0
+"""How long ``remove()`` from another thread waits for the forward in flight before it returns (the removal still
+happens when that forward ends)."""
 
 StepInfoFn = Callable[[tuple[Any, ...], dict[str, Any], bool], "dict[str, Any] | None"]
 """(args, kwargs, logged) of the root forward -> the step's request layout; called on every forward, so it can
@@ -74,6 +90,10 @@ class CaptureHandle:
         self._removed = False
         self._auto = auto_step
         self._step_info_fn = step_info
+        self._forked = self._fork_warned = False
+        self._lock = threading.Lock()  # remove() against a forward that another thread runs
+        self._remove_requested = False
+        self._removal_done = threading.Event()
         self._pending_info: dict[str, Any] | None = None
         self._root: RootHooks | None = None
         self._forwards = 0
@@ -106,6 +126,7 @@ class CaptureHandle:
         self._recorder = Recorder(config, self._selector, self._writer, rank=rank, layout=self._writer.layout, graft=graft)
         self._sources(model)
         EXIT.add(self)
+        _LIVE.add(self)
         if auto_step and self._compiled:
             self._step_ops = StepOps(model, self._op_begin, lambda: self._close_step(None))
         elif auto_step:
@@ -212,10 +233,25 @@ class CaptureHandle:
             self._writer.flush()
 
     def remove(self) -> None:
-        """Remove every hook, finish the files, and finalise ``run.json``. Safe to call twice."""
-        if self._removed:
+        """Remove every hook, finish the files, and finalise ``run.json``. Safe to call twice, and from any thread:
+        called while another thread's forward runs, the model's thread finishes the removal when that forward
+        returns (this waits for it, at most :data:`REMOVE_WAIT` seconds)."""
+        with self._lock:
+            if self._removed or self._remove_requested:
+                pending = self._remove_requested
+            elif self._root is not None and self._root.busy_elsewhere():
+                self._remove_requested = pending = True
+            else:
+                self._removed, pending = True, False
+        if pending:
+            self._removal_done.wait(REMOVE_WAIT)
             return
-        self._removed = True
+        try:
+            self._remove_now()
+        finally:
+            self._removal_done.set()
+
+    def _remove_now(self) -> None:
         EXIT.discard(self)
         depth = self._root.depth if self._root is not None else 0
         if self._root is not None:
@@ -248,7 +284,26 @@ class CaptureHandle:
 
     # -- steps ------------------------------------------------------------------------------
 
+    def _in_forked_child(self) -> None:
+        """This process is a fork of the one that started the capture: its writer's threads did not come along,
+        so it must never wait for them. It logs nothing, and says so once, at its first forward."""
+        self._forked = True
+        self._writer = None
+        self._recorder.in_step = False
+        self._step_open = False
+
     def _forward_begins(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._forked:
+            if not self._fork_warned:
+                self._fork_warned = True
+                self._detach()
+                warnings.warn(
+                    f"tensorlog: this process (pid {os.getpid()}) was forked from the one that started the capture "
+                    f"of {self.path}; it logs nothing (start a capture of its own in it)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return
         if self._grads is not None and self._forwards:
             self._close_step(None)  # with gradients logged, a step ends when the next forward starts
         self._open_step()
@@ -264,6 +319,13 @@ class CaptureHandle:
         self._forwards += 1
         if self._grads is None:
             self._close_step(None, raised=raised)
+        if self._remove_requested:  # another thread asked while this forward ran: the model's thread removes
+            with self._lock:
+                self._removed, self._remove_requested = True, False
+            try:
+                self._remove_now()
+            finally:
+                self._removal_done.set()
 
     def _op_begin(self) -> None:
         """The root's step op, at run time: a forward that raised left its step open; it ends here."""

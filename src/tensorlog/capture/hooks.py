@@ -27,7 +27,7 @@ from torch.utils.hooks import RemovableHandle
 from .recorder import Recorder
 from .steps import ForwardAbandoned
 
-__all__ = ["ModuleHooks", "RootHooks"]
+__all__ = ["hook_arguments", "ModuleHooks", "RootHooks"]
 
 _ABSENT = object()
 
@@ -90,19 +90,31 @@ class ModuleHooks:
     def _pre(self, name: str, calls: frozenset[int] | None) -> Callable[..., Any]:
         enter = self.recorder.enter
 
-        def pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            # None (nothing changes) unless reload_input_dir grafts this call's inputs
-            return enter(name, type(module).__name__, args, kwargs, calls)[1]
+        def pre_hook(module: torch.nn.Module, args: tuple[Any, ...], *kwargs: dict[str, Any]) -> Any:
+            # None (nothing changes) unless reload_input_dir grafts this call's inputs. Without ``kwargs``: torch
+            # read the hook's kwargs flag after another thread removed it mid-call (see ``hook_arguments``).
+            changed = enter(name, type(module).__name__, args, kwargs[0] if kwargs else {}, calls)[1]
+            return changed if kwargs else None
 
         return pre_hook
 
     def _post(self, name: str) -> Callable[..., None]:
         leave = self.recorder.leave
 
-        def post_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        def post_hook(module: torch.nn.Module, args: tuple[Any, ...], *rest: Any) -> None:
+            kwargs, output = hook_arguments(rest)
             leave(name, output, args=args, kwargs=kwargs)
 
         return post_hook
+
+
+def hook_arguments(rest: tuple[Any, ...]) -> tuple[dict[str, Any], Any]:
+    """(kwargs, output) of a forward hook registered ``with_kwargs``.
+
+    torch takes a snapshot of a module's hooks, then asks for each whether it wants kwargs; a hook removed in
+    between (``remove()`` from another thread) is called without them. Taking both shapes keeps that a no-op.
+    """
+    return (rest[0], rest[1]) if len(rest) == 2 else ({}, rest[-1])
 
 
 class RootHooks:
@@ -148,6 +160,18 @@ class RootHooks:
                 return False
             f = f.f_back
         return True
+
+    def busy_elsewhere(self) -> bool:
+        """A forward of the root runs now on another thread than the caller's (one that a BaseException left, or
+        whose thread ended, is not running: its frame is on no stack)."""
+        if self.depth == 0 or self._thread == threading.get_ident():
+            return False
+        f: Any = sys._current_frames().get(self._thread)
+        while f is not None:
+            if f is self._outer:
+                return True
+            f = f.f_back
+        return False
 
     def abandoned(self) -> bool:
         """A forward is open that will not return (asked when the capture ends: its step was cut short)."""

@@ -8,6 +8,7 @@ and one more line in :data:`_READERS`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -81,10 +82,25 @@ def run_parts(source: RunSource) -> list[tuple[Path, str | None]]:
             is_parts = p.is_file() and p.suffix == ".json"
         except (OSError, RuntimeError) as e:
             raise _unusable(source, e) from None
-        return read_parts_file(p) if is_parts else [(p, None)]
+        return _distinct(read_parts_file(p)) if is_parts else [(p, None)]
     items = [x for s in source for x in run_parts(s)]
     if not items:
         raise RunReadError("no run directory given")
+    return _distinct(items)
+
+
+def _distinct(items: list[tuple[Path, str | None]]) -> list[tuple[Path, str | None]]:
+    """A directory listed twice (under any name) is refused before anything is read: one stat per part."""
+    seen: dict[object, Path] = {}
+    for p, _ in items:
+        try:
+            st = os.stat(p)
+            key: object = (st.st_dev, st.st_ino)
+        except (OSError, ValueError):
+            key = str(p)
+        if key in seen:
+            raise RunReadError(f"the run's parts list one directory twice: {seen[key]} and {p}")
+        seen[key] = p
     return items
 
 

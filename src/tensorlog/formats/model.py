@@ -173,10 +173,40 @@ class TensorRecord:
             raise RunReadError(self.error)
         if self.source is None:
             raise RunReadError(f"{self.name}: no tensor data was saved ({self.entry.skipped or 'statistics only'})")
-        return self.source.load()
+        t = self.source.load()
+        if isinstance(self.source, (FileSource, PackedSource)):
+            _check_against_entry(t, self.entry, self.source)
+        return t
 
     def with_(self, **changes: Any) -> TensorRecord:
         return replace(self, **changes)
+
+
+def _check_against_entry(t: torch.Tensor, e: TensorEntry, where: Source) -> None:
+    """A tensor file that contradicts its own description (index or structure json) is unreadable: which of the
+    two is right cannot be known, and comparing either would be a verdict on a guess."""
+    what = getattr(where, "path", where)
+    if e.dtype is not None and str(t.dtype) != e.dtype:
+        raise RunReadError(f"{what}: holds {t.dtype}, but its index says {e.dtype}")
+    if e.shape is not None and list(t.shape) != list(e.shape):
+        raise RunReadError(f"{what}: holds shape {list(t.shape)}, but its index says {list(e.shape)}")
+    if e.values is None or t.numel() > 4096 or t.dtype.is_complex:
+        return
+    exact = torch.bool if t.dtype == torch.bool else (torch.float64 if t.is_floating_point() else torch.int64)
+    try:
+        recorded = torch.tensor(e.values, dtype=exact)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise RunReadError(f"{what}: its index's values are not numbers of its shape") from None
+    actual = t.detach().to(exact)
+    if exact != torch.float64:
+        if recorded.shape != actual.shape or not torch.equal(recorded, actual):
+            raise RunReadError(f"{what}: its values disagree with those its index records")
+        return
+    if recorded.shape != actual.shape or not torch.equal(recorded.isnan(), actual.isnan()):
+        raise RunReadError(f"{what}: its values disagree with those its index records")
+    both = ~actual.isnan()
+    if not torch.equal(recorded[both], actual[both]):
+        raise RunReadError(f"{what}: its values disagree with those its index records")
 
 
 @dataclass
