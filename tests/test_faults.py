@@ -483,3 +483,63 @@ def test_a_forked_child_logs_nothing_and_says_so_once(tmp_path):
     model(torch.randn(2, 4))
     run.remove()
     assert sorted(tensorlog.load_run(run.path).steps) == [0, 1]
+
+
+def _boom(*args, **kwargs):
+    raise RuntimeError("injected")
+
+
+@pytest.mark.parametrize(
+    "target, layout",
+    [
+        ("tensorlog.storage.files.RunFiles.write_call", "reference"),  # a writer thread's job
+        ("tensorlog.storage.files.RunFiles.write_chunk", "packed"),  # a writer thread's chunk of the packed file
+        ("tensorlog.storage.files.RunFiles.take_packed", "packed"),  # the finishing thread, before a step
+        ("tensorlog.storage.finisher.StepFinisher.finish", "reference"),  # the finishing thread, a step
+        ("tensorlog.storage.queue.JobQueue.take", "reference"),  # a writer thread's loop itself
+        ("tensorlog.storage.queue.JobQueue.next_end", "reference"),  # the finishing thread's loop itself
+    ],
+)
+def test_a_fault_in_any_stage_of_the_writer_never_hangs_or_breaks_the_model(tmp_path, monkeypatch, target, layout):
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    x = torch.randn(4, 8)
+    ref = model(x)
+    monkeypatch.setattr(target, _boom)
+    done: list[object] = []
+
+    def forwards():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cfg = {"output_dir": str(tmp_path), "run_name": "r", "log_step_ids": [], "layout": layout}
+            with tensorlog.capture(model, cfg):
+                outs = [model(x) for _ in range(3)]
+        done.append((outs, [str(w.message) for w in caught]))
+
+    t = threading.Thread(target=forwards, daemon=True)
+    t.start()
+    t.join(30)
+    assert done, f"the model waited on a dead writer thread ({target})"
+    outs, said = done[0]
+    assert all(torch.equal(o, ref) for o in outs)  # logging never changed the model's output
+    assert any("tensorlog: logging stopped" in w for w in said), said
+    run = tensorlog.load_run(tmp_path / "r")
+    assert not run.complete and "injected" in (run.incomplete_reason or "")
+
+
+def test_a_final_run_json_that_cannot_be_written_is_one_warning(tmp_path, monkeypatch):
+    from tensorlog.storage.finisher import StepFinisher
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+    write = StepFinisher.write_manifest
+
+    def fails_at_the_end(self, *, final=False, **kw):
+        if final:
+            raise OSError(5, "Input/output error")
+        return write(self, final=final, **kw)
+
+    monkeypatch.setattr(StepFinisher, "write_manifest", fails_at_the_end)
+    with pytest.warns(RuntimeWarning, match="the final run.json of .* could not be written"):
+        with tensorlog.capture(model, {"output_dir": str(tmp_path), "run_name": "r"}):
+            model(torch.randn(2, 8))
+    run = tensorlog.load_run(tmp_path / "r")
+    assert not run.complete  # what is on disk still says "in progress": never read as whole

@@ -150,7 +150,7 @@ def test_parts_that_overlap_or_do_not_fit_are_one_line_errors(tmp_path):
     a = parts(tmp_path, "a")
     r = clirun.run("compare", "--dir1", a[0], "--dir1", a[0], "--dir2", a[1])
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
-    assert "rank 0 is in two parts" in r.stderr
+    assert "the run's parts list one directory twice" in r.stderr  # refused before anything is read
     b = parts(tmp_path, "b")
     r = clirun.run("compare", "--dir1", a[0], "--dir1", b[1], "--dir2", a[1])
     assert r.returncode == 2 and "different runs (run names a, b)" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -21,6 +21,7 @@ __all__ = ["JobQueue", "Job"]
 
 Job = WriteJob | ChunkJob
 _DONE = 1 << 62
+RECHECK = 1.0
 
 
 class JobQueue:
@@ -41,6 +42,9 @@ class JobQueue:
         self.stopped: str | None = None
         """Why logging stopped; set once, under the lock."""
         self.closing: tuple[bool, str | None] | None = None
+        self.alive: Callable[[], bool] = lambda: True
+        """Whether the threads that end every wait are running (set by their owner, the writer). Waits on the model's
+        thread wake at least every :data:`RECHECK` seconds to ask, so a thread that died cannot leave them waiting."""
 
     @property
     def pending_bytes(self) -> int:
@@ -58,9 +62,9 @@ class JobQueue:
         """
         with self._cv:
             while not self.stopped and self._queued and self._pending + nbytes > self.max_pending_bytes:
-                if self.drop:
+                if self.drop or not self.alive():
                     return False
-                self._cv.wait()
+                self._cv.wait(RECHECK)
             if self.stopped:
                 return False
             self._pending += nbytes
@@ -103,9 +107,9 @@ class JobQueue:
     def _wait(self, done: Callable[[], bool], timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
-            while not done() and not self.stopped:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
+            while not done() and not self.stopped and self.alive():
+                remaining = RECHECK if deadline is None else min(RECHECK, deadline - time.monotonic())
+                if remaining <= 0:
                     return False
                 self._cv.wait(remaining)
         return True

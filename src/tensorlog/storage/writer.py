@@ -87,6 +87,7 @@ class Writer:
             threading.Thread(target=self._work, name=f"tensorlog-writer-{i}", daemon=True) for i in range(max(1, threads))
         ]
         self._finisher = threading.Thread(target=self._finish_loop, name="tensorlog-finisher", daemon=True)
+        self._queue.alive = self._alive
         for t in self._workers:
             t.start()
         self._finisher.start()
@@ -181,21 +182,33 @@ class Writer:
             t.join(timeout=timeout)
         if self._arena is not None:
             self._arena.close()
+        if self._finisher.is_alive() or any(t.is_alive() for t in self._workers):
+            warnings.warn(
+                f"tensorlog: the writer of {self.run_dir} did not finish within {timeout:g} s (a disk that does not "
+                "answer?); its last files and run.json may still be written, or never be",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     # -- writer threads ---------------------------------------------------------------------
 
     def _work(self) -> None:
-        while (job := self._queue.take()) is not None:
-            try:
-                if isinstance(job, ChunkJob) and not self.stopped:
-                    self._files.write_chunk(job)
-                elif isinstance(job, WriteJob) and not self.stopped:
-                    self._files.write_call(job)
-            except Exception as e:  # contained: the model must never see it
-                self.stop(describe_fault(e))
-            finally:
-                self._give_back(job)
-                self._queue.done(job)
+        try:
+            while (job := self._queue.take()) is not None:
+                try:
+                    if isinstance(job, ChunkJob) and not self.stopped:
+                        self._files.write_chunk(job)
+                    elif isinstance(job, WriteJob) and not self.stopped:
+                        self._files.write_call(job)
+                except Exception as e:  # contained: the model must never see it
+                    self.stop(describe_fault(e))
+                finally:
+                    try:
+                        self._give_back(job)
+                    finally:
+                        self._queue.done(job)
+        except BaseException as e:  # whatever ends this thread, every waiter is woken and logging stops
+            self.stop(f"a writer thread died: {describe_fault(e)}")
 
     def _give_back(self, job: Job) -> None:
         """What a written job held: its chunk, or its host copies."""
@@ -209,10 +222,35 @@ class Writer:
     # -- the finishing thread ----------------------------------------------------------------
 
     def _finish_loop(self) -> None:
+        """Steps in order, then the final ``run.json``. Whatever ends this thread (an error in any stage), logging
+        stops, ``run.json`` says why where it can be written, and every waiter is woken: the model never waits on a
+        thread that is gone."""
+        try:
+            self._finish_steps()
+        except BaseException as e:
+            self.stop(f"the finishing thread died: {describe_fault(e)}")
+            self._last_word(complete=False, stopped=self.stopped)
+        finally:
+            self._queue.all_finished()
+
+    def _last_word(self, *, complete: bool, stopped: str | None, reason: str | None = None) -> None:
+        """The final ``run.json``; when even that fails, one warning says the run's ``run.json`` is not final."""
+        try:
+            self._steps.write_manifest(complete=complete, stopped=stopped, reason=reason, final=True)
+        except BaseException as e:
+            warnings.warn(
+                f"tensorlog: the final run.json of {self.run_dir} could not be written ({describe_fault(e)}); "
+                "it does not say the run ended, and readers treat the run as incomplete",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _finish_steps(self) -> None:
         self._steps.write_manifest(complete=False)
         while (end := self._queue.next_end()) is not None:
-            packed = self._files.take_packed(end.step)
+            packed = None
             try:
+                packed = self._files.take_packed(end.step)
                 self._steps.finish(end, packed)
                 if packed is not None:
                     self._files.packed_closed(packed)
@@ -220,7 +258,8 @@ class Writer:
                 self.stop(describe_fault(e))
                 if packed is not None:
                     packed.abort()
-            self._queue.finished(end.step)
+            finally:
+                self._queue.finished(end.step)
         # stopped, or closing with nothing left
         stopped = self._queue.stopped
         if stopped and self._queue.closing is None:
@@ -231,8 +270,5 @@ class Writer:
             self._steps.close()
         except Exception as e:
             stopped = stopped or describe_fault(e)
-        self._steps.write_manifest(
-            complete=complete and not stopped and not self._steps.cut_short, stopped=stopped, reason=reason, final=True
-        )
+        self._last_word(complete=complete and not stopped and not self._steps.cut_short, stopped=stopped, reason=reason)
         self._steps.after_final_manifest()
-        self._queue.all_finished()
