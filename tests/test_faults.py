@@ -543,3 +543,60 @@ def test_a_final_run_json_that_cannot_be_written_is_one_warning(tmp_path, monkey
             model(torch.randn(2, 8))
     run = tensorlog.load_run(tmp_path / "r")
     assert not run.complete  # what is on disk still says "in progress": never read as whole
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+@pytest.mark.parametrize("layout", ["reference", "packed"])
+def test_a_step_directory_planted_as_a_link_is_never_written_through(tmp_path, layout):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "tensorlog_index.json").write_text("mine")
+    before = _tree(victim)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    run = tensorlog.capture(model, {"output_dir": str(tmp_path / "out"), "run_name": "r", "log_step_ids": [], "layout": layout})
+    model(torch.randn(2, 4))
+    (run.path / "step_1").symlink_to(victim, target_is_directory=True)  # planted by someone else, mid-run
+    with pytest.warns(RuntimeWarning, match="symbolic link"):
+        for _ in range(3):
+            model(torch.randn(2, 4))
+    run.remove()
+    assert _tree(victim) == before  # nothing written, replaced or removed outside the run
+    r = tensorlog.load_run(run.path)
+    assert not r.complete and "symbolic link" in r.incomplete_reason
+
+
+def test_a_run_directory_swapped_for_a_link_mid_run_stops_logging(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    run = tensorlog.capture(model, {"output_dir": str(tmp_path / "out"), "run_name": "r", "log_step_ids": []})
+    model(torch.randn(2, 4))
+    moved = tmp_path / "moved"
+    run.path.rename(moved)
+    run.path.symlink_to(victim, target_is_directory=True)
+    with pytest.warns(RuntimeWarning, match="moved or replaced"):
+        model(torch.randn(2, 4))
+    run.remove()
+    assert list(victim.iterdir()) == []  # the link's target got nothing, not even run.json
+    r = tensorlog.load_run(moved)  # its run.json cannot be reached by name any more: it never reads as whole
+    assert not r.complete and sorted(r.steps) == [0]
+
+
+def test_retention_never_deletes_through_a_link(tmp_path):
+    victim = tmp_path / "victim"
+    (victim / "step_0").mkdir(parents=True)
+    (victim / "step_0" / "precious").write_text("keep")
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    cfg = {"output_dir": str(tmp_path / "out"), "run_name": "r", "log_step_ids": [], "retain_steps": 1}
+    run = tensorlog.capture(model, cfg)
+    model(torch.randn(2, 4))
+    real = tmp_path / "real_step_0"
+    (run.path / "step_0").rename(real)
+    (run.path / "step_0").symlink_to(victim / "step_0", target_is_directory=True)
+    for _ in range(3):
+        model(torch.randn(2, 4))  # retention removes step 0: the link, never what it points to
+    run.remove()
+    assert (victim / "step_0" / "precious").read_text() == "keep"

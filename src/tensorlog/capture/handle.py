@@ -122,7 +122,12 @@ class CaptureHandle:
             release_run_dir(self.path, rank)
             self._disable(f"cannot write to {self.path}: {e.strerror or e}")
             return
-        self._writer = open_writer(config, model, self._info, self.path)
+        try:
+            self._writer = open_writer(config, model, self._info, self.path)
+        except OSError as e:  # the run directory cannot be held (moved, or replaced by a link, already)
+            release_run_dir(self.path, rank)
+            self._disable(f"cannot write to {self.path}: {e.strerror or e}")
+            return
         self._recorder = Recorder(config, self._selector, self._writer, rank=rank, layout=self._writer.layout, graft=graft)
         self._sources(model)
         EXIT.add(self)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import os
 import socket
 import sys
@@ -59,8 +60,7 @@ def claim_run_dir(config: LogConfig, rank: int | None) -> Path:
     while True:
         try:
             path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path / names.run_file(rank), os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644)
-            os.close(fd)
+            _claim(path, rank)
             if rank is not None:
                 sweep_temps(path)  # a shared run directory: what this host's dead writers left
             return path
@@ -76,6 +76,22 @@ def claim_run_dir(config: LogConfig, rank: int | None) -> Path:
             path = base.with_name(f"{base.name}-{n}")
         except OSError as e:
             raise UnusableOutputDir(f"cannot create the run directory {path}: {e.strerror or e}") from None
+
+
+def _claim(path: Path, rank: int | None) -> None:
+    """Create the rank's ``run.json`` exclusively, in ``path`` itself: a run directory that is a symbolic link
+    (planted where the run was to go) is refused, so nothing is written where it points."""
+    try:
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnusableOutputDir(f"{path} is a symbolic link or not a directory; a run directory must be its own") from None
+        raise
+    try:
+        fd = os.open(names.run_file(rank), os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+        os.close(fd)
+    finally:
+        os.close(dfd)
 
 
 def release_run_dir(path: Path, rank: int | None) -> None:

@@ -21,8 +21,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..schema import names
 from .arena import Chunk
+from .atomic import RunEscapeError, open_file, remove_file, replace_file, temp_path
 
 __all__ = ["PackedFile", "PAD_PREFIX"]
 
@@ -35,13 +35,15 @@ class PackedFile:
 
     def __init__(self, path: Path, header_bytes: int) -> None:
         self.path = path
-        self.tmp = path.with_name(names.temp_name(path.name, os.getpid(), threading.get_native_id()))
+        self.tmp = temp_path(path)
         self.header_room = _round_up(8 + max(header_bytes, _PAGE), _PAGE) - 8
         self._lock = threading.Lock()
-        self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        self._fd = open_file(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
         self._direct: int | None = None
         try:
-            self._direct = os.open(self.tmp, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            self._direct = open_file(self.tmp, os.O_WRONLY | os.O_DIRECT)
+        except RunEscapeError:
+            raise
         except (OSError, AttributeError):  # no O_DIRECT here (tmpfs, other systems): buffered writes
             pass
         self._size = 0
@@ -79,13 +81,13 @@ class PackedFile:
             os.ftruncate(self._fd, end)
         finally:
             self._close_fds()
-        os.replace(self.tmp, self.path)
+        replace_file(self.tmp, self.path)
         return end
 
     def abort(self) -> None:
         self._close_fds()
         try:
-            os.unlink(self.tmp)
+            remove_file(self.tmp)
         except OSError:
             pass
 

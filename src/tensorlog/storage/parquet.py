@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from ..errors import DependencyError
 from ..schema import names
 from ..schema.columns import Columns, arrow_schema, parquet_file
 from ..schema.records import RunManifest
-from .atomic import make_dir, write_atomic
+from .atomic import make_dir, open_file, prune_dirs, remove_file, remove_matching, remove_tree, write_atomic
 
 __all__ = ["ParquetSink", "Retention", "write_parquet", "require_pyarrow", "tree_bytes"]
 
@@ -167,9 +166,11 @@ class Retention:
     def delete(self, items: list[Item]) -> None:
         for item in items:
             if not item.is_step:
-                item.path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    remove_file(item.path)
             elif self.rank is None:
-                shutil.rmtree(item.path, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    remove_tree(item.path)
             else:
                 _remove_rank_files(item.path, self.rank)
                 self._unswept.append((item.last, item.path))
@@ -187,15 +188,13 @@ class Retention:
             if step > done:
                 keep.append((step, d))
                 continue
-            for sub, _dirs, _files in os.walk(d, topdown=False):
-                with contextlib.suppress(OSError):
-                    os.rmdir(sub)  # only when empty
+            prune_dirs(d)  # only what is empty
         self._unswept = keep
 
 
 def _removed_through(run_dir: Path, rank: int) -> int | None:
     try:
-        with open(run_dir / names.run_file(rank), "rb") as f:
+        with os.fdopen(open_file(run_dir / names.run_file(rank), os.O_RDONLY), "rb") as f:
             return RunManifest.model_validate_json(f.read(RUN_FILE_LIMIT).rstrip()).removed_through
     except (OSError, ValueError):
         return None
@@ -203,12 +202,9 @@ def _removed_through(run_dir: Path, rank: int) -> int | None:
 
 def _remove_rank_files(step_dir: Path, rank: int) -> None:
     """This rank's files of a shared step directory, its index first; the directories stay (see ``sweep``)."""
-    (step_dir / names.index_file(rank)).unlink(missing_ok=True)
-    for d, _dirs, files in os.walk(step_dir):
-        for f in files:
-            if names.file_rank(f) == rank:
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(d, f))
+    with contextlib.suppress(OSError):
+        remove_file(step_dir / names.index_file(rank))
+    remove_matching(step_dir, lambda f: names.file_rank(f) != rank)
 
 
 def tree_bytes(path: Path, rank: int | None = None) -> int:

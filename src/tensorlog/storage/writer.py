@@ -37,6 +37,7 @@ import torch
 
 from ..schema.records import Anomaly, RunManifest
 from .arena import Arena, Chunk
+from .atomic import RunRoot
 from .files import RunFiles, describe_fault
 from .finisher import StepFinisher
 from .queue import Job, JobQueue
@@ -66,6 +67,7 @@ class Writer:
         retain_bytes: int | None = None,
     ) -> None:
         self.run_dir = run_dir
+        self._root = RunRoot.claim(run_dir)  # every path below is reached from it, never through a link
         self.layout = layout
         self.drop = drop
         self._queue = JobQueue(max_pending_bytes, drop=drop)
@@ -182,7 +184,9 @@ class Writer:
             t.join(timeout=timeout)
         if self._arena is not None:
             self._arena.close()
-        if self._finisher.is_alive() or any(t.is_alive() for t in self._workers):
+        if not (self._finisher.is_alive() or any(t.is_alive() for t in self._workers)):
+            self._root.release()  # (a thread still running keeps it: it must never write by a bare path)
+        else:
             warnings.warn(
                 f"tensorlog: the writer of {self.run_dir} did not finish within {timeout:g} s (a disk that does not "
                 "answer?); its last files and run.json may still be written, or never be",
