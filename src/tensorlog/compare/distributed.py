@@ -76,7 +76,9 @@ def compare_on_ray(
     source2: Run | RunSource,
     *,
     address: str,
-    tol: Tolerance,
+    tol: Tolerance | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
     steps: Iterable[int] | None = None,
     modules: Iterable[str] | None = None,
     progress: Callable[[CompareProgress], None] | None = None,
@@ -90,6 +92,7 @@ def compare_on_ray(
         UsageError: no Ray cluster at ``address``.
         RunReadError: a part is on no node of the cluster, or cannot be read there.
     """
+    tol = tol or Tolerance.of(rtol, atol)
     ray = _ray()
     started = not ray.is_initialized()
     if started:

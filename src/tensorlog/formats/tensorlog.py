@@ -83,7 +83,7 @@ def tensorlog_steps(p: Path, listing: Listing, problems: list[str]) -> tuple[Run
 
     What cannot be read is appended to ``problems`` as the steps are read."""
     problems.extend(listing.refused)
-    manifest = _read_manifests(p, listing, problems)
+    manifest = _with_journals(_read_manifests(p, listing, problems), listing, problems)
     legacy = _legacy_step_info(manifest)
     dirs = sorted((int(m.group(1)), d) for name, d in listing.dirs.items() if (m := names.STEP_DIR_RE.match(name)))
     shell = Run(path=p, manifest=manifest, steps={}, problems=problems, modules=_module_tree(listing, problems))
@@ -139,6 +139,38 @@ def _read_manifests(p: Path, listing: Listing, problems: list[str]) -> RunManife
     return RunManifest(
         complete=not has_run_file, incomplete_reason=None if not has_run_file else reason, layout_version=0, tensorlog_version=""
     )
+
+
+_JOURNAL_LINE = re.compile(rb'^\{"step": (\d{1,12})\}$')
+
+
+def _with_journals(m: RunManifest, listing: Listing, problems: list[str]) -> RunManifest:
+    """``steps_written`` with what each rank's journal adds: the journal gets a line as each step ends, while
+    ``run.json`` is rewritten at most once a second (a torn last line, from a kill mid-write, is ignored)."""
+    journals: dict[int | None, set[int]] = {}
+    for name, f in listing.files.items():
+        jm = names.JOURNAL_FILE_RE.match(name)
+        if not jm:
+            continue
+        try:
+            data = read_limited(f, INDEX_JSON)
+        except RunReadError as e:
+            problems.append(str(e))
+            continue
+        journals[int(jm.group(1)) if jm.group(1) is not None else None] = {
+            int(x.group(1)) for line in data.split(b"\n") if (x := _JOURNAL_LINE.match(line))
+        }
+    if not journals:
+        return m
+    ranks = listed_ranks(m)
+    if ranks:
+        merged = {
+            r: {**e, "steps_written": sorted(set(e.get("steps_written") or []) | journals.get(r, set()))}
+            for r, e in ranks.items()
+        }
+        return m.model_copy(update={"ranks": merged})
+    steps = set(m.steps_done()) | journals.get(None, set()) | journals.get(m.rank, set())
+    return m.model_copy(update={"steps_written": sorted(steps)})
 
 
 def _legacy_step_info(manifest: RunManifest) -> dict[int, StepInfo]:

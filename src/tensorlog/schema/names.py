@@ -58,6 +58,8 @@ __all__ = [
     "MAX_NAME_BYTES",
     "REF_KINDS",
     "RUN_FILE_RE",
+    "JOURNAL_FILE_RE",
+    "journal_file",
     "MODULES_FILE_RE",
     "CALLS_FILE_RE",
     "INDEX_FILE_RE",
@@ -167,6 +169,11 @@ def run_file(rank: int | None = None) -> str:
     return f"run{rank_infix(rank)}.json"
 
 
+def journal_file(rank: int | None = None) -> str:
+    """The append-only list of whole steps, one ``{"step": N}`` line each, written as each step ends."""
+    return f"steps{rank_infix(rank)}.jsonl"
+
+
 def modules_file(rank: int | None = None) -> str:
     return f"modules{rank_infix(rank)}.json"
 
@@ -211,6 +218,7 @@ def is_step_file(name: str) -> bool:
 
 MODULES_FILE_RE = re.compile(r"^modules(?:\.rank(\d{1,9}))?\.json$")
 RUN_FILE_RE = re.compile(r"^run(?:\.rank(\d{1,9}))?\.json$")
+JOURNAL_FILE_RE = re.compile(r"^steps(?:\.rank(\d{1,9}))?\.jsonl$")
 CALLS_FILE_RE = re.compile(r"^module_calls(?:\.rank(\d{1,9}))?\.txt$")
 INDEX_FILE_RE = re.compile(r"^tensorlog_index(?:\.rank(\d{1,9}))?\.json$")
 REF_META_RE = re.compile(r"^(post_fwd_inputs|inputs|outputs)(?:\.rank(\d{1,9}))?\.json$")

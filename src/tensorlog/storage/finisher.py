@@ -16,6 +16,7 @@ The step indexes are what readers trust for which steps exist.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -25,14 +26,14 @@ from ..schema import names
 from ..schema.columns import PARQUET_DIR
 from ..schema.records import Anomaly, Dropped, RunManifest, StepInfo
 from . import stats as _stats
-from .atomic import link_atomic, make_dir, write_atomic, write_in_place
+from .atomic import RunRoot, link_atomic, make_dir, open_file, write_atomic, write_in_place
 from .index import index_doc, index_json, origin
 from .packed import PackedFile
 from .parquet import Item, ParquetSink, Retention
 from .records import StepEnd, TensorSnap
 from .tensorfile import st_dtype_name
 
-__all__ = ["StepFinisher", "derive", "MANIFEST_INTERVAL"]
+__all__ = ["StepFinisher", "derive", "MANIFEST_INTERVAL", "close_orphaned"]
 
 MANIFEST_INTERVAL = 1.0
 """Seconds between rewrites of ``run.json`` while nothing but progress changes."""
@@ -75,6 +76,7 @@ class StepFinisher:
         self._dropped: list[Dropped] = []
         self._incomplete: dict[int, str] = {}
         self._last_manifest = -MANIFEST_INTERVAL
+        self._journal_fd: int | None = None
         self.anomaly: Anomaly | None = None
         """The first NaN/Inf found; other threads read it (one reference, set once)."""
         self._retention = Retention(retain_steps, retain_bytes, rank) if retain_steps or retain_bytes else None
@@ -127,6 +129,7 @@ class StepFinisher:
         if self.detect_anomaly and self.anomaly is None:
             news |= self._find_anomaly(end)
         _add_to_ranges(self._steps_written, end.step)
+        self._journal(end.step)
         if news or time.monotonic() - self._last_manifest >= MANIFEST_INTERVAL:
             self.write_manifest(complete=False)
         self._delete_gone()
@@ -145,8 +148,18 @@ class StepFinisher:
         if self._retention is not None:
             self._gone += self._retention.add_file(first, last, path, nbytes)
 
+    def _journal(self, step: int) -> None:
+        """One line per whole step, appended as the step ends: ``run.json`` is rewritten at most once a second, so
+        after a kill -9 between steps this is what lists the steps run.json had no time to."""
+        if self._journal_fd is None:
+            self._journal_fd = open_file(self.run_dir / names.journal_file(self.rank), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.write(self._journal_fd, b'{"step": %d}\n' % step)
+
     def close(self) -> None:
         """The run ends: the last Parquet window is written (before the final ``run.json``)."""
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
         if self._parquet is not None:
             self._parquet.flush()
 
@@ -262,3 +275,88 @@ def _add_to_ranges(ranges: list[list[int]], step: int) -> None:
     else:
         ranges.append([step, step])
         ranges.sort()
+
+
+ORPHAN_WAIT = 5.0
+"""How long a surviving process waits for a writer's process to be gone before it closes that writer's run."""
+
+
+def close_orphaned(run_dir: Path, why: str, *, wait: float = ORPHAN_WAIT) -> list[str]:
+    """Give the runs in ``run_dir`` whose writer was killed before its final ``run.json`` (vLLM kills its workers at
+    shutdown when ``--shutdown-timeout`` is 0) the last word: incomplete, ``why``, and every whole step its journal
+    lists. Only this host's runs, and only once their process is gone; the surviving process becomes their owner.
+    Returns the ``run.json`` files it closed."""
+    import socket
+
+    closed: list[str] = []
+    try:
+        root = RunRoot.claim(run_dir)
+    except OSError:
+        return closed
+    try:
+        for name in sorted(os.listdir(run_dir)):
+            m = names.RUN_FILE_RE.match(name)
+            if not m:
+                continue
+            path = run_dir / name
+            try:
+                with os.fdopen(open_file(path, os.O_RDONLY), "rb") as f:
+                    manifest = RunManifest.model_validate_json(f.read(16 << 20).rstrip())
+            except (OSError, ValueError):
+                continue
+            if manifest.end_time is not None or manifest.host != socket.gethostname() or not manifest.pid:
+                continue
+            if not _gone(manifest.pid, wait):
+                continue
+            rank = int(m.group(1)) if m.group(1) is not None else None
+            steps = set(manifest.steps_done()) | _journaled(run_dir / names.journal_file(rank))
+            ranges: list[list[int]] = []
+            for s in sorted(steps):
+                _add_to_ranges(ranges, s)
+            final = manifest.model_copy(
+                update={
+                    "complete": False,
+                    "incomplete_reason": f"its process (pid {manifest.pid}) was killed before it closed the run ({why})",
+                    "steps_written": ranges,
+                    "end_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+                }
+            )
+            try:
+                write_atomic(path, [final.model_dump_json(indent=1).encode()])
+                closed.append(str(path))
+            except OSError:
+                continue
+    finally:
+        root.release()
+    return closed
+
+
+def _gone(pid: int, wait: float) -> bool:
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        try:  # killed, and not yet reaped by its parent: a zombie writes nothing more
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[-1].split()[0] == b"Z":
+                    return True
+        except (OSError, IndexError):
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
+def _journaled(path: Path) -> set[int]:
+    import re
+
+    try:
+        with os.fdopen(open_file(path, os.O_RDONLY), "rb") as f:
+            data = f.read(32 << 20)
+    except OSError:
+        return set()
+    return {int(x.group(1)) for line in data.split(b"\n") if (x := re.match(rb'^\{"step": (\d{1,12})\}$', line))}

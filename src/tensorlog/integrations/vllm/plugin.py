@@ -49,6 +49,7 @@ from ...errors import ConfigError
 from ...schema import names
 from ...schema.records import PROMPT_IDS_MAX, prompt_digest
 from ...storage.atomic import write_atomic
+from ...storage.finisher import close_orphaned
 from ..model_facts import model_dims
 from .shards import shard_layouts
 
@@ -277,6 +278,26 @@ def _new_requests(scheduler_output: Any) -> list[dict[str, Any]]:
     return out
 
 
+_CLOSING_OUT: set[str] = set()
+
+
+def _close_out_at_exit(run_dir: Path) -> None:
+    """The front end outlives the workers: at its exit, it closes the runs of workers that were killed before they
+    could (``vllm serve`` SIGKILLs them at shutdown with its default ``--shutdown-timeout 0``)."""
+    if str(run_dir) in _CLOSING_OUT:
+        return
+    _CLOSING_OUT.add(str(run_dir))
+
+    def close_out() -> None:
+        if run_dir.is_dir():
+            for f in close_orphaned(
+                run_dir, "the engine's workers were killed at shutdown, e.g. vllm serve --shutdown-timeout 0"
+            ):
+                logger.warning("tensorlog: %s was left in progress by a killed worker; closed it as incomplete", f)
+
+    atexit.register(close_out)
+
+
 def _wrap_runner_class(cls: type) -> None:
     """Wrap ``execute_model`` / ``sample_tokens`` where they are defined; a runner without ``_tensorlog`` is untouched."""
     klass = next((k for k in cls.__mro__ if "execute_model" in k.__dict__), None)
@@ -451,6 +472,7 @@ class _Plugin:
                     ac[CONFIG_KEY] = data
                     args.additional_config = ac
                     logger.info("tensorlog: logging intermediate tensors to %s", cfg.run_dir)
+                    _close_out_at_exit(cfg.run_dir)
             return orig(args, *a, **kw)
 
         return create_engine_config
