@@ -155,4 +155,4 @@ def write_module_tree(path: Path, model: torch.nn.Module, rank: int | None) -> N
 
 
 def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")

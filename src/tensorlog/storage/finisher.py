@@ -232,7 +232,7 @@ class StepFinisher:
             "anomaly": self.anomaly,
             "complete": complete,
             "incomplete_reason": why,
-            "end_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds") if final else None,
+            "end_time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds") if final else None,
             "removed_through": self._retention.removed_through if self._retention is not None else None,
         }
         m = self._manifest.model_copy(update=update)
@@ -318,7 +318,7 @@ def close_orphaned(run_dir: Path, why: str, *, wait: float = ORPHAN_WAIT) -> lis
                     "complete": False,
                     "incomplete_reason": f"its process (pid {manifest.pid}) was killed before it closed the run ({why})",
                     "steps_written": ranges,
-                    "end_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+                    "end_time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
                 }
             )
             try:
