@@ -141,6 +141,16 @@ def test_full_disk_stops_logging_cleanly_and_run_json_says_why(tmp_path, size, w
         loaded = _assert_intact(disk / "r")
         # the final manifest was written even with no room for a new file (over the old one, in place)
         assert not loaded.complete and "disk full" in (loaded.incomplete_reason or ""), loaded.incomplete_reason
+        # a gate comparing it against a whole run never passes: the steps that were not written are not "a match"
+        with tensorlog.capture(model, {"output_dir": str(tmp_path), "run_name": "whole", "log_step_ids": []}):
+            for _ in range(40):
+                with torch.no_grad():
+                    model(x)
+        res = tensorlog.compare(tmp_path / "whole", disk / "r")
+        assert res.exit_code == 2 and headline(res).startswith("INCOMPLETE RUN: run 2 is incomplete")
+        w = tensorlog.compare(tmp_path / "whole", disk / "r", whole_steps=True)
+        whole = [s for s in loaded.steps.values() if s.complete]
+        assert w.exit_code == (0 if whole else 2), headline(w)  # the steps both finished, when there are any
     finally:
         subprocess.run(["umount", str(disk)])
 

@@ -9,6 +9,7 @@ import os
 import resource
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -405,3 +406,22 @@ def test_index_values_that_contradict_the_file_are_unreadable(good, tmp_path):
     index.write_text(json.dumps(doc))
     res = tensorlog.compare(good / "a", b)
     assert res.exit_code == 2 and "its values disagree with those its index records" in headline(res)
+
+
+def test_a_parts_file_listing_one_directory_many_times_is_refused_at_once(good, tmp_path):
+    parts = tmp_path / "run.parts.json"
+    parts.write_text(json.dumps({"format": "tensorlog-run-parts", "parts": [{"path": str(good / "a")}] * 10_000}))
+    t0 = time.monotonic()
+    code, _out, err = _cli("compare", parts, good / "b")
+    assert code == 2 and "list one directory twice" in err and time.monotonic() - t0 < 10
+
+
+def test_bidirectional_overrides_in_names_are_escaped_in_every_report(good, tmp_path):
+    from tensorlog.report.text import clean
+
+    assert clean("evil\u202egnp.exe") == "evil\\u202egnp.exe" and clean("a\u2066b\u200fc") == "a\\u2066b\\u200fc"
+    b = _copy(good, tmp_path)
+    os.rename(b / "step_0" / "0", b / "step_0" / "x\u202ey")
+    (b / "step_0" / "tensorlog_index.json").unlink()
+    _code, out, err = _cli("compare", "--dir1", good / "a", "--dir2", b)
+    assert "\u202e" not in out + err and "x\\u202ey" in out

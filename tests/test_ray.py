@@ -221,7 +221,7 @@ def test_compare_on_ray_runs_each_pair_where_its_files_are_and_gives_the_same_re
     assert [run.manifest.model_extra["ranks"][r]["node"]["ray_node_id"] for r in range(2)] == nodes
 
     local = tensorlog.compare(one_dir(a, tmp_path / "one_a"), one_dir(b, tmp_path / "one_b"))
-    on_ray, stats = compare_on_ray(a, b, address=c.address, rtol=1e-5, atol=1e-8)
+    on_ray, stats = compare_on_ray(a, b, address=c.address)
     assert same_report(report(on_ray), report(local)) == []
     assert [(d.step, d.module, d.rank) for d in on_ray.first_divergence] == [(0, "layers.1.up", 1), (1, "layers.1.up", 1)]
 
@@ -234,19 +234,19 @@ def test_compare_on_ray_runs_each_pair_where_its_files_are_and_gives_the_same_re
     assert "compared on Ray: " in on_ray.notes[-1] and "no tensor data between nodes" in on_ray.notes[-1]
 
     # no false positive: identical runs on Ray match
-    same, _ = compare_on_ray(a, parts(tmp_path / "c", "c", where=where), address=c.address, rtol=1e-5, atol=1e-8)
+    same, _ = compare_on_ray(a, parts(tmp_path / "c", "c", where=where), address=c.address)
     assert same and same.summary.mismatched == 0 and same.summary.pairs_compared == local.summary.pairs_compared
 
     # run 2's ranks placed on the other nodes: each pair's run-2 side is read where it lives and sent over
     swapped = parts(tmp_path / "d", "d", perturb_rank=1, where=lambda r, fn, *a: on_node(nodes)(1 - r, fn, *a))
-    crossed, cstats = compare_on_ray(a, swapped, address=c.address, rtol=1e-5, atol=1e-8)
+    crossed, cstats = compare_on_ray(a, swapped, address=c.address)
     assert same_report(report(crossed), report(local)) == []
     assert cstats.cross_node_pairs == cstats.pairs and cstats.moved_bytes == stats.data_bytes // 2
     assert "sent to run 1's node" in crossed.notes[-1]
 
     # NaN and Inf travel back as they are: the same verdicts and metrics as a local compare
     nan = parts(tmp_path / "n", "n", perturb_rank=0, where=where, how="nan")
-    on_ray_nan, _ = compare_on_ray(a, nan, address=c.address, rtol=1e-5, atol=1e-8)
+    on_ray_nan, _ = compare_on_ray(a, nan, address=c.address)
     local_nan = tensorlog.compare(one_dir(a, tmp_path / "one_a2"), one_dir(nan, tmp_path / "one_n"))
     assert same_report(report(on_ray_nan), report(local_nan)) == []
     d = on_ray_nan.first_divergence[0]

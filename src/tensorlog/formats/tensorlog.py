@@ -141,9 +141,6 @@ def _read_manifests(p: Path, listing: Listing, problems: list[str]) -> RunManife
     )
 
 
-_JOURNAL_LINE = re.compile(rb'^\{"step": (\d{1,12})\}$')
-
-
 def _with_journals(m: RunManifest, listing: Listing, problems: list[str]) -> RunManifest:
     """``steps_written`` with what each rank's journal adds: the journal gets a line as each step ends, while
     ``run.json`` is rewritten at most once a second (a torn last line, from a kill mid-write, is ignored)."""
@@ -157,9 +154,7 @@ def _with_journals(m: RunManifest, listing: Listing, problems: list[str]) -> Run
         except RunReadError as e:
             problems.append(str(e))
             continue
-        journals[int(jm.group(1)) if jm.group(1) is not None else None] = {
-            int(x.group(1)) for line in data.split(b"\n") if (x := _JOURNAL_LINE.match(line))
-        }
+        journals[int(jm.group(1)) if jm.group(1) is not None else None] = names.journal_steps(data)
     if not journals:
         return m
     ranks = listed_ranks(m)

@@ -14,7 +14,8 @@ from ..compare.results import Comparison, ModuleResult
 
 __all__ = ["clean", "fmt", "headline", "judged", "verdict_text", "VERDICT_TEXT"]
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+"""Control characters, lone surrogates, and the bidirectional controls that make a name read otherwise than it is."""
 
 
 def clean(text: object) -> str:

@@ -60,6 +60,8 @@ __all__ = [
     "RUN_FILE_RE",
     "JOURNAL_FILE_RE",
     "journal_file",
+    "journal_line",
+    "journal_steps",
     "MODULES_FILE_RE",
     "CALLS_FILE_RE",
     "INDEX_FILE_RE",
@@ -172,6 +174,18 @@ def run_file(rank: int | None = None) -> str:
 def journal_file(rank: int | None = None) -> str:
     """The append-only list of whole steps, one ``{"step": N}`` line each, written as each step ends."""
     return f"steps{rank_infix(rank)}.jsonl"
+
+
+_JOURNAL_LINE = re.compile(rb'^\{"step": (\d{1,12})\}$')
+
+
+def journal_line(step: int) -> bytes:
+    return b'{"step": %d}\n' % step
+
+
+def journal_steps(data: bytes) -> set[int]:
+    """The steps a journal lists; anything else (a torn last line, from a kill mid-write) is ignored."""
+    return {int(m.group(1)) for line in data.split(b"\n") if (m := _JOURNAL_LINE.match(line))}
 
 
 def modules_file(rank: int | None = None) -> str:

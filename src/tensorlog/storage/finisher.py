@@ -153,7 +153,7 @@ class StepFinisher:
         after a kill -9 between steps this is what lists the steps run.json had no time to."""
         if self._journal_fd is None:
             self._journal_fd = open_file(self.run_dir / names.journal_file(self.rank), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        os.write(self._journal_fd, b'{"step": %d}\n' % step)
+        os.write(self._journal_fd, names.journal_line(step))
 
     def close(self) -> None:
         """The run ends: the last Parquet window is written (before the final ``run.json``)."""
@@ -352,11 +352,8 @@ def _gone(pid: int, wait: float) -> bool:
 
 
 def _journaled(path: Path) -> set[int]:
-    import re
-
     try:
         with os.fdopen(open_file(path, os.O_RDONLY), "rb") as f:
-            data = f.read(32 << 20)
+            return names.journal_steps(f.read(32 << 20))
     except OSError:
         return set()
-    return {int(x.group(1)) for line in data.split(b"\n") if (x := re.match(rb'^\{"step": (\d{1,12})\}$', line))}
