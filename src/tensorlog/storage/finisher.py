@@ -76,7 +76,6 @@ class StepFinisher:
         self._dropped: list[Dropped] = []
         self._incomplete: dict[int, str] = {}
         self._last_manifest = -MANIFEST_INTERVAL
-        self._journal_fd: int | None = None
         self.anomaly: Anomaly | None = None
         """The first NaN/Inf found; other threads read it (one reference, set once)."""
         self._retention = Retention(retain_steps, retain_bytes, rank) if retain_steps or retain_bytes else None
@@ -151,15 +150,14 @@ class StepFinisher:
     def _journal(self, step: int) -> None:
         """One line per whole step, appended as the step ends: ``run.json`` is rewritten at most once a second, so
         after a kill -9 between steps this is what lists the steps run.json had no time to."""
-        if self._journal_fd is None:
-            self._journal_fd = open_file(self.run_dir / names.journal_file(self.rank), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        os.write(self._journal_fd, names.journal_line(step))
+        fd = open_file(self.run_dir / names.journal_file(self.rank), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:  # opened for each line: a file held open for writing would keep its file system from going read-only
+            os.write(fd, names.journal_line(step))
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         """The run ends: the last Parquet window is written (before the final ``run.json``)."""
-        if self._journal_fd is not None:
-            os.close(self._journal_fd)
-            self._journal_fd = None
         if self._parquet is not None:
             self._parquet.flush()
 
