@@ -36,7 +36,12 @@ class Small(nn.Module):
 def test_statistics_mode_writes_json_only_and_statistics_equal_torchs(tmp_path):
     model, x = Small(), torch.randn(4, 6)
     run = _cap(model, tmp_path, "s", x, mode="statistics")
-    assert sorted(p.name for p in run.rglob("*") if p.is_file()) == ["modules.json", "run.json", "steps.jsonl", "tensorlog_index.json"]
+    assert sorted(p.name for p in run.rglob("*") if p.is_file()) == [
+        "modules.json",
+        "run.json",
+        "steps.jsonl",
+        "tensorlog_index.json",
+    ]
     out = model.fc1(x).detach()
     st = tensorlog.load_run(run).steps[0].call("fc1").outputs[0].stats
     assert st["min"] == out.min().item() and st["max"] == out.max().item()
