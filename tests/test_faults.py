@@ -633,3 +633,35 @@ def test_a_writer_killed_between_steps_is_closed_by_the_survivor_with_every_whol
     assert len(whole) >= 5 and len(set(run.manifest.steps_done()) & whole) >= len(whole) - 1
     assert run.manifest.end_time is not None
     assert close_orphaned(tmp_path / "r", "again") == []  # closed once; a live or closed run is never touched
+
+
+@pytest.mark.parametrize("plant", ["hard link", "fifo"])
+def test_a_hard_link_or_fifo_planted_at_the_journal_is_never_written_through_or_waited_on(tmp_path, plant):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("VICTIM\n")
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    run = tensorlog.capture(model, {"output_dir": str(tmp_path / "out"), "run_name": "r", "log_step_ids": []})
+    model(torch.randn(2, 4))
+    journal = run.path / "steps.jsonl"
+    journal.unlink()
+    if plant == "hard link":
+        os.link(victim, journal)
+    else:
+        os.mkfifo(journal)
+    done: list[bool] = []
+
+    def forwards():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(3):
+                model(torch.randn(2, 4))
+            run.remove()
+        done.append(True)
+
+    t = threading.Thread(target=forwards, daemon=True)
+    t.start()
+    t.join(30)
+    assert done, "the model waited on a FIFO planted in its run"
+    assert victim.read_text() == "VICTIM\n"
+    r = tensorlog.load_run(run.path)
+    assert not r.complete and "steps.jsonl" in r.incomplete_reason  # not a plain file of the run / no reader

@@ -6,6 +6,7 @@ The false positive is tested beside the true one: runs that compute the same thi
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 import textwrap
@@ -206,3 +207,84 @@ def test_running_out_of_file_descriptors_is_a_limit_of_the_machine_not_unreadabl
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("LIMIT this machine ran out of memory, memory maps or file descriptors"), r.stdout
+
+
+def test_the_same_prompt_twice_against_two_prompts_is_a_difference_not_a_match(hf_model, tmp_path):
+    twice = _generate(hf_model, tmp_path, "twice", [[P0, P0]])
+    two = _generate(hf_model, tmp_path, "two", [[P0, P1]])
+    c = tensorlog.compare(twice, two)
+    assert c.exit_code == 1 and headline(c).startswith("DIFFERENT PROMPTS")
+
+
+def test_float8_tensors_are_judged_not_a_traceback():
+    f8 = getattr(torch, "float8_e4m3fn", None)
+    if f8 is None:
+        pytest.skip("no float8 in this torch")
+    a = torch.randn(64, generator=torch.Generator().manual_seed(0)).to(f8)
+    m = compare_tensors(a, a.to(torch.float32).mul(4).to(f8), tolerance=Tolerance.of())  # past float8 rounding (1 ulp = 12.5%)
+    assert not m.allclose and "float8" in (m.judged_by or "")
+
+
+class _Experts(torch.nn.Module):
+    """Top-2 routing: each token's row twice, so its output has 2 x num_tokens rows: not one row per token."""
+
+    def __init__(self, second: float):
+        super().__init__()
+        self.second = second
+
+    def forward(self, x):
+        return torch.cat([x, x * self.second])
+
+
+class _Routed(torch.nn.Module):
+    def __init__(self, second: float):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.experts = torch.nn.Embedding(400, 8), _Experts(second)
+
+    def forward(self, ids):
+        self.handle.annotate_step(self.info)
+        return self.experts(self.emb(ids))
+
+
+def _routed_run(out: Path, name: str, second: float, chunks: list[list[int]]) -> Path:
+    from tensorlog.schema.records import prompt_digest
+
+    prompt = [t for c in chunks for t in c]
+    m = _Routed(second)
+    with tensorlog.capture(m, {"output_dir": str(out), "run_name": name, "log_step_ids": []}) as h, torch.no_grad():
+        m.handle, start = h, 0
+        for i, chunk in enumerate(chunks):
+            new = [{"id": "r", "prompt_len": len(prompt), "prompt_digest": prompt_digest(prompt), "prompt": prompt}]
+            m.info = {
+                "req_ids": ["r"],
+                "num_tokens": [len(chunk)],
+                "start_positions": [start],
+                **({"new_requests": new} if i == 0 else {}),
+            }
+            m(torch.tensor(chunk))
+            start += len(chunk)
+    return h.path
+
+
+def test_outputs_that_are_not_one_row_per_token_are_not_compared_and_never_a_match(tmp_path):
+    whole = _routed_run(tmp_path, "whole", 0.5, [[5, 17, 33, 8]])
+    chunked = _routed_run(tmp_path, "chunked", 0.75, [[5, 17], [33, 8]])  # a 50% defect in the second expert's rows
+    c = tensorlog.compare(whole, chunked)
+    assert c.exit_code == 2 and headline(c).startswith("NOT COMPARED: ")
+    assert [m.verdict for m in c.modules if m.module == "experts"] == ["not_comparable"]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("num_tokens", [-3]), ("start_positions", [-1]), ("num_tokens", [10**12]), ("req_ids", ["g0.0", "g0.0"])],
+)
+def test_a_request_layout_that_describes_no_real_batch_is_refused(hf_model, tmp_path, field, value):
+    a = _generate(hf_model, tmp_path, "a", [[P0]], new=1)
+    b = _generate(hf_model, tmp_path, "b", [[P0]], new=1)
+    index = b / "step_0" / "tensorlog_index.json"
+    doc = json.loads(index.read_text())
+    doc["info"][field] = value
+    index.write_text(json.dumps(doc))
+    c = tensorlog.compare(a, b)
+    assert c.exit_code == 2 and "UNREADABLE DATA" in headline(c)

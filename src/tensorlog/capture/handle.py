@@ -39,9 +39,9 @@ from .graft import Graft
 from .hooks import ModuleHooks, RootHooks
 from .ops import OpCapture
 from .recorder import Recorder
-from .run import RunInfo, UnusableOutputDir, base_manifest, claim_run_dir, release_run_dir, write_module_tree
+from .run import RunInfo, UnusableOutputDir, base_manifest, claim_run_dir, release_claim, release_run_dir, write_module_tree
 from .stacks import StackRecorder
-from .steps import ForwardAbandoned
+from .steps import ForwardAbandoned, RemovedMidForward
 
 __all__ = ["CaptureHandle", "start_capture", "RunInfo"]
 
@@ -128,6 +128,7 @@ class CaptureHandle:
             release_run_dir(self.path, rank)
             self._disable(f"cannot write to {self.path}: {e.strerror or e}")
             return
+        release_claim(self.path)  # the writer holds the run directory now
         self._recorder = Recorder(config, self._selector, self._writer, rank=rank, layout=self._writer.layout, graft=graft)
         self._sources(model)
         EXIT.add(self)
@@ -259,6 +260,7 @@ class CaptureHandle:
     def _remove_now(self) -> None:
         EXIT.discard(self)
         depth = self._root.depth if self._root is not None else 0
+        inside = self._root is not None and self._root.inside_forward()
         if self._root is not None:
             self._root.remove()
         if self._step_ops is not None:
@@ -266,7 +268,8 @@ class CaptureHandle:
         if self._writer is None:
             return
         try:
-            self._close_step(None, raised=(sys.exc_info()[1] or ForwardAbandoned()) if depth else None)
+            left = RemovedMidForward() if inside else ForwardAbandoned()
+            self._close_step(None, raised=(sys.exc_info()[1] or left) if depth else None)
         except AnomalyError:
             pass
         self._detach()

@@ -173,6 +173,10 @@ class RootHooks:
             f = f.f_back
         return False
 
+    def inside_forward(self) -> bool:
+        """The caller runs inside the root's forward (``remove()`` called from the model's own code)."""
+        return self.depth > 0 and self._thread == threading.get_ident() and not self._left_behind()
+
     def abandoned(self) -> bool:
         """A forward is open that will not return (asked when the capture ends: its step was cut short)."""
         return self.depth > 0

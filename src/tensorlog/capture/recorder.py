@@ -28,7 +28,7 @@ from ..schema.leaves import Leaf, flatten_inputs, flatten_value
 from ..storage.records import CallRecord, StepEnd, WriteJob
 from ..storage.writer import Writer
 from .snapshot import Snapshotter
-from .steps import ForwardAbandoned, StepState
+from .steps import ForwardAbandoned, RemovedMidForward, StepState
 
 __all__ = ["Recorder"]
 
@@ -87,7 +87,11 @@ class Recorder:
         if raised is not None or unfinished:
             complete = False
             what = (
-                (str(raised) if isinstance(raised, ForwardAbandoned) else f"the forward raised {type(raised).__name__}")
+                (
+                    str(raised)
+                    if isinstance(raised, (ForwardAbandoned, RemovedMidForward))
+                    else f"the forward raised {type(raised).__name__}"
+                )
                 if raised is not None
                 else "calls never returned"
             )

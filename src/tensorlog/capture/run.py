@@ -17,9 +17,9 @@ from ..config import LogConfig
 from ..errors import ConfigError
 from ..schema import names
 from ..schema.records import NodeInfo, RunManifest
-from ..storage.atomic import sweep_temps, write_atomic
+from ..storage.atomic import RunRoot, remove_file, sweep_temps, write_atomic
 
-__all__ = ["RunInfo", "claim_run_dir", "release_run_dir", "base_manifest", "write_module_tree", "now"]
+__all__ = ["RunInfo", "claim_run_dir", "release_run_dir", "release_claim", "base_manifest", "write_module_tree", "now"]
 
 
 @dataclass
@@ -60,7 +60,7 @@ def claim_run_dir(config: LogConfig, rank: int | None) -> Path:
     while True:
         try:
             path.mkdir(parents=True, exist_ok=True)
-            _claim(path, rank)
+            RunRoot.adopt(path, _claim(path, rank))  # held from here: every later write is confined to it
             if rank is not None:
                 sweep_temps(path)  # a shared run directory: what this host's dead writers left
             return path
@@ -78,7 +78,7 @@ def claim_run_dir(config: LogConfig, rank: int | None) -> Path:
             raise UnusableOutputDir(f"cannot create the run directory {path}: {e.strerror or e}") from None
 
 
-def _claim(path: Path, rank: int | None) -> None:
+def _claim(path: Path, rank: int | None) -> int:
     """Create the rank's ``run.json`` exclusively, in ``path`` itself: a run directory that is a symbolic link
     (planted where the run was to go) is refused, so nothing is written where it points."""
     try:
@@ -90,8 +90,10 @@ def _claim(path: Path, rank: int | None) -> None:
     try:
         fd = os.open(names.run_file(rank), os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
         os.close(fd)
-    finally:
+    except BaseException:
         os.close(dfd)
+        raise
+    return dfd
 
 
 def release_run_dir(path: Path, rank: int | None) -> None:
@@ -99,13 +101,21 @@ def release_run_dir(path: Path, rank: int | None) -> None:
     too, when no other rank has written there), so no run that never started is left to read."""
     for leftover in (path / names.modules_file(rank), path / names.run_file(rank)):
         try:
-            leftover.unlink()
+            remove_file(leftover)  # through the claim's descriptor: never what a swapped-in link points to
         except OSError:
             pass
+    release_claim(path)
     try:
-        path.rmdir()
+        path.rmdir()  # only when empty, and never a link
     except OSError:
         pass
+
+
+def release_claim(path: Path) -> None:
+    """The claim's hold on the run directory ends (the writer holds its own while it writes)."""
+    root = RunRoot.of(os.path.join(os.path.abspath(os.fspath(path)), "x"))
+    if root is not None:
+        root.release()
 
 
 def base_manifest(config: LogConfig, model: torch.nn.Module, info: RunInfo, *, layout: str, path: Path) -> RunManifest:

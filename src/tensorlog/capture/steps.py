@@ -14,7 +14,7 @@ import functools
 
 from ..schema import names
 
-__all__ = ["StepState", "ForwardAbandoned"]
+__all__ = ["StepState", "ForwardAbandoned", "RemovedMidForward"]
 
 _call_dir = functools.lru_cache(maxsize=1 << 16)(names.call_dir)
 
@@ -70,3 +70,10 @@ class ForwardAbandoned(BaseException):
 
     def __str__(self) -> str:
         return "the forward never returned (KeyboardInterrupt, SystemExit or another BaseException left it)"
+
+
+class RemovedMidForward(BaseException):
+    """What a step records when the capture was removed from inside its own forward: the step is partial."""
+
+    def __str__(self) -> str:
+        return "the capture was removed inside the forward"

@@ -339,6 +339,7 @@ def _summary(results: list[ModuleResult]) -> Summary:
         not_comparable=sum(t.status == "not_comparable" for t in tensors),
         modules_compared=sum(m.verdict not in ("only_in_1", "only_in_2") for m in results),
         modules_mismatched=sum(m.verdict in ("born", "contains", "inherited") for m in results),
+        modules_not_comparable=sum(m.verdict == "not_comparable" for m in results),
     )
 
 

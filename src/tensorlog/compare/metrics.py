@@ -239,10 +239,13 @@ def compare_tensors(
 
 def _finite_abs_max(x: torch.Tensor) -> float:
     """The largest finite magnitude, without a float64 copy of the tensor."""
-    lo, hi = torch.aminmax(x) if x.dtype != torch.bool else (x.min(), x.max())
-    m = max(abs(float(lo)), abs(float(hi)))
-    if math.isfinite(m):
-        return m
+    try:
+        lo, hi = torch.aminmax(x) if x.dtype != torch.bool else (x.min(), x.max())
+        m = max(abs(float(lo)), abs(float(hi)))
+        if math.isfinite(m):
+            return m
+    except (RuntimeError, NotImplementedError):  # no kernel for this dtype (float8 on CPU): the chunked way
+        pass
     out = 0.0
     for i in range(0, x.numel(), CHUNK_ELEMENTS):
         c = x[i : i + CHUNK_ELEMENTS].to(torch.float64)

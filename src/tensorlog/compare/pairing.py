@@ -7,6 +7,7 @@ from typing import Any, Literal
 from ..errors import AlignmentError, RunReadError
 from ..formats import ModuleCall, TensorRecord
 from ..formats.model import DerivedSource
+from .align.virtual import RowsMissing
 from .metrics import Tolerance, compare_stats, compare_tensors, rounding_budget
 from .results import ModuleResult, ModuleVerdict, TensorResult
 
@@ -47,7 +48,9 @@ def compare_pair(r1: TensorRecord, r2: TensorRecord, step: int, module: str, ran
             a, b = r1.load(), r2.load()
         except RunReadError as e:
             return TensorResult(**base, status="unreadable", method="none", note=str(e))
-        except AlignmentError as e:  # alignment could not line the two up (layout, missing tokens)
+        except RowsMissing as e:  # rows only run 1 has: on one side, as a call only one run logged would be
+            return TensorResult(**base, status="only_in_1", method="none", note=str(e))
+        except AlignmentError as e:  # alignment could not line the two up (a layout by batch, not by token)
             return TensorResult(**base, status="not_comparable", method="none", note=str(e))
         base["mapping"] = _mapping_note(r1, r2)  # alignment may have said more while loading
         base["dtype1"], base["dtype2"] = str(a.dtype), str(b.dtype)
@@ -207,6 +210,8 @@ def module_result(c1: ModuleCall | None, c2: ModuleCall | None, step: int, tol: 
         verdict: ModuleVerdict = "born" if inputs_ok is not False else "inherited"
     elif any(t.status == "unreadable" for t in tensors):
         verdict = "unreadable"  # never "match" while part of it could not be read
+    elif outputs_ok is None and any(t.status == "not_comparable" and t.kind == "outputs" for t in tensors):
+        verdict = "not_comparable"  # nothing it returned could be lined up: no verdict, never "match"
     else:
         verdict = "match"
     metrics = [t.metrics for t in tensors if t.metrics is not None and t.kind == "outputs"]

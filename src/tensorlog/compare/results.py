@@ -33,7 +33,7 @@ EXIT_OK, EXIT_MISMATCH, EXIT_UNREADABLE = 0, 1, 2
 TensorStatus = Literal[
     "match", "mismatch", "shape_mismatch", "value_mismatch", "only_in_1", "only_in_2", "unreadable", "not_comparable"
 ]
-ModuleVerdict = Literal["match", "born", "contains", "inherited", "only_in_1", "only_in_2", "unreadable"]
+ModuleVerdict = Literal["match", "born", "contains", "inherited", "only_in_1", "only_in_2", "unreadable", "not_comparable"]
 
 
 class _Model(BaseModel):
@@ -144,6 +144,9 @@ class Summary(_Model):
     not_comparable: int
     modules_compared: int
     modules_mismatched: int
+    modules_not_comparable: int = 0
+    """Modules both runs logged none of whose outputs could be lined up (a layout by batch, not by token): their
+    verdict is unknown, so the comparison's is too (exit code 2)."""
 
 
 class Comparison(_Model):
@@ -185,7 +188,7 @@ class Comparison(_Model):
     def exit_code(self) -> int:
         """0 everything compared matches; 1 a mismatch, or requests with different prompts; 2 unreadable data, a run
         that is incomplete (cut short, stopped or still being written), or nothing to compare."""
-        if self.unreadable or self.incomplete:
+        if self.unreadable or self.incomplete or self.summary.modules_not_comparable:
             return EXIT_UNREADABLE
         if self.requests is not None and self.requests.different_prompts:
             return EXIT_MISMATCH  # the runs were given different inputs: a difference, whatever else matched

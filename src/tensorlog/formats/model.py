@@ -283,7 +283,7 @@ class Run:
 
     @property
     def incomplete_reason(self) -> str | None:
-        return None if self.complete else (self.manifest.incomplete_reason or "no manifest")
+        return None if self.complete else (self.manifest.incomplete_reason or "not marked complete, and no reason given")
 
     @property
     def world_size(self) -> int:

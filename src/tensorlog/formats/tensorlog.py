@@ -41,6 +41,8 @@ def load_tensorlog_run(p: Path, listing: Listing) -> Run:
     run, _, steps = tensorlog_steps(p, listing, [])
     run.steps = {s.index: s for s in steps}
     incomplete = [f"step {s.index}: {s.incomplete_reason}" for s in run.steps.values() if not s.complete]
+    if not run.manifest.tensorlog_version and any(s.extra.get("indexed_ranks") for s in run.steps.values()):
+        incomplete.insert(0, "its run.json is missing (tensorlog's step indexes are here)")
     if incomplete and run.complete:
         run.manifest = run.manifest.model_copy(update={"complete": False, "incomplete_reason": "; ".join(incomplete[:3])})
     run.problems.extend(manifest_disagreements(run))
@@ -194,6 +196,9 @@ def _load_step(index: int, d: Path, manifest: RunManifest, problems: list[str], 
                 indexes[rank] = read_model(f, StepIndex, INDEX_JSON)
             except RunReadError as e:
                 problems.append(str(e))
+                continue
+            if indexes[rank].step != index:  # moved or copied from another step: which is right cannot be known
+                problems.append(f"{f}: says it is step {indexes.pop(rank).step}, but lies in step_{index}")
     calls: list[ModuleCall] = []
     step = Step(index=index, calls=calls, info=legacy)
     indexed_ranks = set(indexes)
@@ -203,6 +208,9 @@ def _load_step(index: int, d: Path, manifest: RunManifest, problems: list[str], 
             step.info = idx.info if rank in (None, 0) or step.info is None else step.info
         if not idx.complete:
             step.complete, step.incomplete_reason = False, idx.incomplete_reason or "cut short"
+        elif idx.dropped and step.complete:  # on_backpressure: drop left calls out: the step is not whole
+            what = ", ".join(sorted({d.module for d in idx.dropped})[:3])
+            step.complete, step.incomplete_reason = False, f"{len(idx.dropped)} call(s) left out by back-pressure ({what})"
     step.extra["indexed_ranks"] = sorted(indexed_ranks, key=lambda r: -1 if r is None else r)
     scanned = [c for c in _calls_from_dirs(index, d, listing, indexed_ranks, problems) if not _removed(manifest, c.rank, index)]
     if not indexes and not scanned and manifest.layout_version >= 2 and not _removed(manifest, None, index):

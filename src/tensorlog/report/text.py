@@ -37,6 +37,7 @@ VERDICT_TEXT = {
     "only_in_1": "only in dir1",
     "only_in_2": "only in dir2",
     "unreadable": "unreadable",
+    "not_comparable": "NOT COMPARED (its outputs could not be lined up)",
 }
 
 
@@ -58,6 +59,14 @@ def headline(c: Comparison) -> str:
     Unreadable data comes first: a comparison that could not read everything never reads as a match.
     """
     text = _divergence_line(c)
+    if c.summary.modules_not_comparable and not (c.unreadable or c.incomplete):
+        first = next(m for m in c.modules if m.verdict == "not_comparable")
+        reason = next((t.note or "" for t in first.tensors if t.status == "not_comparable" and t.note), "")
+        text = (
+            f"NOT COMPARED: {c.summary.modules_not_comparable} module call(s) whose outputs could not be lined up "
+            f"(first: `{clean(first.module)}`, step {first.step}: {clean(reason)[:200]}); the verdict does not cover them. "
+            + text
+        )
     if c.incomplete and not c.unreadable:
         text = (
             f"INCOMPLETE RUN: {clean('; '.join(c.incomplete))[:400]}. A verdict needs whole runs "

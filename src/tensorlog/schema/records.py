@@ -10,9 +10,10 @@ is an error, not ``True``).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 __all__ = [
     "STAT_KEYS",
@@ -162,6 +163,10 @@ def prompt_digest(ids: list[int]) -> str:
     return hashlib.blake2b(struct.pack(f"<{len(ids)}q", *ids), digest_size=16).hexdigest()
 
 
+MAX_STEP_TOKENS = 1 << 24
+"""More tokens in one step than any engine schedules: an index that claims more is refused."""
+
+
 class RequestStart(_Record):
     """A request first scheduled in this step, and what identifies it in any other run: its prompt.
 
@@ -177,6 +182,16 @@ class RequestStart(_Record):
     sample: StrictInt = 0
     """Which of a request's ``n`` samples (vLLM's parallel sampling names them ``<i>_<parent id>``)."""
 
+    @model_validator(mode="after")
+    def _consistent(self) -> RequestStart:
+        if not 0 <= self.prompt_len < 1 << 31 or not 0 <= self.sample < 1 << 20:
+            raise ValueError("a request's prompt length and sample must be small non-negative integers")
+        if not re.fullmatch(r"[0-9a-f]{32}", self.prompt_digest):
+            raise ValueError("a prompt digest is 32 hex digits")
+        if self.prompt is not None and (len(self.prompt) != self.prompt_len or prompt_digest(self.prompt) != self.prompt_digest):
+            raise ValueError(f"request {self.id!r}: its prompt does not match its length or digest")
+        return self
+
 
 class StepInfo(_Record):
     """The request layout of a step: rows of the flattened ``[num_tokens, ...]`` activations per request."""
@@ -190,6 +205,24 @@ class StepInfo(_Record):
     """``batch_major`` only: the step's padded sequence width; a row's real tokens are its last ``num_tokens``
     columns (left padding), the columns before them padding."""
     new_requests: list[RequestStart] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StepInfo:
+        """A layout that could not describe a real batch would pair rows wrongly: refused, never half-believed."""
+        n = len(self.req_ids)
+        if len(self.num_tokens) != n or (self.start_positions is not None and len(self.start_positions) != n):
+            raise ValueError("req_ids, num_tokens and start_positions differ in length")
+        if len(set(self.req_ids)) != n:
+            raise ValueError("a request is listed twice in one step")
+        if any(not 0 <= k <= MAX_STEP_TOKENS for k in self.num_tokens) or sum(self.num_tokens) > MAX_STEP_TOKENS:
+            raise ValueError(f"token counts must lie in 0..{MAX_STEP_TOKENS}")
+        if any(not 0 <= p < 1 << 40 for p in self.start_positions or []):
+            raise ValueError("start positions must be non-negative")
+        if self.width is not None and not 0 <= self.width <= MAX_STEP_TOKENS:
+            raise ValueError("width out of range")
+        if any(r.id not in self.req_ids for r in self.new_requests):
+            raise ValueError("a request first scheduled in a step must be one of the step's requests")
+        return self
 
 
 class Dropped(_Record):

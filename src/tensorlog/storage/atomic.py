@@ -14,6 +14,7 @@ import errno
 import mmap
 import os
 import socket
+import stat
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -68,11 +69,26 @@ class RunRoot:
     _lock: ClassVar[threading.Lock] = threading.Lock()
     _live: ClassVar[dict[str, tuple[RunRoot, int]]] = {}
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, fd: int | None = None) -> None:
         self.path = os.path.abspath(os.fspath(path))
-        self.fd = os.open(self.path, _DIR_FLAGS)
+        self.fd = os.open(self.path, _DIR_FLAGS) if fd is None else fd
         st = os.fstat(self.fd)
         self.ident = (st.st_dev, st.st_ino)
+
+    @classmethod
+    def adopt(cls, path: Path, fd: int) -> RunRoot:
+        """Hold the directory ``fd`` already opened (without following a link) as ``path``'s root: the claim's own
+        descriptor, so no rename between the claim and this can put another directory in its place."""
+        key = os.path.abspath(os.fspath(path))
+        with cls._lock:
+            if key in cls._live:
+                os.close(fd)
+                root, n = cls._live[key]
+                cls._live[key] = (root, n + 1)
+                return root
+            root = cls(path, fd)
+            cls._live[key] = (root, 1)
+            return root
 
     @classmethod
     def claim(cls, path: Path) -> RunRoot:
@@ -160,8 +176,19 @@ class _At:
             os.close(self.fd)
 
     def open(self, name: str, flags: int, mode: int = 0o644) -> int:
-        nofollow = os.O_NOFOLLOW if self.fd is not None else 0
-        return os.open(name, flags | nofollow | os.O_CLOEXEC, mode, dir_fd=self.fd)
+        """Under a run: never through a link, never blocking on a FIFO, and an existing file opened for writing must
+        be a plain file with one name (a hard link planted there would carry the writes outside the run)."""
+        if self.fd is None:
+            return os.open(name, flags | os.O_CLOEXEC, mode)
+        writes = flags & (os.O_WRONLY | os.O_RDWR)
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_NONBLOCK if writes else 0), mode, dir_fd=self.fd)
+        if writes and not flags & os.O_EXCL:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+                os.close(fd)
+                where = os.path.join(self.path if self.fd is None else os.path.dirname(self.path), name)
+                raise RunEscapeError(errno.EEXIST, f"{where} is not a plain file of the run (a hard link or a special file)")
+        return fd
 
     def tmp(self) -> str:
         return names.temp_name(os.path.basename(self.name), os.getpid(), threading.get_native_id(), _HOST)
@@ -278,7 +305,7 @@ def make_dir(d: Path) -> None:
 
 
 def _write_buffered(at: _At, path: str, views: list[memoryview]) -> None:
-    fd = at.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    fd = at.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)  # a fresh temporary: nothing planted is ever reused
     try:
         pending = [v for v in views if len(v)]
         while pending:
@@ -310,7 +337,7 @@ def _write_direct(at: _At, path: str, views: list[memoryview], total: int) -> bo
     thread keeps running while a big tensor is staged. False where O_DIRECT is refused.
     """
     try:
-        fd = at.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT)
+        fd = at.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT)
     except RunEscapeError:
         raise
     except OSError as e:
@@ -393,8 +420,10 @@ def sweep_temps(directory: str | Path, *, recursive: bool = True) -> list[str]:
     another host's files (a shared file system) and a live process's are left alone.
     """
     removed: list[str] = []
+    root = RunRoot.of(os.path.join(os.path.abspath(os.fspath(directory)), "x"))
     try:
-        walk = os.fwalk(os.fspath(directory))  # by descriptor: never into a link
+        # by descriptor, never into a link; from the run's own descriptor when it is held
+        walk = os.fwalk(".", dir_fd=root.fd) if root is not None else os.fwalk(os.fspath(directory))
         for top, dirs, files, fd in walk:
             if not recursive:
                 dirs.clear()
@@ -403,7 +432,7 @@ def sweep_temps(directory: str | Path, *, recursive: bool = True) -> list[str]:
                 if owner is not None and owner[1] == _HOST and not _alive(owner[0]):
                     try:
                         os.unlink(name, dir_fd=fd)
-                        removed.append(os.path.join(top, name))
+                        removed.append(os.path.normpath(os.path.join(os.fspath(directory), top, name)))
                     except OSError:
                         pass
     except OSError:

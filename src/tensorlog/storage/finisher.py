@@ -76,6 +76,7 @@ class StepFinisher:
         self._dropped: list[Dropped] = []
         self._incomplete: dict[int, str] = {}
         self._last_manifest = -MANIFEST_INTERVAL
+        self._bad_info = False
         self.anomaly: Anomaly | None = None
         """The first NaN/Inf found; other threads read it (one reference, set once)."""
         self._retention = Retention(retain_steps, retain_bytes, rank) if retain_steps or retain_bytes else None
@@ -111,7 +112,17 @@ class StepFinisher:
             self._account(len(data))
             write_atomic(step_dir / names.calls_file(self.rank), [data])
         if end.info:
-            end.info = StepInfo.model_validate(end.info).model_dump(exclude_defaults=True)
+            try:
+                end.info = StepInfo.model_validate(end.info).model_dump(exclude_defaults=True)
+            except ValueError as e:  # facts for alignment only: a layout that makes no sense is left out, said once
+                if not self._bad_info:
+                    self._bad_info = True
+                    warnings.warn(
+                        f"tensorlog: step {end.step}'s request layout is inconsistent, not recorded: {e}",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                end.info = None
         doc = index_doc(end, rank=self.rank, layout=self.layout, packed=packed_name)
         data = index_json(doc)
         self._account(len(data))

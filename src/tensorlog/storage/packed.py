@@ -38,7 +38,7 @@ class PackedFile:
         self.tmp = temp_path(path)
         self.header_room = _round_up(8 + max(header_bytes, _PAGE), _PAGE) - 8
         self._lock = threading.Lock()
-        self._fd = open_file(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        self._fd = open_file(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL)
         self._direct: int | None = None
         try:
             self._direct = open_file(self.tmp, os.O_WRONLY | os.O_DIRECT)

@@ -43,12 +43,60 @@ def _norm(rid: str) -> str:
     return _SUFFIX.sub("", str(rid))
 
 
+class Spans:
+    """Positions as merged half-open ranges: a request's tokens cost memory by how often it was scheduled, not by
+    how long it is (an index may claim millions)."""
+
+    def __init__(self) -> None:
+        self._raw: list[tuple[int, int]] = []
+        self._merged: list[tuple[int, int]] | None = []
+
+    def add(self, lo: int, hi: int) -> None:
+        if hi > lo:
+            self._raw.append((lo, hi))
+            self._merged = None
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        if self._merged is None:
+            out: list[tuple[int, int]] = []
+            for lo, hi in sorted(self._raw):
+                if out and lo <= out[-1][1]:
+                    out[-1] = (out[-1][0], max(out[-1][1], hi))
+                else:
+                    out.append((lo, hi))
+            self._merged, self._raw = out, list(out)
+        return self._merged
+
+    def __len__(self) -> int:
+        return sum(hi - lo for lo, hi in self.ranges)
+
+    def minus(self, other: Spans) -> list[tuple[int, int]]:
+        """The ranges of this set that ``other`` does not hold."""
+        out: list[tuple[int, int]] = []
+        theirs = other.ranges
+        j = 0
+        for lo, hi in self.ranges:
+            cur = lo
+            while j < len(theirs) and theirs[j][1] <= cur:
+                j += 1
+            k = j
+            while k < len(theirs) and theirs[k][0] < hi:
+                if theirs[k][0] > cur:
+                    out.append((cur, theirs[k][0]))
+                cur = max(cur, theirs[k][1])
+                k += 1
+            if cur < hi:
+                out.append((cur, hi))
+        return out
+
+
 @dataclass
 class _Request:
     key: str
     ids: list[str]
     start: RequestStart
-    positions: set[int] = field(default_factory=set)
+    positions: Spans = field(default_factory=Spans)
 
 
 @dataclass
@@ -89,7 +137,7 @@ def request_table(run: Run) -> RequestTable | None:
             if found is None:
                 table.unkeyed.setdefault(rid, None)
                 continue
-            table.requests[found].positions.update(range(s, s + n))
+            table.requests[found].positions.add(s, s + n)
     return table
 
 
@@ -175,19 +223,10 @@ def _ids(ids: list[str]) -> str:
     return ", ".join(repr(i) for i in ids[:6]) + (f" and {len(ids) - 6} more" if len(ids) > 6 else "")
 
 
-def _ranges(positions: set[int]) -> str | None:
-    if not positions:
+def _ranges(spans: list[tuple[int, int]]) -> str | None:
+    if not spans:
         return None
-    out: list[str] = []
-    run: list[int] = []
-    for p in sorted(positions):
-        if run and p == run[-1] + 1:
-            run.append(p)
-            continue
-        if run:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [p]
-    out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    out = [f"{lo}-{hi - 1}" if hi - lo > 1 else str(lo) for lo, hi in spans]
     return ",".join(out[:8]) + (" ..." if len(out) > 8 else "")
 
 
@@ -213,27 +252,30 @@ def match_requests(t1: RequestTable, t2: RequestTable) -> RequestReport:
         r2 = t2.requests.get(key)
         if r2 is None:
             continue
+        only1, only2 = r1.positions.minus(r2.positions), r2.positions.minus(r1.positions)
+        n1 = sum(hi - lo for lo, hi in only1)
         matched.append(
             RequestPair(
                 id1=_norm(r1.ids[0]),
                 id2=_norm(r2.ids[0]),
                 prompt_len=r1.start.prompt_len,
                 sample=r1.start.sample,
-                tokens_both=len(r1.positions & r2.positions),
-                tokens_only_1=len(r1.positions - r2.positions),
-                tokens_only_2=len(r2.positions - r1.positions),
-                only_1=_ranges(r1.positions - r2.positions),
-                only_2=_ranges(r2.positions - r1.positions),
+                tokens_both=len(r1.positions) - n1,
+                tokens_only_1=n1,
+                tokens_only_2=sum(hi - lo for lo, hi in only2),
+                only_1=_ranges(only1),
+                only_2=_ranges(only2),
             )
         )
     left1 = [r for k, r in t1.requests.items() if k not in t2.requests]
     left2 = [r for k, r in t2.requests.items() if k not in t1.requests]
-    # A request whose prompt is also in the other run, only with another sample index, is an extra sample (n=2
-    # against n=1), not a different prompt.
-    digests1 = {r.start.prompt_digest for r in t1.requests.values()}
-    digests2 = {r.start.prompt_digest for r in t2.requests.values()}
-    strange1 = [r for r in left1 if r.start.prompt_digest not in digests2]
-    strange2 = [r for r in left2 if r.start.prompt_digest not in digests1]
+    # An extra sample (n=2 against n=1: sample 1 of a prompt whose sample 0 the other run served) is a request on
+    # one side only; any other leftover (another prompt, the same prompt once more) stands where a request of the
+    # other run may stand with a different prompt.
+    firsts1 = {r.start.prompt_digest for r in t1.requests.values() if r.start.sample == 0}
+    firsts2 = {r.start.prompt_digest for r in t2.requests.values() if r.start.sample == 0}
+    strange1 = [r for r in left1 if not (r.start.sample > 0 and r.start.prompt_digest in firsts2)]
+    strange2 = [r for r in left2 if not (r.start.sample > 0 and r.start.prompt_digest in firsts1)]
     differences = [_difference(a.start, b.start) for a, b in zip(strange1, strange2)]
     return RequestReport(
         how="prompt",

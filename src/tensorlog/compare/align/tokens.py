@@ -14,12 +14,15 @@ from typing import Any
 
 import torch
 
+from ...errors import AlignmentError
 from ...formats import Run
 from ...schema.records import StepInfo
 
-__all__ = ["steps_info", "rows_by_token", "step_tokens", "TokenIndex"]
+__all__ = ["steps_info", "rows_by_token", "token_rows", "step_tokens", "TokenIndex"]
 
 Token = tuple[str, int]
+MAX_ALIGNED_TOKENS = 1 << 25
+"""Tokens one run may hold for a token-aligned compare (about 3 GB of index at most)."""
 
 
 def steps_info(run: Run) -> dict[int, StepInfo]:
@@ -38,6 +41,11 @@ class TokenIndex:
 
     def __init__(self, infos: dict[int, StepInfo], req_key: Callable[[str], str]) -> None:
         self.step_of: dict[Token, int] = {}
+        if sum(sum(i.num_tokens) for i in infos.values()) > MAX_ALIGNED_TOKENS:
+            raise AlignmentError(
+                f"the run's steps hold more than {MAX_ALIGNED_TOKENS} tokens: too many to pair one by one "
+                "(compare fewer steps with --steps)"
+            )
         for s in sorted(infos):
             for tok in step_tokens(infos[s], req_key):
                 self.step_of.setdefault(tok, s)
@@ -48,6 +56,20 @@ class TokenIndex:
 
 def rows_by_token(t: torch.Tensor, info: StepInfo, req_key: Callable[[str], str]) -> dict[Token, torch.Tensor] | None:
     """(request, position) -> row, or None when the tensor is not laid out by tokens."""
+    found = token_rows(t, info, req_key)
+    return found[0] if found is not None else None
+
+
+def token_rows(t: torch.Tensor, info: StepInfo, req_key: Callable[[str], str]) -> tuple[dict[Token, torch.Tensor], bool] | None:
+    """(rows by (request, position), whether every token of the step has a row), or None when the tensor is not
+    laid out by tokens. A tensor of one row per request (the logits of each request's last token) has not."""
+    out = _token_rows(t, info, req_key)
+    if out is None:
+        return None
+    return out, len(out) == sum(info.num_tokens)
+
+
+def _token_rows(t: torch.Tensor, info: StepInfo, req_key: Callable[[str], str]) -> dict[Token, torch.Tensor] | None:
     reqs, nums = info.req_ids, info.num_tokens
     starts = info.start_positions or [0] * len(reqs)
     out: dict[Token, Any] = {}
@@ -68,8 +90,7 @@ def rows_by_token(t: torch.Tensor, info: StepInfo, req_key: Callable[[str], str]
     if t.dim() < 1:
         return None
     total = sum(nums)
-    if t.shape[0] == total or (t.shape[0] > total and t.shape[0] != len(reqs)):
-        # [num_tokens, ...]; rows past the tokens are the padding a CUDA graph's fixed batch size adds
+    if t.shape[0] == total:  # [num_tokens, ...] (a tensor with other rows, e.g. top-k expert rows, is not by tokens)
         row = 0
         for r, n, s in zip(reqs, nums, starts):
             key = req_key(r)

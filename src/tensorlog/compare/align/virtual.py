@@ -32,9 +32,9 @@ from ...schema.records import ShardLayout, StepInfo, TensorEntry
 from .requests import RequestReport, id_keys, match_requests, request_table, unmatched_reason
 from .shards import DISAGREE, ShardPlan, disagreement, merge, plan_for
 from .spec import MappingSpec, ShardRule, SplitRule
-from .tokens import TokenIndex, rows_by_token, step_tokens, steps_info
+from .tokens import TokenIndex, rows_by_token, step_tokens, steps_info, token_rows
 
-__all__ = ["align_runs", "Alignment", "token_plan", "Tokens", "same_schedule"]
+__all__ = ["align_runs", "Alignment", "token_plan", "Tokens", "same_schedule", "RowsMissing"]
 
 _Loader = Callable[[], torch.Tensor]
 
@@ -336,6 +336,10 @@ def _step_pairs(e1: _Entry, e2: _Entry, cache: _Cache) -> list[tuple[TensorRecor
     return out
 
 
+class RowsMissing(AlignmentError):
+    """Run 2 has no rows of this tensor for (some of) run 1's tokens: the tensor is on run 1's side only there."""
+
+
 @dataclass
 class Tokens:
     """How the two runs' rows meet: request keys shared by both runs, and where run 2 computed each token."""
@@ -395,15 +399,25 @@ class _Rows:
         if rows1 is None:
             raise AlignmentError(f"run 1's tensor {tuple(t1.shape)} is not laid out by tokens")
         rows2: dict[tuple[str, int], torch.Tensor] = {}
+        every_token = True  # run 2's tensors have a row for every token they computed
         for s2, pair in self.per_step:
             w2 = pair.sides[2]
-            r = rows_by_token(pair.get(2, v2 if v2 in w2.variants() else w2.variants()[0]), t.info2[s2], t.key2)
-            if r:
-                for k, row in r.items():
-                    rows2.setdefault(k, row)
+            found = token_rows(pair.get(2, v2 if v2 in w2.variants() else w2.variants()[0]), t.info2[s2], t.key2)
+            if found is None:
+                every_token = False
+                continue
+            every_token &= found[1]
+            for k, row in found[0].items():
+                rows2.setdefault(k, row)
         common = [k for k in rows1 if k in rows2]
         if not common:
-            raise AlignmentError(f"no (request, position) of run 1's step {self.step} is in run 2's tensors")
+            raise RowsMissing(f"run 2's tensors hold none of these rows (request, position) of run 1's step {self.step}")
+        lost = [k for k in rows1 if k not in rows2 and k in t.index2.step_of] if every_token else []
+        if lost:  # run 2 computed these tokens, but this tensor of theirs is not there: never a smaller "match"
+            where = sorted({t.index2.step_of[k] for k in lost})
+            raise RowsMissing(
+                f"run 2 computed {len(lost)} of these {len(rows1)} tokens in step(s) {where[:5]}, where this tensor is missing"
+            )
         shapes = {tuple(rows1[k].shape) for k in common} | {tuple(rows2[k].shape) for k in common}
         if len(shapes) > 1:
             raise AlignmentError("per-token rows of different shapes: laid out by the batch (a mask, a cache), not by tokens")
