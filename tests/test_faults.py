@@ -665,3 +665,21 @@ def test_a_hard_link_or_fifo_planted_at_the_journal_is_never_written_through_or_
     assert victim.read_text() == "VICTIM\n"
     r = tensorlog.load_run(run.path)
     assert not r.complete and "steps.jsonl" in r.incomplete_reason  # not a plain file of the run / no reader
+
+
+def test_a_relative_output_dir_is_confined_too_and_a_later_chdir_moves_nothing(tmp_path, monkeypatch):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    monkeypatch.chdir(tmp_path)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    run = tensorlog.capture(model, {"output_dir": "rel", "run_name": "r", "log_step_ids": []})
+    assert run.path.is_absolute()
+    model(torch.randn(2, 4))
+    (run.path / "step_1").symlink_to(victim, target_is_directory=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.warns(RuntimeWarning, match="symbolic link"):
+        model(torch.randn(2, 4))
+    run.remove()
+    assert list(victim.iterdir()) == [] and list(elsewhere.iterdir()) == []

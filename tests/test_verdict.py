@@ -288,3 +288,22 @@ def test_a_request_layout_that_describes_no_real_batch_is_refused(hf_model, tmp_
     index.write_text(json.dumps(doc))
     c = tensorlog.compare(a, b)
     assert c.exit_code == 2 and "UNREADABLE DATA" in headline(c)
+
+
+def _stats_generate(model, out: Path, name: str, new: int, mode: str = "statistics") -> Path:
+    cfg = {"output_dir": str(out), "run_name": name, "log_step_ids": [], "mode": mode}
+    ids = torch.tensor([[0] * 8 + P1, P0])
+    with tensorlog.capture(model, cfg) as run, torch.no_grad():
+        model.generate(
+            ids, attention_mask=(ids != 0).long(), max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0
+        )
+    return run.path
+
+
+def test_statistics_runs_of_the_same_batch_compare_over_the_steps_both_ran(hf_model, tmp_path):
+    three, five = _stats_generate(hf_model, tmp_path, "s3", 3), _stats_generate(hf_model, tmp_path, "s5", 5)
+    c = tensorlog.compare(three, five)
+    assert c.exit_code == 0 and c.summary.pairs_compared > 200, headline(c)
+    tensors = _stats_generate(hf_model, tmp_path, "t3", 3, mode="tensor")  # a tensor run against a statistics run
+    c = tensorlog.compare(tensors, three)
+    assert c.exit_code == 0 and c.summary.pairs_compared > 200, headline(c)

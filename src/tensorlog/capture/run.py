@@ -55,7 +55,7 @@ def claim_run_dir(config: LogConfig, rank: int | None) -> Path:
         ConfigError: the run name is taken.
         UnusableOutputDir: the directory cannot be created or written.
     """
-    base = path = config.run_dir
+    base = path = Path(os.path.abspath(config.run_dir))  # absolute: a later chdir must not move where files go
     n = 0
     while True:
         try:

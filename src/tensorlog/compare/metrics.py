@@ -308,7 +308,9 @@ def compare_stats(
         default=0.0,
     )
     if tolerance is not None and tolerance.mode != "allclose":
-        frac = tolerance.budget(dtype or torch.float32)[1] if tolerance.mode == "rounding" else 0.0
+        # statistics are sums taken in floating point, also of integer tensors: their rounding, at least float32's
+        of = dtype if dtype is not None and dtype.is_floating_point else torch.float32
+        frac = tolerance.budget(of)[1] if tolerance.mode == "rounding" else 0.0
         rtol, atol = frac, frac * scale  # statistics of a tensor within rounding are within rounding of its scale
     else:
         rtol, atol = (tolerance.rtol, tolerance.atol) if tolerance is not None else (rtol, atol)

@@ -117,7 +117,7 @@ class RunRoot:
 
     @classmethod
     def of(cls, path: str) -> RunRoot | None:
-        """The live root that ``path`` lies under (the writer's paths are absolute), else None."""
+        """The live root that the absolute ``path`` lies under, else None."""
         with cls._lock:
             for key, (root, _) in cls._live.items():
                 if path.startswith(key) and path[len(key) : len(key) + 1] == "/":
@@ -162,7 +162,7 @@ class _At:
     """``path`` as (directory descriptor, name) under its run's root, or as itself outside any run."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = os.fspath(path)
+        self.path = os.path.abspath(os.fspath(path))
         root = RunRoot.of(self.path)
         self.fd: int | None
         self.name: str

@@ -283,9 +283,14 @@ def _nothing() -> torch.Tensor | None:
     return None
 
 
-def _record(e: _Entry, name: str, load: _Loader, rules: list[str], w: _Whole, variant: str, meta: dict[str, Any]) -> TensorRecord:
+def _record(
+    e: _Entry, name: str, load: _Loader, rules: list[str], w: _Whole, variant: str, meta: dict[str, Any], *, whole: bool = False
+) -> TensorRecord:
     first = e.records[0] if e.records else None
     if first is not None and not first.is_tensor:
+        return TensorRecord(entry=first.entry.model_copy(update={"name": name}), mapping="; ".join(rules) or None)
+    if whole and first is not None and not first.has_data and len(e.ranks) == 1 and not variant:
+        # statistics or a checksum of one whole tensor of a step that pairs whole: compared as they are
         return TensorRecord(entry=first.entry.model_copy(update={"name": name}), mapping="; ".join(rules) or None)
     entry = TensorEntry(name=name, kind=e.kind, key=e.key, **meta)  # type: ignore[arg-type]
     source = DerivedSource(load, w.notes.setdefault(variant, []), w.faults.setdefault(variant, []))
@@ -330,8 +335,9 @@ def _step_pairs(e1: _Entry, e2: _Entry, cache: _Cache) -> list[tuple[TensorRecor
     out = []
     for v1, v2 in _pairs(w1.variants(), w2.variants()):
         name = e1.tensor_name + (v1 or v2)
-        r1 = _record(e1, name, functools.partial(both.get, 1, v1), e1.rules, w1, v1, _shape_meta(e1) if not v1 else {})
-        r2 = _record(e2, name, functools.partial(both.get, 2, v2), e2.rules, w2, v2, _shape_meta(e2) if not v2 else {})
+        meta1, meta2 = (_shape_meta(e1) if not v1 else {}), (_shape_meta(e2) if not v2 else {})
+        r1 = _record(e1, name, functools.partial(both.get, 1, v1), e1.rules, w1, v1, meta1, whole=True)
+        r2 = _record(e2, name, functools.partial(both.get, 2, v2), e2.rules, w2, v2, meta2, whole=True)
         out.append((r1, r2))
     return out
 
@@ -351,6 +357,14 @@ class Tokens:
     index2: TokenIndex
     report: RequestReport
 
+    def same_step(self, step: int) -> bool:
+        """Both runs' step ``step`` holds the same tokens of the same requests in the same order (then its tensors,
+        and statistics or checksums of whole tensors, pair as they are)."""
+        a, b = self.info1.get(step), self.info2.get(step)
+        if a is None or b is None or (a.layout, a.width) != (b.layout, b.width):
+            return False  # another padding width lays the same tokens out in other rows
+        return step_tokens(a, self.key1) == step_tokens(b, self.key2)
+
 
 def token_plan(run1: Run, run2: Run) -> Tokens | None:
     """Pair the runs' requests (by prompt where both recorded prompts, else by id); None when a run has no layout."""
@@ -367,7 +381,11 @@ def token_plan(run1: Run, run2: Run) -> Tokens | None:
     else:
         key1, key2 = id_keys(run1, run2)
         report = RequestReport(how="id", why=f"{why}: requests paired by their ids, which engines reuse")
-    same = set(info1) == set(info2) and all(step_tokens(info1[s], key1) == step_tokens(info2[s], key2) for s in info1)
+    same = set(info1) == set(info2) and all(
+        (info1[s].layout, info1[s].width) == (info2[s].layout, info2[s].width)
+        and step_tokens(info1[s], key1) == step_tokens(info2[s], key2)
+        for s in info1
+    )
     return Tokens(info1, info2, key1, key2, TokenIndex(info2, key2), report.model_copy(update={"rebatched": not same}))
 
 
@@ -496,7 +514,9 @@ def align_runs(run1: Run, run2: Run, spec: MappingSpec) -> Alignment:
             for e in entries:
                 matches = index2.get((name, e.kind, e.ident), {})
                 pairs = None
-                if tokens is not None and matches:
+                if tokens is not None and matches and s in matches and tokens.same_step(s):
+                    pairs = _step_pairs(e, matches[s], cache)  # the same tokens in the same order: pair the step whole
+                elif tokens is not None and matches:
                     pairs = _token_pairs(e, matches, s, tokens, cache)
                     if pairs is None:
                         continue  # run 2 computed none of these tokens: counted per request, not a module missing
