@@ -186,7 +186,7 @@ class _At:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
                 os.close(fd)
-                where = os.path.join(self.path if self.fd is None else os.path.dirname(self.path), name)
+                where = os.path.join(os.path.dirname(self.path), name)
                 raise RunEscapeError(errno.EEXIST, f"{where} is not a plain file of the run (a hard link or a special file)")
         return fd
 
