@@ -251,16 +251,21 @@ def test_budget_stops_logging_and_says_so(tmp_path):
 # -- processes that die ------------------------------------------------------------------------
 
 
-def test_kill_9_mid_run_leaves_a_readable_incomplete_run(tmp_path):
+def _kill_9_after(tmp_path: Path, step: int) -> None:
+    """A process logging a step every 10 ms, killed with SIGKILL once ``step`` is on disk."""
     proc = subprocess.Popen([sys.executable, str(HERE / "fault_driver.py"), "loop", str(tmp_path)])
     try:
         deadline = time.monotonic() + 60
-        while not (tmp_path / "r" / "step_5" / "tensorlog_index.json").exists():
+        while not (tmp_path / "r" / f"step_{step}" / "tensorlog_index.json").exists():
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
+
+
+def test_kill_9_mid_run_leaves_a_readable_incomplete_run(tmp_path):
+    _kill_9_after(tmp_path, 5)
     run = _assert_intact(tmp_path / "r")
     assert not run.complete
     finished = [s for s in run.steps.values() if s.complete]
@@ -616,15 +621,7 @@ def test_retention_never_deletes_through_a_link(tmp_path):
 def test_a_writer_killed_between_steps_is_closed_by_the_survivor_with_every_whole_step(tmp_path):
     from tensorlog.storage.finisher import close_orphaned
 
-    proc = subprocess.Popen([sys.executable, str(HERE / "fault_driver.py"), "loop", str(tmp_path)])
-    try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "r" / "step_4" / "tensorlog_index.json").exists():
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
+    _kill_9_after(tmp_path, 4)
     closed = close_orphaned(tmp_path / "r", "killed by the test")
     assert closed == [str(tmp_path / "r" / "run.json")]
     run = tensorlog.load_run(tmp_path / "r")

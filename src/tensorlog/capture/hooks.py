@@ -154,19 +154,18 @@ class RootHooks:
         of the root, as in DataParallel, is nested in it and not a step)."""
         if self._thread != threading.get_ident():
             return False
-        f: Any = sys._getframe(1)  # the old frame is held, so no new frame can be it
-        while f is not None:
-            if f is self._outer:
-                return False
-            f = f.f_back
-        return True
+        return not self._on_stack(sys._getframe(1))
 
     def busy_elsewhere(self) -> bool:
         """A forward of the root runs now on another thread than the caller's (one that a BaseException left, or
         whose thread ended, is not running: its frame is on no stack)."""
         if self.depth == 0 or self._thread == threading.get_ident():
             return False
-        f: Any = sys._current_frames().get(self._thread)
+        return self._on_stack(sys._current_frames().get(self._thread))
+
+    def _on_stack(self, top: Any) -> bool:
+        """The outer call's frame is on the stack that ``top`` ends (it is held, so no new frame can be it)."""
+        f = top
         while f is not None:
             if f is self._outer:
                 return True
