@@ -21,7 +21,7 @@ from .align import MappingSpec, align_runs, detect_preset, load_mapping, same_sc
 from .align.requests import RequestReport
 from .align.shards import DISAGREE
 from .align.tokens import steps_info
-from .align.virtual import token_plan
+from .align.virtual import Tokens, token_plan
 from .attribution import attribute, innermost_born
 from .metrics import Tolerance
 from .pairing import module_result
@@ -124,10 +124,11 @@ def compare(
     if whole_steps:
         r1, r2, notes = whole_steps_of(r1), whole_steps_of(r2), notes + whole_note(incomplete)
         incomplete = []
-    spec = choose_mapping(r1, r2, mapping)
-    requests = _unpaired(r1, r2)
+    tokens = token_plan(r1, r2)  # once: the mapping, the request report and the alignment all read it
+    spec = choose_mapping(r1, r2, mapping, tokens=tokens)
+    requests = _unpaired(r1, r2, tokens)
     if spec is not None:
-        aligned = align_runs(r1, r2, spec)
+        aligned = align_runs(r1, r2, spec, tokens)
         r1, r2, requests = aligned.run1, aligned.run2, aligned.requests or requests
         notes = aligned.notes + notes
     plan = plan_pairs(r1, r2, steps=steps, modules=modules)
@@ -153,12 +154,11 @@ def whole_note(incomplete: list[str]) -> list[str]:
     return [f"compared only the steps both runs finished (whole_steps): {'; '.join(incomplete)}"]
 
 
-def _unpaired(r1: Run, r2: Run) -> RequestReport | None:
+def _unpaired(r1: Run, r2: Run, tokens: Tokens | None) -> RequestReport | None:
     """How requests pair when no alignment runs: by prompt where both runs recorded the same schedule; where only
     one run recorded its requests, pairing by step is a guess the report must say it made."""
     has = [bool(steps_info(r)) for r in (r1, r2)]
     if has[0] and has[1]:
-        tokens = token_plan(r1, r2)
         return tokens.report if tokens is not None else None
     if has[0] == has[1]:
         return None
@@ -383,15 +383,20 @@ def _absence(other: Run, i: int, module: str, step: int) -> str | None:
     )
 
 
-def choose_mapping(r1: Run, r2: Run, mapping: str | Path | MappingSpec | None) -> MappingSpec | None:
+def choose_mapping(
+    r1: Run, r2: Run, mapping: str | Path | MappingSpec | None, *, tokens: Tokens | None = None
+) -> MappingSpec | None:
     """The alignment two runs need: a given one, a framework preset, or ``identity`` (names as they are) to pair
-    rows by request whenever both runs recorded requests, and to reassemble shards when the TP sizes differ."""
+    rows by request whenever both runs recorded requests, and to reassemble shards when the TP sizes differ.
+    ``tokens``: :func:`token_plan` of the two runs, when the caller has it already."""
     if mapping is not None:
         return load_mapping(mapping)
     preset = detect_preset(r1, r2)
     if preset is not None:
         return preset
-    if _world(r1) != _world(r2) or (steps_info(r1) and steps_info(r2) and not same_schedule(r1, r2)):
+    if _world(r1) != _world(r2):
+        return load_mapping("identity")
+    if steps_info(r1) and steps_info(r2) and not same_schedule(tokens or token_plan(r1, r2)):
         return load_mapping("identity")
     return None
 

@@ -287,10 +287,12 @@ def _record(
     e: _Entry, name: str, load: _Loader, rules: list[str], w: _Whole, variant: str, meta: dict[str, Any], *, whole: bool = False
 ) -> TensorRecord:
     first = e.records[0] if e.records else None
-    if first is not None and not first.is_tensor:
-        return TensorRecord(entry=first.entry.model_copy(update={"name": name}), mapping="; ".join(rules) or None)
-    if whole and first is not None and not first.has_data and len(e.ranks) == 1 and not variant:
-        # statistics or a checksum of one whole tensor of a step that pairs whole: compared as they are
+    # a value, or statistics or a checksum of one whole tensor of a step that pairs whole: compared as recorded
+    as_recorded = first is not None and (
+        not first.is_tensor or (whole and not first.has_data and len(e.ranks) == 1 and not variant)
+    )
+    if as_recorded:
+        assert first is not None
         return TensorRecord(entry=first.entry.model_copy(update={"name": name}), mapping="; ".join(rules) or None)
     entry = TensorEntry(name=name, kind=e.kind, key=e.key, **meta)  # type: ignore[arg-type]
     source = DerivedSource(load, w.notes.setdefault(variant, []), w.faults.setdefault(variant, []))
@@ -307,8 +309,10 @@ def _pairs(s1: list[str], s2: list[str]) -> list[tuple[str, str]]:
     """Every copy of each side is judged: against the other side's one tensor, its own rank's copy, or its first."""
     if len(s1) == 1:
         return [(s1[0], v) for v in s2]
-    if len(s2) == 1 or len(s1) == len(s2):
-        return list(zip(s1, s2)) if len(s1) == len(s2) else [(v, s2[0]) for v in s1]
+    if len(s1) == len(s2):
+        return list(zip(s1, s2))
+    if len(s2) == 1:
+        return [(v, s2[0]) for v in s1]
     return [(v, s2[0]) for v in s1] + [(s1[0], v) for v in s2[1:]]
 
 
@@ -381,18 +385,15 @@ def token_plan(run1: Run, run2: Run) -> Tokens | None:
     else:
         key1, key2 = id_keys(run1, run2)
         report = RequestReport(how="id", why=f"{why}: requests paired by their ids, which engines reuse")
-    same = set(info1) == set(info2) and all(
-        (info1[s].layout, info1[s].width) == (info2[s].layout, info2[s].width)
-        and step_tokens(info1[s], key1) == step_tokens(info2[s], key2)
-        for s in info1
-    )
-    return Tokens(info1, info2, key1, key2, TokenIndex(info2, key2), report.model_copy(update={"rebatched": not same}))
+    tokens = Tokens(info1, info2, key1, key2, TokenIndex(info2, key2), report)
+    same = set(info1) == set(info2) and all(tokens.same_step(s) for s in info1)
+    tokens.report = report.model_copy(update={"rebatched": not same})
+    return tokens
 
 
-def same_schedule(run1: Run, run2: Run) -> bool:
+def same_schedule(tokens: Tokens | None) -> bool:
     """Both runs put the same tokens of the same requests (paired by prompt) into the same steps, in the same order,
     and requests pair one to one: pairing by step is then pairing by token."""
-    tokens = token_plan(run1, run2)
     if tokens is None or tokens.report.how != "prompt" or tokens.report.only_in_1 or tokens.report.only_in_2:
         return False
     return not tokens.report.rebatched
@@ -488,8 +489,9 @@ def _virtual_call(name: str, src: ModuleCall, step: int, position: int | None = 
     )
 
 
-def align_runs(run1: Run, run2: Run, spec: MappingSpec) -> Alignment:
-    """Align two runs by ``spec`` and, where both recorded request layouts, by (request, position)."""
+def align_runs(run1: Run, run2: Run, spec: MappingSpec, tokens: Tokens | None = None) -> Alignment:
+    """Align two runs by ``spec`` and, where both recorded request layouts, by (request, position) (``tokens``:
+    :func:`token_plan` of the two runs, when the caller has it already)."""
     cache = _Cache()
     ignored: set[str] = set()
     c1 = _Side(run1, spec, cache, ignored).rows()
@@ -497,7 +499,7 @@ def align_runs(run1: Run, run2: Run, spec: MappingSpec) -> Alignment:
     notes: list[str] = [f"aligned with mapping {spec.name!r}"]
     if ignored:
         notes.append("no counterpart by design, not compared: " + ", ".join(sorted(ignored)))
-    tokens = token_plan(run1, run2)
+    tokens = tokens or token_plan(run1, run2)
     if tokens is not None:
         notes.append("tensors paired by request and token position; step numbers are run 1's, for orientation only")
     index2: dict[tuple[str, str, str], dict[int, _Entry]] = {}
