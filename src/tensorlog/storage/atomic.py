@@ -35,6 +35,7 @@ __all__ = [
     "remove_tree",
     "replace_file",
     "temp_path",
+    "process_alive",
     "prune_dirs",
     "remove_matching",
     "RunRoot",
@@ -429,7 +430,7 @@ def sweep_temps(directory: str | Path, *, recursive: bool = True) -> list[str]:
                 dirs.clear()
             for name in files:
                 owner = names.temp_owner(name)
-                if owner is not None and owner[1] == _HOST and not _alive(owner[0]):
+                if owner is not None and owner[1] == _HOST and not process_alive(owner[0]):
                     try:
                         os.unlink(name, dir_fd=fd)
                         removed.append(os.path.normpath(os.path.join(os.fspath(directory), top, name)))
@@ -440,7 +441,8 @@ def sweep_temps(directory: str | Path, *, recursive: bool = True) -> list[str]:
     return removed
 
 
-def _alive(pid: int | None) -> bool:
+def process_alive(pid: int | None) -> bool:
+    """A process of this host that may still write: not gone, and not a zombie (killed, not yet reaped)."""
     if pid is None or pid <= 0:
         return False
     try:
@@ -449,7 +451,11 @@ def _alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _unlink_quietly(at: _At, path: str) -> None:

@@ -26,7 +26,7 @@ from ..schema import names
 from ..schema.columns import PARQUET_DIR
 from ..schema.records import Anomaly, Dropped, RunManifest, StepInfo
 from . import stats as _stats
-from .atomic import RunRoot, link_atomic, make_dir, open_file, write_atomic, write_in_place
+from .atomic import RunRoot, link_atomic, make_dir, open_file, process_alive, write_atomic, write_in_place
 from .index import index_doc, index_json, origin
 from .packed import PackedFile
 from .parquet import Item, ParquetSink, Retention
@@ -342,22 +342,11 @@ def close_orphaned(run_dir: Path, why: str, *, wait: float = ORPHAN_WAIT) -> lis
 
 def _gone(pid: int, wait: float) -> bool:
     deadline = time.monotonic() + wait
-    while True:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        try:  # killed, and not yet reaped by its parent: a zombie writes nothing more
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                if f.read().rsplit(b")", 1)[-1].split()[0] == b"Z":
-                    return True
-        except (OSError, IndexError):
-            pass
+    while process_alive(pid):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.1)
+    return True
 
 
 def _journaled(path: Path) -> set[int]:
