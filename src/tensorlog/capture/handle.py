@@ -252,12 +252,15 @@ class CaptureHandle:
         if pending:
             self._removal_done.wait(REMOVE_WAIT)
             return
-        try:
-            self._remove_now()
-        finally:
-            self._removal_done.set()
+        self._remove_now()
 
     def _remove_now(self) -> None:
+        try:
+            self._finish_removal()
+        finally:
+            self._removal_done.set()  # a remove() waiting on another thread returns
+
+    def _finish_removal(self) -> None:
         EXIT.discard(self)
         depth = self._root.depth if self._root is not None else 0
         inside = self._root is not None and self._root.inside_forward()
@@ -330,10 +333,7 @@ class CaptureHandle:
         if self._remove_requested:  # another thread asked while this forward ran: the model's thread removes
             with self._lock:
                 self._removed, self._remove_requested = True, False
-            try:
-                self._remove_now()
-            finally:
-                self._removal_done.set()
+            self._remove_now()
 
     def _op_begin(self) -> None:
         """The root's step op, at run time: a forward that raised left its step open; it ends here."""
