@@ -18,7 +18,7 @@ import torch
 from ..capture import CaptureHandle, RunInfo, start_capture
 from ..config import ConfigLike, load_config
 from ..errors import DependencyError, UsageError
-from ..schema.records import PROMPT_IDS_MAX, prompt_digest
+from ..schema.records import request_start
 from .model_facts import model_dims
 
 __all__ = ["capture_generate", "run_facts", "step_layout", "StepLayout", "load_causal_lm", "DTYPES"]
@@ -95,14 +95,7 @@ class StepLayout:
                 host_ids = ids.detach().to("cpu", torch.int64)
             prompt = [int(v) for v in host_ids[b, n - real[b] :]]
             self.started.add(r)
-            new.append(
-                {
-                    "id": r,
-                    "prompt_len": len(prompt),
-                    "prompt_digest": prompt_digest(prompt),
-                    "prompt": prompt if len(prompt) <= PROMPT_IDS_MAX else None,
-                }
-            )
+            new.append(request_start(r, prompt))
         if new:
             info["new_requests"] = new
         return info

@@ -27,6 +27,7 @@ __all__ = [
     "StepInfo",
     "RequestStart",
     "prompt_digest",
+    "request_start",
     "PROMPT_IDS_MAX",
     "Dropped",
     "StepIndex",
@@ -191,6 +192,17 @@ class RequestStart(_Record):
         if self.prompt is not None and (len(self.prompt) != self.prompt_len or prompt_digest(self.prompt) != self.prompt_digest):
             raise ValueError(f"request {self.id!r}: its prompt does not match its length or digest")
         return self
+
+
+def request_start(rid: str, prompt: list[int], sample: int = 0) -> dict[str, Any]:
+    """The json of a :class:`RequestStart`, as both integrations record it."""
+    return {
+        "id": rid,
+        "prompt_len": len(prompt),
+        "prompt_digest": prompt_digest(prompt),
+        "prompt": prompt if len(prompt) <= PROMPT_IDS_MAX else None,
+        "sample": sample,
+    }
 
 
 class StepInfo(_Record):

@@ -47,7 +47,7 @@ from ...capture import CaptureHandle, RunInfo
 from ...config import LogConfig, load_config
 from ...errors import ConfigError
 from ...schema import names
-from ...schema.records import PROMPT_IDS_MAX, prompt_digest
+from ...schema.records import request_start
 from ...storage.atomic import write_atomic
 from ...storage.finisher import close_orphaned
 from ..model_facts import model_dims
@@ -266,15 +266,7 @@ def _new_requests(scheduler_output: Any) -> list[dict[str, Any]]:
         ids = [int(t) for t in ids]
         rid = str(new.req_id)
         child = _CHILD_ID.match(rid)
-        out.append(
-            {
-                "id": rid,
-                "prompt_len": len(ids),
-                "prompt_digest": prompt_digest(ids),
-                "prompt": ids if len(ids) <= PROMPT_IDS_MAX else None,
-                "sample": int(child.group(1)) if child else 0,
-            }
-        )
+        out.append(request_start(rid, ids, int(child.group(1)) if child else 0))
     return out
 
 
