@@ -151,13 +151,19 @@ def test_a_compiled_vllm_engine_is_logged_without_forcing_eager(tmp_path):
     select = ["^model$", "layers\\.\\d+\\.(input_layernorm|self_attn\\.qkv_proj|mlp\\.down_proj)$", "^model\\.norm$"]
     cfg = {"output_dir": str(tmp_path / "il"), "module_call_match": select, "log_step_ids": []}
     compiled = _vllm(model_dir, tmp_path, {**cfg, "run_name": "compiled"})  # compiled: auto, the default
+    callback = _vllm(model_dir, tmp_path, {**cfg, "run_name": "callback", "graph_taps": "callback"})
     eager = _vllm(model_dir, tmp_path, {**cfg, "run_name": "eager", "compiled": "eager"})
     untapped = _vllm(model_dir, tmp_path, None)  # the same compiled engine, no logging
-    assert compiled == untapped == eager
+    assert compiled == callback == untapped == eager
     run = tensorlog.load_run(tmp_path / "il" / "compiled")
     info = run.manifest.compiled
-    assert info.mode == "compiled" and info.backend == "inductor" and TAP_ORDER in info.passes and not info.cudagraphs
+    assert info.mode == "compiled" and info.backend == "inductor" and not info.cudagraphs
+    assert TAP_ORDER not in info.passes, "graph-native taps need no Inductor pass turned off"
     assert info.not_observable == {"model": OWN_CALL}
+    assert set(info.taps.values()) == {"graph"} and "model.norm" in info.taps
+    assert info.cudagraph_mode == "NONE" and info.steps_replayed == 0 and info.steps_eager == len(run.steps) > 1
+    slow = tensorlog.load_run(tmp_path / "il" / "callback").manifest.compiled
+    assert TAP_ORDER in slow.passes and set(slow.taps.values()) == {"callback"}
     logged = {c.module for c in run.steps[0].calls}
     assert {
         "model.layers.0.input_layernorm",
@@ -165,6 +171,7 @@ def test_a_compiled_vllm_engine_is_logged_without_forcing_eager(tmp_path):
         "model.layers.1.mlp.down_proj",
         "model.norm",
     } <= logged
-    res = tensorlog.compare(tmp_path / "il" / "eager", tmp_path / "il" / "compiled", rtol=1e-4, atol=1e-5)
-    assert res.exit_code == 0 and res.summary.pairs_compared > 20 and not res.first_divergence
+    for name in ("compiled", "callback"):
+        res = tensorlog.compare(tmp_path / "il" / "eager", tmp_path / "il" / name, rtol=1e-4, atol=1e-5)
+        assert res.exit_code == 0 and res.summary.pairs_compared > 20 and not res.first_divergence, (name, res.headline)
     assert next(m.note for m in res.modules if m.module == "model").startswith("not observable in run 2's compiled graph")

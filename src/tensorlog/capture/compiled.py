@@ -43,9 +43,26 @@ from torch.utils.hooks import RemovableHandle
 
 from ..config import LogConfig
 from ..errors import ConfigError
+from .graphtap import GraphTaps, emit, ordered_effect, step_tensors
 from .recorder import Recorder
 
-__all__ = ["TapHooks", "StepOps", "is_compiled", "unwrap_compiled", "compiled_mode", "compiled_facts", "NOT_SEEN", "OWN_CALL"]
+__all__ = [
+    "TapHooks",
+    "StepOps",
+    "tap_inputs",
+    "tap_output",
+    "eager_only",
+    "traced_site",
+    "traced_owner",
+    "forget_owner",
+    "graph_step",
+    "is_compiled",
+    "unwrap_compiled",
+    "compiled_mode",
+    "compiled_facts",
+    "NOT_SEEN",
+    "OWN_CALL",
+]
 
 _FIELD, _ENTRY, _PART = "\x1f", "\x1e", "\x1d"
 
@@ -79,14 +96,26 @@ def _step_fake(handle: int, phase: int) -> None:
     return None
 
 
-def _ordered(op: Any) -> None:
-    from torch._library.effects import EffectType
-
-    op.register_effect(EffectType.ORDERED)
+_graph_steps: dict[int, Callable[[int, torch.Tensor, dict[str, torch.Tensor]], None]] = {}
 
 
-_ordered(_tap)
-_ordered(_step)
+@custom_op("tensorlog::graph_step", mutates_args=("table",))
+def _graph_step(table: torch.Tensor, staged: list[torch.Tensor], names: str, handle: int, phase: int) -> None:
+    """A step boundary inside a graph whose calls are native taps: it writes the table (the step's start), or
+    reads it and the staged copies (the step's end), so the graph orders it after the taps."""
+    fn = _graph_steps.get(handle)
+    if fn is not None:
+        fn(phase, table, dict(zip(names.split(","), staged)) if names else {})
+
+
+@_graph_step.register_fake
+def _graph_step_fake(table: torch.Tensor, staged: list[torch.Tensor], names: str, handle: int, phase: int) -> None:
+    return None
+
+
+ordered_effect(_tap)
+ordered_effect(_step)
+ordered_effect(_graph_step)
 
 
 NOT_SEEN = (
@@ -101,6 +130,18 @@ OWN_CALL = (
 )
 
 
+def eager_only(config: LogConfig) -> list[str]:
+    """The options asked for that only eager capture has (their hooks run Python that a graph cannot hold)."""
+    found = [
+        f"level: {config.level}" if config.level != "module" else "",
+        "data_mode: backward" if "backward" in config.passes else "",
+        "reload_input_dir" if config.reload_input_dir else "",
+        "stack: true" if config.stack else "",
+        "compiled: eager" if config.compiled == "eager" else "",
+    ]
+    return [x for x in found if x]
+
+
 def compiled_mode(config: LogConfig, model: torch.nn.Module, engine: bool | None) -> bool:
     """Whether to capture with taps; ``engine`` is an integration's word that the model will be compiled.
 
@@ -111,18 +152,37 @@ def compiled_mode(config: LogConfig, model: torch.nn.Module, engine: bool | None
         return False
     compiled = config.compiled == "compiled" or (engine if engine is not None else is_compiled(model))
     if compiled and config.enabled:
-        eager_only = [
-            f"level: {config.level}" if config.level != "module" else "",
-            "data_mode: backward" if "backward" in config.passes else "",
-            "reload_input_dir" if config.reload_input_dir else "",
-            "stack: true" if config.stack else "",
-        ]
-        if any(eager_only):
+        found = eager_only(config)
+        if found:
             raise ConfigError(
-                f"{', '.join(x for x in eager_only if x)} needs eager capture, and this model is compiled: "
+                f"{', '.join(found)} needs eager capture, and this model is compiled: "
                 "set compiled: 'eager' (a compiled model then breaks its graph at each hook), or drop the option"
             )
     return compiled
+
+
+_owners: dict[int, Callable[[str, str], tuple[int, int]]] = {}
+
+
+def traced_owner(fn: Callable[[str, str], tuple[int, int]]) -> int:
+    """Register what answers :func:`traced_site` for one capture; returns its key."""
+    with _lock:
+        key = next(_ids)
+        _owners[key] = fn
+    return key
+
+
+def forget_owner(key: int) -> None:
+    with _lock:
+        _owners.pop(key, None)
+
+
+@torch._dynamo.assume_constant_result
+def traced_site(owner: int, name: str, kind: str) -> tuple[int, int]:
+    """At trace time, for an eager hook being traced: ``(site, native taps)`` of ``name``'s ``pre``/``post``
+    tap, or of the root's step op (``kind`` ``root``). Run once and baked in: no guard, no graph break."""
+    fn = _owners.get(owner)
+    return (0, 0) if fn is None else fn(name, kind)
 
 
 def compiled_facts(model: torch.nn.Module) -> dict[str, Any]:
@@ -225,8 +285,21 @@ class _Unkept:
         return UNKEPT
 
 
+@functools.lru_cache(maxsize=4096)
+def _flat(leaves: str) -> tuple[tuple[bool, Any], ...] | None:
+    """Positional arguments only, none nested (most calls): ``(is a tensor, constant)`` for each, in order."""
+    parsed = _parse(leaves)
+    if any(kind not in ("T", "C") or len(path) != 1 or path[0] != str(i) for i, (kind, path, _) in enumerate(parsed)):
+        return None
+    return tuple((kind == "T", constant) for kind, _, constant in parsed)
+
+
 def _rebuild(xs: list[torch.Tensor], leaves: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The call's ``(args, kwargs)`` again, from the tensors and the traced structure."""
+    flat = _flat(leaves)
+    if flat is not None:
+        it = iter(xs)
+        return tuple(next(it) if tensor else constant for tensor, constant in flat), {}
     it = iter(xs)
     root: dict[str, Any] = {}
     kinds: dict[tuple[str, ...], str] = {}
@@ -270,9 +343,17 @@ class TapHooks:
     """
 
     def __init__(
-        self, recorder: Recorder, targets: dict[str, tuple[weakref.ref[torch.nn.Module], frozenset[int] | None]]
+        self,
+        recorder: Recorder,
+        targets: dict[str, tuple[weakref.ref[torch.nn.Module], frozenset[int] | None]],
+        native: GraphTaps | None = None,
     ) -> None:
         self.recorder = recorder
+        self.native = native
+        """Graph-native taps (:mod:`.graphtap`), or None for callback taps only."""
+        self.kinds: dict[str, str] = {}
+        """How each module seen was tapped: ``graph`` (native) or ``callback``."""
+        self._kind = "callback"
         self.targets = {n: t for n, t in targets.items() if not isinstance(t[0](), (torch.nn.ModuleList, torch.nn.ModuleDict))}
         """Containers are never called, so they are left out of what a compiled graph should show."""
         self.seen: set[str] = set()
@@ -286,13 +367,19 @@ class TapHooks:
         """Outputs whose tap ran before the call's inputs' tap: Inductor's peak-memory reordering of
         torch 2.13 can move an effectful op past another; the call is recorded when its inputs arrive."""
         self._unseen: list[str] | None = None
+        self._kinds_said: dict[str, str] = {}
+        self._warned_over = False
+        self._named: dict[tuple[str, str], int] = {}
 
-    def observed(self, facts: dict[str, Any]) -> dict[str, Any] | None:
-        """``run.json``'s ``compiled`` (``facts`` plus what no logged step has seen yet), when that list changed."""
+    def observed(self, facts: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+        """``run.json``'s ``compiled``: ``facts``, how each module was tapped and what no logged step has seen
+        yet; and whether that changed (news, written at once)."""
         unseen = sorted(set(self.targets) - self.seen)
-        if unseen == self._unseen:
-            return None
-        self._unseen = unseen
+        kinds = dict(sorted(self.kinds.items()))
+        doc = {"compiled": {**facts, "taps": kinds, "not_observable": {m: self.reasons.get(m, NOT_SEEN) for m in unseen}}}
+        if unseen == self._unseen and kinds == self._kinds_said:
+            return False, doc
+        self._unseen, self._kinds_said = unseen, kinds
         if unseen and not self.seen:
             warnings.warn(
                 "tensorlog: no selected module of the compiled model was seen in a logged step: its graph was "
@@ -301,7 +388,7 @@ class TapHooks:
                 RuntimeWarning,
                 stacklevel=4,
             )
-        return {"compiled": {**facts, "not_observable": {m: self.reasons.get(m, NOT_SEEN) for m in unseen}}}
+        return True, doc
 
     @property
     def attached(self) -> bool:
@@ -319,13 +406,15 @@ class TapHooks:
                 self._wrap_forward(module, pre, post)
                 self.reasons[name] = OWN_CALL
                 continue
-            self._handles.append(module.register_forward_pre_hook(_pre_hook(pre), with_kwargs=True))
-            self._handles.append(module.register_forward_hook(_post_hook(post)))
+            native = self.native.id if self.native is not None else 0
+            self._handles.append(module.register_forward_pre_hook(_pre_hook(pre, native), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(_post_hook(post, native)))
 
     def _wrap_forward(self, module: torch.nn.Module, pre: int, post: int) -> None:
         """Taps around the instance's ``forward``: what a compiler traces when it compiles that forward."""
         forward = module.forward
-        pre_hook, post_hook = _pre_hook(pre), _post_hook(post)
+        native = self.native.id if self.native is not None else 0
+        pre_hook, post_hook = _pre_hook(pre, native), _post_hook(post, native)
 
         @functools.wraps(forward)
         def tapped_forward(*args: Any, **kwargs: Any) -> Any:
@@ -348,6 +437,28 @@ class TapHooks:
             for s in self._sites:
                 _sites.pop(s, None)
         self._sites = []
+        if self.native is not None:
+            self.native.close()
+
+    def replay(self, table: torch.Tensor | None = None, staged: dict[str, torch.Tensor] | None = None) -> None:
+        """The step's native tap calls, from the graph's table, to the recorder in the order they ran."""
+        if self.native is None:
+            return
+
+        def each(site: int, values: list[Any], leaves: str, late: bool) -> None:
+            self._kind = "callback" if late else "graph"  # a site traced after the table filled up calls back
+            _call_site(site, values, leaves)
+
+        try:
+            self.native.replay(each, table, staged)
+        finally:
+            self._kind = "callback"
+        if self.native.over and not self._warned_over:
+            self._warned_over = True
+            why, n = next(iter(self.native.over.items()))
+            warnings.warn(
+                f"tensorlog: {n} tensor(s) of step {self.recorder.state.index} not kept: {why}", RuntimeWarning, stacklevel=2
+            )
 
     def _site(self, fn: Callable[[list[torch.Tensor], str], None]) -> int:
         with _lock:
@@ -375,6 +486,7 @@ class TapHooks:
         def leave(xs: list[torch.Tensor], leaves: str) -> None:
             if rec.in_step:
                 self.seen.add(name)
+                self.kinds[name] = self._kind
                 args, _ = _rebuild(xs, leaves)
                 output = args[0] if args else None
                 if rec.open_calls(name):
@@ -387,51 +499,119 @@ class TapHooks:
     def begin_step(self) -> None:
         self._early = {}
 
+    def site_of(self, name: str, kind: str) -> int:
+        """The ``pre``/``post`` site of a target module, made on first use (eager hooks that a compiler traces)."""
+        key = (name, kind)
+        site = self._named.get(key)
+        if site is None:
+            ref, calls = self.targets[name]
+            module = ref()
+            fn = self._pre_fn(name, type(module).__name__, calls) if kind == "pre" else self._post_fn(name)
+            site = self._named[key] = self._site(fn)
+        return site
 
-def _pre_hook(site: int) -> Callable[..., None]:
-    def pre(module: torch.nn.Module, args: tuple[Any, ...], *rest: dict[str, Any]) -> None:
-        kwargs = rest[0] if rest else {}  # none: torch saw the hook removed mid-call (see hooks.hook_arguments)
-        xs: list[torch.Tensor] = []
-        desc: list[str] = []
-        for i, a in enumerate(args):
-            _tensor_leaves(a, (str(i),), xs, desc)
-        for k, v in kwargs.items():
-            _tensor_leaves(v, (str(k),), xs, desc)
+
+def _call_site(site: int, xs: list[Any], leaves: str) -> None:
+    fn = _sites.get(site)
+    if fn is not None:
+        fn(xs, leaves)
+
+
+def tap_inputs(site: int, native: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """A call's inputs into the graph: a native tap while traced (``native`` names its :class:`GraphTaps`),
+    else the callback op."""
+    xs: list[torch.Tensor] = []
+    desc: list[str] = []
+    for i, a in enumerate(args):
+        _tensor_leaves(a, (str(i),), xs, desc)
+    for k, v in kwargs.items():
+        _tensor_leaves(v, (str(k),), xs, desc)
+    if native and torch.compiler.is_compiling():
+        emit(native, site, _ENTRY.join(desc), xs)
+    else:
         _tap(xs, site, _ENTRY.join(desc))
+
+
+def tap_output(site: int, native: int, output: Any) -> None:
+    xs: list[torch.Tensor] = []
+    desc: list[str] = []
+    _tensor_leaves(output, ("0",), xs, desc)
+    if native and torch.compiler.is_compiling():
+        emit(native, site, _ENTRY.join(desc), xs)
+    else:
+        _tap(xs, site, _ENTRY.join(desc))
+
+
+def _pre_hook(site: int, native: int = 0) -> Callable[..., None]:
+    def pre(module: torch.nn.Module, args: tuple[Any, ...], *rest: dict[str, Any]) -> None:
+        tap_inputs(site, native, args, rest[0] if rest else {})  # none: torch saw the hook removed mid-call
 
     return pre
 
 
-def _post_hook(site: int) -> Callable[..., None]:
+def _post_hook(site: int, native: int = 0) -> Callable[..., None]:
     def post(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        xs: list[torch.Tensor] = []
-        desc: list[str] = []
-        _tensor_leaves(output, ("0",), xs, desc)
-        _tap(xs, site, _ENTRY.join(desc))
+        tap_output(site, native, output)
 
     return post
 
 
-class StepOps:
-    """Root hooks that open and close a step through an op, so a traced root still delimits steps."""
+def graph_step(handle: int, native: int, phase: int) -> None:
+    """The step op, in a graph: ordered around the native taps through their table (see :class:`StepOps`)."""
+    if native:
+        table, staged, names = step_tensors(native, phase == 1)
+        _graph_step(table, staged, names, handle, phase)
+    else:
+        _step(handle, phase)
 
-    def __init__(self, model: torch.nn.Module, on_begin: Callable[[], None], on_end: Callable[[], None]) -> None:
-        self._on = {0: on_begin, 1: on_end}
+
+class StepOps:
+    """Root hooks that open and close a step through an op, so a traced root still delimits steps.
+
+    With native taps the op reads and writes their table, so a graph orders it around them; its callback
+    gets the graph's own values (``table``, ``staged``), or None when the root runs outside any graph.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None,
+        on_begin: Callable[[torch.Tensor | None], None],
+        on_end: Callable[[torch.Tensor | None, dict[str, torch.Tensor] | None], None],
+        native: GraphTaps | None = None,
+    ) -> None:
+        self._begin, self._end = on_begin, on_end
+        self.native = native
         with _lock:
             self.id = next(_ids)
             _steps[self.id] = self._phase
-        handle = self.id
+            _graph_steps[self.id] = self._graph_phase
+        handle, taps = self.id, native.id if native is not None else 0
 
         def pre(module: torch.nn.Module, args: Any) -> None:
-            _step(handle, 0)
+            if taps and torch.compiler.is_compiling():
+                graph_step(handle, taps, 0)
+            else:
+                _step(handle, 0)
 
         def post(module: torch.nn.Module, args: Any, output: Any) -> None:
-            _step(handle, 1)
+            if taps and torch.compiler.is_compiling():
+                graph_step(handle, taps, 1)
+            else:
+                _step(handle, 1)
 
-        self._handles = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
+        self._handles = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)] if model is not None else []
 
     def _phase(self, phase: int) -> None:
-        self._on[phase]()
+        if phase == 0:
+            self._begin(None)
+        else:
+            self._end(None, None)
+
+    def _graph_phase(self, phase: int, table: torch.Tensor, staged: dict[str, torch.Tensor]) -> None:
+        if phase == 0:
+            self._begin(table)
+        else:
+            self._end(table, staged)
 
     def remove(self) -> None:
         for h in self._handles:
@@ -439,3 +619,4 @@ class StepOps:
         self._handles = []
         with _lock:
             _steps.pop(self.id, None)
+            _graph_steps.pop(self.id, None)

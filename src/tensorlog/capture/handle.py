@@ -33,9 +33,10 @@ from ..schema.records import Anomaly
 from ..storage.parquet import require_pyarrow
 from ..storage.writer import Writer
 from .backward import GradientHooks
-from .compiled import StepOps, TapHooks, compiled_facts, compiled_mode, unwrap_compiled
+from .compiled import StepOps, TapHooks, compiled_facts, compiled_mode, eager_only, forget_owner, traced_owner, unwrap_compiled
 from .exit import EXIT
 from .graft import Graft
+from .graphtap import GraphTaps
 from .hooks import ModuleHooks, RootHooks
 from .ops import OpCapture
 from .recorder import Recorder
@@ -81,8 +82,11 @@ class CaptureHandle:
         auto_step: bool = True,
         step_info: StepInfoFn | None = None,
         compiled: bool | None = None,
+        token_bound: int | None = None,
     ) -> None:
         self.config = config
+        self._token_bound = token_bound
+        """The most tokens a step can hold (an engine's): bounds the staging of graph-native taps."""
         self.path: Path = config.run_dir
         self._info = info or RunInfo()
         self._selector = Selector(config)
@@ -102,6 +106,11 @@ class CaptureHandle:
         self._disabled_reason: str | None = None
         self._writer: Writer | None = None
         self._step_ops: StepOps | None = None
+        self._taps: TapHooks | None = None
+        """Graph taps: the compiled capture's hooks, or the sites of eager hooks that a compiler traced."""
+        self._in_graph_forward = False
+        self._owner = 0
+        self._graph_mode: bool | None = None
         self._compiled = compiled_mode(config, model, compiled)
         if not self._enabled:
             return
@@ -134,9 +143,9 @@ class CaptureHandle:
         EXIT.add(self)
         _LIVE.add(self)
         if auto_step and self._compiled:
-            self._step_ops = StepOps(model, self._op_begin, lambda: self._close_step(None))
+            self._step_ops = StepOps(model, self._op_begin, self._op_end, self._taps.native if self._taps else None)
         elif auto_step:
-            self._root = RootHooks(model, self._forward_begins, self._forward_ends)
+            self._root = RootHooks(model, self._forward_begins, self._forward_ends, traced=self._owner)
             self._open_step()
 
     def _sources(self, model: torch.nn.Module) -> None:
@@ -145,13 +154,18 @@ class CaptureHandle:
         modules = dict((unwrap_compiled(model) if self._compiled else model).named_modules())
         table = self._selector.select_modules([n for n in modules if n])
         targets = {n: (weakref.ref(modules[n]), calls) for n, calls in table.items()}
+        self._targets = targets
+        self._model_ref = weakref.ref(model)
         self._modules: ModuleHooks | TapHooks
         if self._compiled:
             self._recorder.snap.in_graph = True
-            self._modules = TapHooks(self._recorder, targets)
+            self._modules = self._taps = TapHooks(self._recorder, targets, self._graph_taps(model))
             self._modules.attach()  # for good: a compiled graph keeps the taps it was traced with
         else:
-            self._modules = ModuleHooks(self._recorder, targets, forward=config.level != "op" and "forward" in config.passes)
+            self._owner = traced_owner(self._traced) if not eager_only(config) else 0
+            self._modules = ModuleHooks(
+                self._recorder, targets, forward=config.level != "op" and "forward" in config.passes, traced=self._owner
+            )
         self._grads = GradientHooks(self._recorder, targets) if "backward" in config.passes else None
         self._ops = (
             OpCapture(self._recorder, self._selector, {n: weakref.ref(m) for n, m in modules.items()})
@@ -161,6 +175,42 @@ class CaptureHandle:
         self._stacks = StackRecorder() if config.stack else None
         if self._stacks is not None:
             self._recorder.on_call = self._stacks.record
+
+    def _graph_taps(self, model: torch.nn.Module) -> GraphTaps | None:
+        """Native taps (``graph_taps: native``), on the device of the model's first parameter."""
+        if self.config.graph_taps != "native":
+            return None
+        first = next(iter(model.parameters()), None)
+        return GraphTaps(
+            first.device if first is not None else torch.device("cpu"),
+            stage_all=self.config.mode in ("tensor", "md5"),
+            small_values=self.config.small_tensor_values,
+            budget_bytes=self.config.max_pending_bytes,
+            token_bound=self._token_bound,
+            files_up_to=(
+                (sys.maxsize if self.config.max_tensor_size is None else self.config.max_tensor_size)
+                if self.config.mode == "tensor"
+                else None
+            ),
+            always_measure=self.config.detect_anomaly,
+        )
+
+    def _traced(self, name: str, kind: str) -> tuple[int, int]:
+        """A compiler traces an eager hook (``capture`` came before ``torch.compile``): from now on this capture
+        is a compiled one, its hooks stay on, and each traced call becomes a graph tap. Returns ``(site, taps)``
+        for a module's ``pre``/``post`` tap, or ``(step op, taps)`` for the root (``root``). Trace time only."""
+        if self._taps is None:
+            self._compiled = True
+            self._recorder.snap.in_graph = True
+            self._info.facts["compiled"] = {"mode": "compiled", "backend": "torch.compile (after capture)", "cudagraphs": False}
+            model = self._model_ref()
+            self._taps = TapHooks(self._recorder, self._targets, self._graph_taps(model) if model is not None else None)
+        native = self._taps.native.id if self._taps.native is not None else 0
+        if kind != "root":
+            return self._taps.site_of(name, kind), native
+        if self._step_ops is None:
+            self._step_ops = StepOps(None, self._op_begin, self._op_end, self._taps.native)
+        return self._step_ops.id, native
 
     def _disable(self, reason: str) -> None:
         self._enabled = False
@@ -277,6 +327,9 @@ class CaptureHandle:
             pass
         self._detach()
         self._modules.detach()
+        if self._taps is not None:
+            self._taps.detach()
+        forget_owner(self._owner)
         self._writer.close(complete=True)
         if self._stacks is not None and self._writer.stopped is None:
             self._stacks.write(self.path / names.stack_file(self._info.file_rank))
@@ -335,14 +388,21 @@ class CaptureHandle:
                 self._removed, self._remove_requested = True, False
             self._remove_now()
 
-    def _op_begin(self) -> None:
+    def _op_begin(self, table: torch.Tensor | None = None) -> None:
         """The root's step op, at run time: a forward that raised left its step open; it ends here."""
-        if self._step_open:
+        if self._step_open and self._in_graph_forward:
             self._close_step(None, raised=RuntimeError("the previous forward did not return"))
-        self._open_step()
+        self._in_graph_forward = True
+        self._open_step(table)
 
-    def _open_step(self) -> None:
+    def _op_end(self, table: torch.Tensor | None = None, staged: dict[str, torch.Tensor] | None = None) -> None:
+        self._in_graph_forward = False
+        self._close_step(None, table=table, staged=staged)
+
+    def _open_step(self, table: torch.Tensor | None = None) -> None:
         if self._step_open:
+            if self._taps is not None and self._taps.native is not None and self._recorder.in_step:
+                self._taps.native.begin(table)  # opened before the graph's first forward (capture, then compile)
             return
         self._step_open = True
         self._forwards = 0
@@ -350,8 +410,10 @@ class CaptureHandle:
         if self._selector.step(self._recorder.state.index) and self._writer is not None and self._writer.stopped is None:
             self._recorder.begin_step()
             self._modules.attach()
-            if isinstance(self._modules, TapHooks):
-                self._modules.begin_step()
+            if self._taps is not None:
+                self._taps.begin_step()
+                if self._taps.native is not None:
+                    self._taps.native.begin(table)
             if self._grads is not None:
                 self._grads.begin_step()
                 self._grads.attach()
@@ -361,13 +423,27 @@ class CaptureHandle:
         else:
             self._detach()
 
-    def _close_step(self, info: dict[str, Any] | None, *, raised: BaseException | None = None) -> None:
+    def _close_step(
+        self,
+        info: dict[str, Any] | None,
+        *,
+        raised: BaseException | None = None,
+        table: torch.Tensor | None = None,
+        staged: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         if not self._step_open:
             return
         self._step_open = False
         rec = self._recorder
+        if self._taps is not None and rec.in_step:
+            with rec.guard("reading the graph's taps"):
+                self._taps.replay(table, staged)
         info = info if info is not None else self._pending_info
-        step = rec.end_step(info, raised=raised, manifest=self._observed()) if rec.in_step else None
+        step = None
+        if rec.in_step:
+            news, facts = self._observed()
+            step = rec.end_step(info, raised=raised, manifest=facts if news else None, progress=None if news else facts)
+        self._graph_mode = None
         rec.state.advance()
         if not self._selector.step(rec.state.index) or self._writer is None or self._writer.stopped is not None:
             self._detach()  # hooks stay on only when the next step is logged too: attaching costs a whole forward's worth
@@ -377,8 +453,18 @@ class CaptureHandle:
             self._writer.wait_step(step)
         self._check_anomaly()
 
-    def _observed(self) -> dict[str, Any] | None:
-        return self._modules.observed(self._info.facts["compiled"]) if isinstance(self._modules, TapHooks) else None
+    def _observed(self) -> tuple[bool, dict[str, Any] | None]:
+        if self._taps is None:
+            return False, None
+        facts = self._info.facts["compiled"]
+        if self._graph_mode is not None:
+            key = "steps_replayed" if self._graph_mode else "steps_eager"
+            facts[key] = facts.get(key, 0) + 1
+        return self._taps.observed(facts)
+
+    def graph_replayed(self, replayed: bool) -> None:
+        """An integration's word on the current step: its forward replayed a CUDA graph, or ran without one."""
+        self._graph_mode = replayed
 
     def _check_anomaly(self) -> None:
         a = self.anomaly

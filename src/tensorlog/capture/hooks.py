@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from .compiled import graph_step, tap_inputs, tap_output, traced_site
 from .recorder import Recorder
 from .steps import ForwardAbandoned
 
@@ -35,8 +36,10 @@ Targets = dict[str, tuple["weakref.ref[torch.nn.Module]", "frozenset[int] | None
 
 
 class ModuleHooks:
-    def __init__(self, recorder: Recorder, targets: Targets, *, forward: bool) -> None:
+    def __init__(self, recorder: Recorder, targets: Targets, *, forward: bool, traced: int = 0) -> None:
         self.recorder = recorder
+        self.traced = traced
+        """Where a hook that a compiler traces gets its graph tap (:func:`.compiled.traced_site`); 0: nowhere."""
         self.targets = targets
         self.forward = forward
         self._handles: list[RemovableHandle] = []
@@ -89,8 +92,13 @@ class ModuleHooks:
 
     def _pre(self, name: str, calls: frozenset[int] | None) -> Callable[..., Any]:
         enter = self.recorder.enter
+        owner = self.traced
 
         def pre_hook(module: torch.nn.Module, args: tuple[Any, ...], *kwargs: dict[str, Any]) -> Any:
+            if owner and torch.compiler.is_compiling():
+                site, native = traced_site(owner, name, "pre")
+                tap_inputs(site, native, args, kwargs[0] if kwargs else {})
+                return None
             # None (nothing changes) unless reload_input_dir grafts this call's inputs. Without ``kwargs``: torch
             # read the hook's kwargs flag after another thread removed it mid-call (see ``hook_arguments``).
             changed = enter(name, type(module).__name__, args, kwargs[0] if kwargs else {}, calls)[1]
@@ -100,8 +108,13 @@ class ModuleHooks:
 
     def _post(self, name: str) -> Callable[..., None]:
         leave = self.recorder.leave
+        owner = self.traced
 
         def post_hook(module: torch.nn.Module, args: tuple[Any, ...], *rest: Any) -> None:
+            if owner and torch.compiler.is_compiling():
+                site, native = traced_site(owner, name, "post")
+                tap_output(site, native, rest[-1])
+                return
             kwargs, output = hook_arguments(rest)
             leave(name, output, args=args, kwargs=kwargs)
 
@@ -130,8 +143,10 @@ class RootHooks:
         model: torch.nn.Module,
         begin: Callable[[tuple[Any, ...], dict[str, Any]], None],
         end: Callable[[BaseException | None], None],
+        traced: int = 0,
     ) -> None:
         self.depth = 0
+        self._owner = traced
         self._outer: Any = None  # the outermost call's frame, while it runs
         self._thread = 0
         self._begin, self._end = begin, end
@@ -141,6 +156,10 @@ class RootHooks:
         ]
 
     def _pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._owner and torch.compiler.is_compiling():  # a compiler traces the root: the step is an op
+            handle, taps = traced_site(self._owner, "", "root")
+            graph_step(handle, taps, 0)
+            return
         if self.depth and self._left_behind():
             self.depth, self._outer = 0, None
             self._end(ForwardAbandoned())
@@ -181,6 +200,10 @@ class RootHooks:
         return self.depth > 0
 
     def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self._owner and torch.compiler.is_compiling():
+            handle, taps = traced_site(self._owner, "", "root")
+            graph_step(handle, taps, 1)
+            return
         self.depth = max(0, self.depth - 1)
         if self.depth == 0:
             self._outer = None

@@ -75,7 +75,12 @@ class Recorder:
         self._gradients = []
 
     def end_step(
-        self, info: dict[str, Any] | None = None, *, raised: BaseException | None = None, manifest: dict[str, Any] | None = None
+        self,
+        info: dict[str, Any] | None = None,
+        *,
+        raised: BaseException | None = None,
+        manifest: dict[str, Any] | None = None,
+        progress: dict[str, Any] | None = None,
     ) -> int | None:
         """Hand the step to the writer; returns its index when anything was handed over."""
         if not self.in_step:
@@ -110,6 +115,7 @@ class Recorder:
             incomplete_reason=why,
             dropped=self._dropped,
             manifest=manifest,
+            progress=progress,
         )
         self.snap.end_step(end)
         self._calls, self._open = [], {}

@@ -34,6 +34,7 @@ from ..storage import stats as _stats
 from ..storage.records import StepEnd, TensorSnap
 from ..storage.tensorfile import ST_NAMES
 from ..storage.writer import Writer
+from .graphtap import GraphValue
 
 __all__ = ["Snapshotter"]
 
@@ -56,12 +57,15 @@ class Snapshotter:
         self.ext = "safetensors" if config.format == "safetensors" else "pt"
         self._seen: dict[int, tuple[weakref.ref[torch.Tensor], int, TensorSnap]] = {}
         self._parts: list[list[torch.Tensor]] = []
+        self._graph_seen: dict[int, tuple[GraphValue, TensorSnap]] = {}
+        """The graph's values planned this step: the object a second tap of one tensor hands over again."""
         self._weights: dict[int, tuple[weakref.ref[torch.Tensor], int, TensorSnap]] = {}
         """Weights whose statistics were taken, across steps (``level: op`` hands them to ops every step)."""
         self._streams: dict[int | None, Any] = {}
 
     def begin_step(self) -> None:
         self._seen = {}
+        self._graph_seen = {}
         self._parts = []
 
     def end_step(self, end: StepEnd) -> None:
@@ -96,6 +100,12 @@ class Snapshotter:
         snaps: list[TensorSnap] = []
         need = 0
         for path, v in leaves:
+            if isinstance(v, GraphValue):
+                snap = self._plan_graph(kind, path, v, used)
+                if snap.host is not None and (snap.file is not None or snap.want_checksum):
+                    need += snap.host.numel() * snap.host.element_size()
+                snaps.append(snap)
+                continue
             if not isinstance(v, torch.Tensor):
                 stem = _unique(_stem(kind, path), used)
                 snaps.append(
@@ -171,6 +181,69 @@ class Snapshotter:
             snaps.append(s)
         return snaps, need
 
+    def _plan_graph(self, kind: str, path: tuple[str, ...], v: GraphValue, used: set[str]) -> TensorSnap:
+        """A tensor a compiled graph measured (and staged): its statistics are given, its data is a staged view."""
+        cfg = self.config
+        device = _DEVICE_NAMES.get(v.device)
+        if device is None:
+            device = _DEVICE_NAMES[v.device] = str(v.device)
+        stem, key, name, file = _leaf_names(kind, path, device, self.rank, self.ext)
+        if stem in used:
+            stem = _unique(stem, used)
+            name = names.tensor_file(stem, device, self.rank, "x")[:-2]
+            file = names.tensor_file(stem, device, self.rank, self.ext)
+        else:
+            used.add(stem)
+        numel = v.numel
+        s = TensorSnap(
+            name=name,
+            kind=kind,
+            key=key,
+            path=path,
+            stem=stem,
+            shape=v.shape,
+            dtype=v.dtype,
+            device=device,
+            stride=_contiguous_stride(v.shape),
+            numel=numel,
+            graph=True,
+        )
+        prev = self._graph_seen.get(id(v))
+        if prev is not None and prev[0] is v:  # the graph tapped this tensor before (an input that was an output)
+            s.same_as = prev[1]
+            s.file = file if prev[1].file else None
+            return s
+        self._graph_seen[id(v)] = (v, s)
+        if v.partial is not None:
+            s.stats = _stats.finish(list(v.partial), numel)
+        if not self.selector.device(v.device):
+            s.skipped = "device_names"
+            return s
+        if cfg.max_tensor_size is not None and numel > cfg.max_tensor_size:
+            s.skipped = "max_tensor_size"
+            return s
+        keep_file = cfg.mode == "tensor"
+        small = numel <= cfg.small_tensor_values
+        if not (keep_file or small or cfg.mode == "md5"):
+            return s
+        if v.data is None:
+            if keep_file or cfg.mode == "md5":
+                s.skipped = (
+                    f"not staged by the compiled graph: {v.not_staged}" if v.not_staged else "not staged by the compiled graph"
+                )
+            return s
+        s.host = v.data
+        s.want_values = small
+        if keep_file and self.packed:
+            if v.dtype not in ST_NAMES:
+                s.skipped, s.host = f"{v.dtype} cannot be stored in safetensors", None
+            else:
+                s.packed_at = (-1, -1)
+        elif keep_file:
+            s.file = file
+        s.want_checksum = cfg.mode == "md5"
+        return s
+
     def copy(self, snaps: list[TensorSnap], originals: list[Leaf], step: int) -> bool | None:
         """Make the planned host copies and start the statistics; True when a CUDA copy is in flight.
 
@@ -187,6 +260,16 @@ class Snapshotter:
             if s.same_as is not None:
                 continue
             cuda = t.device.type == "cuda"
+            if s.graph:  # a staged view: copied out now, before the graph runs again; its statistics are given
+                if s.packed_at is not None:
+                    if not self._pack(s, t, step):
+                        return None
+                    if s.want_values:
+                        s.host = _host_copy(t, self._stream(t.device) if cuda else None)
+                else:
+                    s.host = _host_copy(t, self._stream(t.device) if cuda else None)
+                on_cuda |= cuda
+                continue
             if s.packed_at is not None and s.skipped is None:
                 if not self._pack(s, t, step):
                     return None
@@ -300,6 +383,14 @@ def _leaf_names(kind: str, path: tuple[str, ...], device: str, rank: int | None,
         names.tensor_file(stem, device, rank, "x")[:-2],
         names.tensor_file(stem, device, rank, ext),
     )
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out, n = [], 1
+    for d in reversed(shape):
+        out.append(n)
+        n *= max(d, 1)
+    return tuple(reversed(out))
 
 
 def _unique(stem: str, used: set[str]) -> str:

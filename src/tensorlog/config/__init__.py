@@ -99,6 +99,9 @@ class LogConfig(BaseModel):
     (``torch.compile``'s wrapper, ``model.compile()``, a vLLM engine that compiles), else with hooks;
     ``compiled``: taps always (``capture`` before ``torch.compile``); ``eager``: hooks always (vLLM is
     then run with ``enforce_eager``, a compiled PyTorch model breaks its graph at each hook)."""
+    graph_taps: Literal["native", "callback"] = "native"
+    """How a compiled graph is tapped. ``native``: the graph computes the statistics and copies itself, with
+    no Python per call (CUDA graphs stay on); ``callback``: each call calls back into Python, as hooks would."""
     detect_anomaly: bool = False
     """Check every hooked tensor for NaN/Inf; the first module whose outputs go bad is recorded in run.json."""
     stop_on_anomaly: bool = False

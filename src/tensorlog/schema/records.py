@@ -302,8 +302,17 @@ class CompiledInfo(_Record):
     backend: str | None = None
     passes: list[str] = Field(default_factory=list)
     cudagraphs: StrictBool = False
+    cudagraph_mode: str | None = None
+    """The engine's CUDA graph mode (vLLM's ``cudagraph_mode``), where it has one."""
     not_observable: dict[str, str] = Field(default_factory=dict)
     """Module -> why the compiled graph does not show its value under its own name."""
+    taps: dict[str, Literal["graph", "callback"]] = Field(default_factory=dict)
+    """Module -> how the compiled graph was tapped: ``graph`` (statistics and copies made by the graph itself)
+    or ``callback`` (a call back into Python)."""
+    steps_replayed: StrictInt = 0
+    """Logged steps whose forward replayed a CUDA graph (the taps replayed with it)."""
+    steps_eager: StrictInt = 0
+    """Logged steps whose forward ran without a CUDA graph."""
 
 
 class NodeInfo(_Record):

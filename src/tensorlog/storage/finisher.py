@@ -92,8 +92,9 @@ class StepFinisher:
         """Write everything of ``end`` that is not yet on disk, the step index last."""
         for ev in end.ready:
             ev.synchronize()
-        if end.manifest is not None:
-            self._manifest = RunManifest.model_validate({**self._manifest.model_dump(), **end.manifest})
+        for given in (end.progress, end.manifest):
+            if given is not None:
+                self._manifest = RunManifest.model_validate({**self._manifest.model_dump(), **given})
         self._fill_in(end)
         step_dir = self.run_dir / names.step_dir(end.step)
         if self.layout == "reference":

