@@ -17,11 +17,13 @@ labelled as such. Between variants the output is synced and deleted (untimed), s
 writeback does not slow the next. Variants run in turn, ``--rounds`` times; the median forward
 is reported.
 
-The compiled rows compile the model afresh with Inductor and capture it through graph taps; their
-ratio is against the compiled model with no tool, and the note gives the time against the eager
-capture of the same kind.
+The compiled rows compile the model afresh with Inductor and capture it through graph taps, native
+(the graph measures and copies; the default) and callback (a Python call per tap); their ratio is
+against the compiled model with no tool, and the note gives the time against the eager capture of
+the same kind and which taps ran.
 
-The floors: **full tensors** = the forward plus writing the bytes tensorlog wrote per step at
+The floors: **compiled statistics** = the graph with its native taps on a step that is not logged
+(the reductions run in the graph, nothing is read back or written); **full tensors** = the forward plus writing the bytes tensorlog wrote per step at
 the speed ``dd oflag=direct`` measures on the same disk, in the same run; **statistics** = bare
 forward hooks that take the same four reductions of each output and read them back once per
 step, with no bookkeeping. msProbe's debugger is a process-wide singleton that wraps torch APIs
@@ -192,16 +194,23 @@ def compiled_variant(**cfg: Any) -> Variant:
             compiled(**inputs)
             yield lambda: run_forward(compiled, inputs)
             return
-        with tensorlog.capture(compiled, {"output_dir": str(out), "run_name": "run", "log_step_ids": [], **cfg}):
+        with tensorlog.capture(compiled, {"output_dir": str(out), "run_name": "run", "log_step_ids": [], **cfg}) as run:
             yield lambda: run_forward(compiled, inputs)
+        go.bytes_per_step = _bytes_per_step(run.path)  # type: ignore[attr-defined]
+        go.taps = sorted(set((tensorlog.load_run(run.path).manifest.compiled.taps or {}).values()))  # type: ignore[attr-defined]
 
     return go
 
 
 COMPILED: dict[str, Variant] = {
     "torch.compile: no tool": compiled_variant(),
-    "torch.compile + tensorlog: statistics": compiled_variant(mode="statistics"),
-    "torch.compile + tensorlog: full tensors, packed layout": compiled_variant(layout="packed"),
+    "torch.compile + tensorlog: statistics, graph-native taps": compiled_variant(mode="statistics"),
+    "torch.compile + tensorlog: full tensors, packed, graph-native taps": compiled_variant(layout="packed"),
+    "torch.compile + tensorlog: statistics, callback taps": compiled_variant(mode="statistics", graph_taps="callback"),
+    "torch.compile + tensorlog: full tensors, packed, callback taps": compiled_variant(layout="packed", graph_taps="callback"),
+    "floor (compiled statistics): the graph's own reductions, no step logged": compiled_variant(
+        mode="statistics", log_step_ids=[10**9]
+    ),
 }
 
 
@@ -382,12 +391,24 @@ def main() -> None:
         finally:
             shutil.rmtree(out, ignore_errors=True)
         cbase = statistics.median(ctimes["torch.compile: no tool"])
-        eager_names = {"statistics": "tensorlog: statistics", "packed layout": "tensorlog: full tensors, packed layout"}
+        eager_names = {"statistics": "tensorlog: statistics", "full tensors, packed": "tensorlog: full tensors, packed layout"}
         for name, ts in ctimes.items():
             med = statistics.median(ts)
-            twin = next((statistics.median(times[e]) for k, e in eager_names.items() if name.endswith(k)), None)
+            twin = next((statistics.median(times[e]) for k, e in eager_names.items() if f"tensorlog: {k}" in name), None)
+            taps = getattr(COMPILED[name], "taps", None)
             note = "vs torch.compile with no tool" + (f"; {med / twin:.2f}x the eager capture's time" if twin else "")
+            note += f"; taps that ran: {', '.join(taps)}" if taps else ""
             rows.append((name, med, med / cbase, note))
+        cpacked = COMPILED["torch.compile + tensorlog: full tensors, packed, graph-native taps"].bytes_per_step  # type: ignore[attr-defined]
+        cfloor = cbase + cpacked / disk
+        rows.append(
+            (
+                "floor (compiled, full tensors): compiled forward + bytes at dd oflag=direct speed",
+                cfloor,
+                cfloor / cbase,
+                f"{cpacked / 1e6:.1f} MB per step; vs torch.compile with no tool",
+            )
+        )
     if not args.no_peers:
         rows += run_peers(args)
     n_modules = sum(1 for n, _ in model.named_modules() if n)

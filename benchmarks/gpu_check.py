@@ -1,5 +1,6 @@
 """CUDA checks for one lent GPU machine: device names, non-blocking side-stream copies, on-device
-statistics and anomaly checks, CUDA-vs-CPU comparison. Prints one PASS/FAIL line per check.
+statistics and anomaly checks, CUDA-vs-CPU comparison, graph-native taps under CUDA graph replay.
+Prints one PASS/FAIL line per check.
 
 Usage: PYTHONPATH=src python benchmarks/gpu_check.py OUTDIR
 """
@@ -110,9 +111,45 @@ def main(out: Path) -> int:
         res.exit_code == 0 and res.summary.only_in_1 == 0,
         f"exit {res.exit_code}, {res.summary.pairs_compared} pairs, only-in-one {res.summary.only_in_1}/{res.summary.only_in_2}",
     )
+    graph_native_under_cuda_graphs(model, out, dev)
     failed = [n for n, ok, _ in results if not ok]
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
+
+
+def graph_native_under_cuda_graphs(model: nn.Module, out: Path, dev: torch.device) -> None:
+    """Graph-native taps inside CUDA graph trees (``mode="reduce-overhead"``): every step but the first replays a
+    recorded graph, so each step's logged values must still be that step's (a tap that replay skipped would
+    leave the previous step's numbers)."""
+    from torch._dynamo.utils import counters
+
+    steps = [torch.randint(0, 512, (2, 64), device=dev, generator=torch.Generator(device=dev).manual_seed(k)) for k in range(4)]
+    with torch.no_grad(), tensorlog.capture(model, {"output_dir": str(out), "run_name": "cg-eager", "log_step_ids": []}) as eager:
+        for ids in steps:
+            model(ids)
+    torch._dynamo.reset()
+    counters.clear()
+    untapped = torch.compile(model, mode="reduce-overhead")
+    with torch.no_grad():
+        plain = [untapped(ids).clone() for ids in steps]
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, mode="reduce-overhead")
+    cfg = {"output_dir": str(out), "run_name": "cg-native", "log_step_ids": [], "mode": "tensor", "layout": "packed"}
+    with torch.no_grad(), tensorlog.capture(compiled, cfg) as run:
+        tapped = [compiled(ids).clone() for ids in steps]
+    skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
+    check("CUDA graph trees kept with graph-native taps", skips == 0, f"cudagraph_skips={skips} {dict(counters['inductor'])}")
+    check("outputs bit-identical to the untapped reduce-overhead model", all(torch.equal(a, b) for a, b in zip(plain, tapped)))
+    loaded = tensorlog.load_run(run.path)
+    taps = set((loaded.manifest.compiled.taps or {}).values())
+    check("taps that ran are graph-native", taps == {"graph"}, str(taps))
+    res = tensorlog.compare(eager.path, run.path, rtol=1e-3, atol=1e-4)
+    check(
+        "each replayed step's values equal the eager capture's",
+        res.exit_code == 0 and res.summary.only_in_1 == 0 and res.summary.pairs_compared > 0,
+        f"exit {res.exit_code}: {res.headline}",
+    )
 
 
 if __name__ == "__main__":

@@ -122,16 +122,7 @@ class Snapshotter:
                 continue
             t = v.detach()
             dev = t.device
-            device = _DEVICE_NAMES.get(dev)
-            if device is None:
-                device = _DEVICE_NAMES[dev] = str(dev)
-            stem, key, name, file = _leaf_names(kind, path, device, self.rank, self.ext)
-            if stem in used:  # two leaves whose names collide once made safe for a file system
-                stem = _unique(stem, used)
-                name = names.tensor_file(stem, device, self.rank, "x")[:-2]
-                file = names.tensor_file(stem, device, self.rank, self.ext)
-            else:
-                used.add(stem)
+            device, stem, key, name, file = self._names(kind, path, dev, used)
             nested = t.is_nested  # no single shape: recorded by dtype and device only
             strided = t.layout == torch.strided and not nested
             numel = t.numel() if not nested else 0
@@ -181,19 +172,26 @@ class Snapshotter:
             snaps.append(s)
         return snaps, need
 
-    def _plan_graph(self, kind: str, path: tuple[str, ...], v: GraphValue, used: set[str]) -> TensorSnap:
-        """A tensor a compiled graph measured (and staged): its statistics are given, its data is a staged view."""
-        cfg = self.config
-        device = _DEVICE_NAMES.get(v.device)
+    def _names(
+        self, kind: str, path: tuple[str, ...], dev: torch.device, used: set[str]
+    ) -> tuple[str, str, str | None, str, str]:
+        """``(device, stem, key, name, file)`` of a tensor leaf; ``used`` holds the stems this call took."""
+        device = _DEVICE_NAMES.get(dev)
         if device is None:
-            device = _DEVICE_NAMES[v.device] = str(v.device)
+            device = _DEVICE_NAMES[dev] = str(dev)
         stem, key, name, file = _leaf_names(kind, path, device, self.rank, self.ext)
-        if stem in used:
+        if stem in used:  # two leaves whose names collide once made safe for a file system
             stem = _unique(stem, used)
             name = names.tensor_file(stem, device, self.rank, "x")[:-2]
             file = names.tensor_file(stem, device, self.rank, self.ext)
         else:
             used.add(stem)
+        return device, stem, key, name, file
+
+    def _plan_graph(self, kind: str, path: tuple[str, ...], v: GraphValue, used: set[str]) -> TensorSnap:
+        """A tensor a compiled graph measured (and staged): its statistics are given, its data is a staged view."""
+        cfg = self.config
+        device, stem, key, name, file = self._names(kind, path, v.device, used)
         numel = v.numel
         s = TensorSnap(
             name=name,
