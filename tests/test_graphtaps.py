@@ -51,13 +51,13 @@ def _untapped(model, inputs, **kw) -> tuple[list[torch.Tensor], int]:
     return outs, _graphs()
 
 
-def _assert_same_as_eager(eager: tensorlog.Run, native: tensorlog.Run) -> None:
+def _assert_same_as_eager(eager: tensorlog.Run, native: tensorlog.Run, pairs: int = 51) -> None:
     assert sorted(native.steps) == sorted(eager.steps)
     for k in eager.steps:
         assert [c.dirname for c in native.steps[k].calls] == [c.dirname for c in eager.steps[k].calls], k
     res = tensorlog.compare(eager.path, native.path)
-    assert res.exit_code == 0 and not res.first_divergence, res.headline
-    assert res.summary.only_in_1 == res.summary.only_in_2 == 0 and res.summary.pairs_compared > 50
+    assert res.exit_code == 0 and not res.first_divergence, (res.summary, res.first_divergence[:1], res.problems[:2])
+    assert res.summary.only_in_1 == res.summary.only_in_2 == 0 and res.summary.pairs_compared >= pairs
 
 
 @pytest.mark.parametrize("mode", ["statistics", "tensor"])
@@ -126,11 +126,14 @@ def test_a_size_beyond_the_staging_keeps_its_statistics_and_says_why(tmp_path):
         warnings.simplefilter("always")
         compiled(IDS[:, :4].clone())  # traced with no bound on the length: staged for 4 x 4 tokens
         compiled(long)
-    assert any("mark_dynamic" in str(w.message) for w in seen)
     loaded = tensorlog.load_run(run.path)
     out = loaded.steps[1].call("model.norm").outputs[0]
     assert out.shape == (1, 40, 64) and out.stats is not None and out.stats["nan_count"] == 0
-    assert "mark_dynamic" in (out.entry.skipped or "")
+    if _graphs() == 1:  # one graph, staged for 16 tokens: the data of 40 is left out, and said so
+        assert any("mark_dynamic" in str(w.message) for w in seen)
+        assert "mark_dynamic" in (out.entry.skipped or "")
+    else:  # Dynamo traced the long input again (in a full test session it may): staged for it, kept whole
+        assert out.entry.skipped is None and out.load().shape == (1, 40, 64)
     assert loaded.steps[0].call("model.norm").outputs[0].load().shape == (1, 4, 64)
     assert run.stopped_reason is None
 
@@ -238,3 +241,83 @@ def test_a_second_capture_taps_again_and_a_closed_one_leaves_no_trace(tmp_path):
     with torch.no_grad():
         assert torch.equal(compiled(x)[0], plain)  # retraced without taps: the closed capture's buffers are gone
     assert not [n for n in vars(graphtap._BUFFERS) if not n.startswith("__")], "buffers outlived their capture"
+
+
+class _Boom(torch.nn.Module):
+    fail = False
+
+    def forward(self, x):
+        if self.fail:
+            raise ValueError("boom")
+        return x * 2
+
+
+class _WithBoom(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.boom, self.b = torch.nn.Linear(8, 8), _Boom(), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.b(self.boom(self.a(x)))
+
+
+def test_a_step_that_raises_leaves_the_next_steps_logged(tmp_path):
+    """After the model raises, Dynamo may compile each hook as a frame of its own, whose ints are symbols: the
+    hooks then call back (Python per call) instead of failing every later call."""
+    torch.manual_seed(0)
+    model, x = _WithBoom(), torch.randn(4, 8)
+    eager = _eager_run(model, tmp_path, [x, x], mode="statistics", log_step_ids=[0, 1])
+    _fresh()
+    compiled = torch.compile(model)
+    cfg = {"output_dir": str(tmp_path), "run_name": "native", "mode": "statistics", "log_step_ids": [0, 1, 2]}
+    with torch.no_grad(), tensorlog.capture(compiled, cfg) as run:
+        first = compiled(x)
+        model.boom.fail = True
+        with pytest.raises(ValueError, match="boom"):
+            compiled(x)
+        model.boom.fail = False
+        assert torch.equal(compiled(x), first)
+    native = tensorlog.load_run(run.path)
+    assert [c.dirname for c in native.steps[2].calls] == ["a", "boom", "b"]
+    assert native.steps[1].complete is False
+    for k in (0, 2):
+        for a, b in zip(native.steps[k].calls, eager.steps[0].calls):
+            assert a.outputs[0].stats is not None and a.outputs[0].stats["max"] == pytest.approx(
+                b.outputs[0].stats["max"], rel=1e-6
+            )
+
+
+def test_a_size_that_may_be_zero_is_still_measured(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    xs = [torch.randn(n, 8) for n in (4, 6)]
+    cfg = {"mode": "statistics", "log_step_ids": [0, 1]}
+    eager = _eager_run(model, tmp_path, xs, **cfg)
+    for t in xs:
+        torch._dynamo.decorators.mark_unbacked(t, 0)  # lower bound 0: no aminmax without a sentinel
+    _fresh()
+    compiled = torch.compile(model)
+    with torch.no_grad(), tensorlog.capture(compiled, {"output_dir": str(tmp_path), "run_name": "native", **cfg}) as run:
+        for t in xs:
+            compiled(t)
+    res = tensorlog.compare(eager.path, run.path)
+    assert res.exit_code == 0 and res.summary.pairs_compared == 12, (res.summary, res.first_divergence[:1], res.problems[:2])
+
+
+def test_capture_then_compile_on_a_step_that_is_not_logged_says_how_to_get_taps(tmp_path):
+    """Dynamo does not guard on hooks: a graph traced while the step's module hooks are off keeps none."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    x = torch.randn(4, 8)
+    cfg = {"mode": "statistics", "log_step_ids": [1, 2]}
+    eager = _eager_run(model, tmp_path, [x, x, x], **cfg)
+    _fresh()
+    with warnings.catch_warnings(record=True) as seen, torch.no_grad():
+        warnings.simplefilter("always")
+        with tensorlog.capture(model, {"output_dir": str(tmp_path), "run_name": "native", **cfg}) as run:
+            compiled = torch.compile(model)
+            compiled(x)  # step 0, not logged: traced without module hooks
+            torch.compiler.reset()  # what the warning says
+            compiled(x)
+            compiled(x)
+    assert any("during a step that is not logged" in str(w.message) for w in seen)
+    assert _breaks() == {}
+    _assert_same_as_eager(eager, tensorlog.load_run(run.path), pairs=12)

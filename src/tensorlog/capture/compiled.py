@@ -178,10 +178,11 @@ def forget_owner(key: int) -> None:
 
 
 @torch._dynamo.assume_constant_result
-def traced_site(owner: int, name: str, kind: str) -> tuple[int, int]:
+def traced_site(owner: str, name: str, kind: str) -> tuple[int, int]:
     """At trace time, for an eager hook being traced: ``(site, native taps)`` of ``name``'s ``pre``/``post``
-    tap, or of the root's step op (``kind`` ``root``). Run once and baked in: no guard, no graph break."""
-    fn = _owners.get(owner)
+    tap, or of the root's step op (``kind`` ``root``). Run once and baked in: no guard, no graph break.
+    ``owner`` is :func:`traced_owner`'s key as a string, which Dynamo never makes a symbol (see :func:`ids_of`)."""
+    fn = _owners.get(int(owner))
     return (0, 0) if fn is None else fn(name, kind)
 
 
@@ -532,6 +533,15 @@ def tap_inputs(site: int, native: int, args: tuple[Any, ...], kwargs: dict[str, 
         _tap(xs, site, _ENTRY.join(desc))
 
 
+@torch._dynamo.assume_constant_result
+def ids_of(ids: str) -> tuple[int, int]:
+    """Two ids that a hook's closure holds as one string. Dynamo may compile a hook as a frame of its own (it
+    does after the model raised) and then treats the ints of closures it has seen differ as symbols, which no
+    traced tap can take; a string stays a constant."""
+    a, b = ids.split(":")
+    return int(a), int(b)
+
+
 def tap_output(site: int, native: int, output: Any) -> None:
     xs: list[torch.Tensor] = []
     desc: list[str] = []
@@ -543,15 +553,21 @@ def tap_output(site: int, native: int, output: Any) -> None:
 
 
 def _pre_hook(site: int, native: int = 0) -> Callable[..., None]:
+    ids = f"{site}:{native}"
+
     def pre(module: torch.nn.Module, args: tuple[Any, ...], *rest: dict[str, Any]) -> None:
-        tap_inputs(site, native, args, rest[0] if rest else {})  # none: torch saw the hook removed mid-call
+        s, n = ids_of(ids)
+        tap_inputs(s, n, args, rest[0] if rest else {})  # none: torch saw the hook removed mid-call
 
     return pre
 
 
 def _post_hook(site: int, native: int = 0) -> Callable[..., None]:
+    ids = f"{site}:{native}"
+
     def post(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        tap_output(site, native, output)
+        s, n = ids_of(ids)
+        tap_output(s, n, output)
 
     return post
 
@@ -585,15 +601,17 @@ class StepOps:
             self.id = next(_ids)
             _steps[self.id] = self._phase
             _graph_steps[self.id] = self._graph_phase
-        handle, taps = self.id, native.id if native is not None else 0
+        ids = f"{self.id}:{native.id if native is not None else 0}"
 
         def pre(module: torch.nn.Module, args: Any) -> None:
+            handle, taps = ids_of(ids)
             if taps and torch.compiler.is_compiling():
                 graph_step(handle, taps, 0)
             else:
                 _step(handle, 0)
 
         def post(module: torch.nn.Module, args: Any, output: Any) -> None:
+            handle, taps = ids_of(ids)
             if taps and torch.compiler.is_compiling():
                 graph_step(handle, taps, 1)
             else:

@@ -109,6 +109,8 @@ class _Leaf:
     """Why its data is not staged, where data was wanted."""
     shape: tuple[int, ...] | None
     """Its shape when the graph fixes it (then not written at run time), else None."""
+    maybe_empty: bool = False
+    """A size may be 0 at run time (an unbacked or data-dependent one): min and max need a sentinel."""
     same_as: int = 0
     """The row of an earlier tap of this very tensor in the same graph (an input that is the previous call's
     output), unchanged since: nothing is computed for it, and it reads back as that row's value."""
@@ -186,13 +188,15 @@ class GraphTaps:
         seen = self._traced.get(id(fake))
         if seen is not None and seen[0] is fake and seen[1] == fake._version:
             earlier = self._leaves[seen[2]]
-            leaf = _Leaf(row, dtype, fake.device, ndim, False, 0, earlier.why, earlier.shape, earlier.same_as or earlier.row)
+            leaf = _Leaf(
+                row, dtype, fake.device, ndim, False, 0, earlier.why, earlier.shape, same_as=earlier.same_as or earlier.row
+            )
             site.tensors.append(leaf)
             self._leaves[row] = leaf
             return
         self._traced[id(fake)] = (fake, fake._version, row)
         bound, lower, known = _numel_bounds(fake, self.token_bound)
-        measurable = fake.layout == torch.strided and not dtype.is_complex and lower > 0 and ndim <= MAX_DIMS
+        measurable = fake.layout == torch.strided and not dtype.is_complex and bound > 0 and ndim <= MAX_DIMS
         want = self.stage_all or (self.small_values > 0 and lower <= self.small_values)
         stage, why = 0, None
         if want and ndim > MAX_DIMS:
@@ -219,7 +223,7 @@ class GraphTaps:
             and not self.always_measure
         )
         fixed = tuple(fake.shape) if all(type(d) is int for d in fake.shape) else None
-        leaf = _Leaf(row, dtype, fake.device, ndim, measurable and not from_data, stage, why, fixed)
+        leaf = _Leaf(row, dtype, fake.device, ndim, measurable and not from_data, stage, why, fixed, maybe_empty=lower == 0)
         site.tensors.append(leaf)
         self._leaves[row] = leaf
 
@@ -297,6 +301,8 @@ class GraphTaps:
         shape = leaf.shape if leaf.shape is not None else tuple(int(d) for d in row[9 : 9 + leaf.ndim])
         numel = math.prod(shape)
         partial = tuple(float(v) for v in row[1:8]) if leaf.stats else None
+        if partial is not None and numel == 0:  # as eager capture measures an empty tensor
+            partial = (math.nan,) * 7
         data, why = None, leaf.why
         if leaf.stage:
             if numel <= leaf.stage:
@@ -417,6 +423,11 @@ def _sized_of(taps: int, row: int) -> bool:
 
 
 @torch._dynamo.assume_constant_result
+def _maybe_empty(taps: int, row: int) -> bool:
+    return _TAPS[taps]._leaves[row].maybe_empty
+
+
+@torch._dynamo.assume_constant_result
 def _stage_of(taps: int, row: int) -> int:
     """Elements staged for ``row``; its buffer is made here, outside any fake mode ``comptime`` may run in."""
     leaf = _TAPS[taps]._leaves[row]
@@ -484,16 +495,21 @@ def _leaf(taps: int, row: int, x: torch.Tensor, table: torch.Tensor) -> None:
         ]
     if _stats_of(taps, row):
         # One pass: every reduction reads the same input, so Inductor makes them one vectorised loop (eager's
-        # two-pass spread needs the mean first: a second loop). Sums are taken in float64, where the
-        # cancellation in sum(x^2) - sum(x)^2/n costs 1e-16 times mean^2/variance: below float32 rounding
-        # unless the mean is 1e8 times the spread. ``x != x`` counts NaNs (``isnan`` does not vectorise), and
-        # the Infs are what is neither finite nor NaN.
+        # two-pass spread needs the mean first: a second loop). Sums are taken in float64: the cancellation in
+        # sum(x^2) - sum(x)^2/n costs 1e-16 times mean^2/variance, below float32 rounding of the spread while
+        # the mean is under about 2e4 times the spread (where a float32 tensor holds few digits of its spread
+        # anyway). ``x != x`` counts NaNs (``isnan`` does not vectorise); the Infs are what is neither.
         s = (
             x
             if x.dtype in (torch.float32, torch.float64)
             else x.to(torch.float32 if x.dtype.is_floating_point else torch.float64)
         )
-        mn, mx = torch.aminmax(s)
+        if _maybe_empty(taps, row):  # aminmax of nothing raises: +inf and -inf that change no other min or max
+            flat = s.reshape(-1)
+            mn = torch.cat([flat, flat.new_full((1,), math.inf)]).amin()
+            mx = torch.cat([flat, flat.new_full((1,), -math.inf)]).amax()
+        else:
+            mn, mx = torch.aminmax(s)
         d = s.to(torch.float64)
         total = d.sum()
         mean = total / x.numel()

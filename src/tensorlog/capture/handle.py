@@ -110,6 +110,7 @@ class CaptureHandle:
         """Graph taps: the compiled capture's hooks, or the sites of eager hooks that a compiler traced."""
         self._in_graph_forward = False
         self._owner = 0
+        self._attach_pending = False
         self._graph_mode: bool | None = None
         self._compiled = compiled_mode(config, model, compiled)
         if not self._enabled:
@@ -205,6 +206,15 @@ class CaptureHandle:
             self._info.facts["compiled"] = {"mode": "compiled", "backend": "torch.compile (after capture)", "cudagraphs": False}
             model = self._model_ref()
             self._taps = TapHooks(self._recorder, self._targets, self._graph_taps(model) if model is not None else None)
+            if not self._modules.attached:  # a step that is not logged: no module hook is there to be traced
+                self._attach_pending = True  # on from the next step on (not mid-trace: Dynamo cannot take it)
+                warnings.warn(
+                    "tensorlog: torch.compile traced the model during a step that is not logged, so its graph has "
+                    "no taps and later steps reuse it: log the first step the compiled model runs, or call "
+                    "torch.compiler.reset() once that step is over",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         native = self._taps.native.id if self._taps.native is not None else 0
         if kind != "root":
             return self._taps.site_of(name, kind), native
@@ -400,6 +410,9 @@ class CaptureHandle:
         self._close_step(None, table=table, staged=staged)
 
     def _open_step(self, table: torch.Tensor | None = None) -> None:
+        if self._attach_pending:  # compiled now: the module hooks stay on, for the graphs traced from here
+            self._attach_pending = False
+            self._modules.attach()
         if self._step_open:
             if self._taps is not None and self._taps.native is not None and self._recorder.in_step:
                 self._taps.native.begin(table)  # opened before the graph's first forward (capture, then compile)

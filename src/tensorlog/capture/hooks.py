@@ -92,7 +92,7 @@ class ModuleHooks:
 
     def _pre(self, name: str, calls: frozenset[int] | None) -> Callable[..., Any]:
         enter = self.recorder.enter
-        owner = self.traced
+        owner = str(self.traced) if self.traced else ""  # a string: never a symbol (compiled.ids_of)
 
         def pre_hook(module: torch.nn.Module, args: tuple[Any, ...], *kwargs: dict[str, Any]) -> Any:
             if owner and torch.compiler.is_compiling():
@@ -108,7 +108,7 @@ class ModuleHooks:
 
     def _post(self, name: str) -> Callable[..., None]:
         leave = self.recorder.leave
-        owner = self.traced
+        owner = str(self.traced) if self.traced else ""  # a string: never a symbol (compiled.ids_of)
 
         def post_hook(module: torch.nn.Module, args: tuple[Any, ...], *rest: Any) -> None:
             if owner and torch.compiler.is_compiling():
@@ -146,7 +146,7 @@ class RootHooks:
         traced: int = 0,
     ) -> None:
         self.depth = 0
-        self._owner = traced
+        self._owner = str(traced) if traced else ""
         self._outer: Any = None  # the outermost call's frame, while it runs
         self._thread = 0
         self._begin, self._end = begin, end
