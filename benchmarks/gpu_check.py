@@ -148,7 +148,7 @@ def graph_native_under_cuda_graphs(model: nn.Module, out: Path, dev: torch.devic
     check(
         "each replayed step's values equal the eager capture's",
         res.exit_code == 0 and res.summary.only_in_1 == 0 and res.summary.pairs_compared > 0,
-        f"exit {res.exit_code}: {res.headline}",
+        f"exit {res.exit_code}: {res.summary}",
     )
 
 
