@@ -527,10 +527,7 @@ def tap_inputs(site: int, native: int, args: tuple[Any, ...], kwargs: dict[str, 
         _tensor_leaves(a, (str(i),), xs, desc)
     for k, v in kwargs.items():
         _tensor_leaves(v, (str(k),), xs, desc)
-    if native and torch.compiler.is_compiling():
-        emit(native, site, _ENTRY.join(desc), xs)
-    else:
-        _tap(xs, site, _ENTRY.join(desc))
+    _send(site, native, xs, desc)
 
 
 @torch._dynamo.assume_constant_result
@@ -546,6 +543,10 @@ def tap_output(site: int, native: int, output: Any) -> None:
     xs: list[torch.Tensor] = []
     desc: list[str] = []
     _tensor_leaves(output, ("0",), xs, desc)
+    _send(site, native, xs, desc)
+
+
+def _send(site: int, native: int, xs: list[torch.Tensor], desc: list[str]) -> None:
     if native and torch.compiler.is_compiling():
         emit(native, site, _ENTRY.join(desc), xs)
     else:
@@ -573,8 +574,8 @@ def _post_hook(site: int, native: int = 0) -> Callable[..., None]:
 
 
 def graph_step(handle: int, native: int, phase: int) -> None:
-    """The step op, in a graph: ordered around the native taps through their table (see :class:`StepOps`)."""
-    if native:
+    """The step op; in a graph with native taps, ordered around them through their table (see :class:`StepOps`)."""
+    if native and torch.compiler.is_compiling():
         table, staged, names = step_tensors(native, phase == 1)
         _graph_step(table, staged, names, handle, phase)
     else:
@@ -605,17 +606,11 @@ class StepOps:
 
         def pre(module: torch.nn.Module, args: Any) -> None:
             handle, taps = ids_of(ids)
-            if taps and torch.compiler.is_compiling():
-                graph_step(handle, taps, 0)
-            else:
-                _step(handle, 0)
+            graph_step(handle, taps, 0)
 
         def post(module: torch.nn.Module, args: Any, output: Any) -> None:
             handle, taps = ids_of(ids)
-            if taps and torch.compiler.is_compiling():
-                graph_step(handle, taps, 1)
-            else:
-                _step(handle, 1)
+            graph_step(handle, taps, 1)
 
         self._handles = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)] if model is not None else []
 

@@ -411,31 +411,17 @@ def _alloc(taps: int, key: int, leaves: str, n: int) -> int:
 
 
 @torch._dynamo.assume_constant_result
-def _stats_of(taps: int, row: int) -> bool:
-    return _TAPS[taps]._leaves[row].stats
-
-
-@torch._dynamo.assume_constant_result
-def _sized_of(taps: int, row: int) -> bool:
-    """Whether the tensor's sizes are only known at run time (so the graph writes them)."""
+def _plan_of(taps: int, row: int) -> tuple[bool, bool, bool, int, str]:
+    """What the graph does for ``row``, as :meth:`GraphTaps._describe` decided: ``(measure, write its sizes,
+    a size may be 0, elements staged, the staging buffer's name)``. The buffer is made here, outside any fake
+    mode ``comptime`` may run in."""
     leaf = _TAPS[taps]._leaves[row]
-    return leaf.shape is None and not leaf.same_as
-
-
-@torch._dynamo.assume_constant_result
-def _maybe_empty(taps: int, row: int) -> bool:
-    return _TAPS[taps]._leaves[row].maybe_empty
-
-
-@torch._dynamo.assume_constant_result
-def _stage_of(taps: int, row: int) -> int:
-    """Elements staged for ``row``; its buffer is made here, outside any fake mode ``comptime`` may run in."""
-    leaf = _TAPS[taps]._leaves[row]
+    name = _stage_name(taps, row)
     if leaf.stage:
         with _lock:
-            if not hasattr(_BUFFERS, _stage_name(taps, row)):
-                setattr(_BUFFERS, _stage_name(taps, row), _static(torch.zeros(leaf.stage, dtype=leaf.dtype, device=leaf.device)))
-    return leaf.stage
+            if not hasattr(_BUFFERS, name):
+                setattr(_BUFFERS, name, _static(torch.zeros(leaf.stage, dtype=leaf.dtype, device=leaf.device)))
+    return leaf.stats, leaf.shape is None and not leaf.same_as, leaf.maybe_empty, leaf.stage, name
 
 
 @torch._dynamo.assume_constant_result
@@ -457,11 +443,6 @@ def step_tensors(taps: int, end: bool) -> tuple[torch.Tensor, list[torch.Tensor]
     their names, so that the graph runs it after every tap and its callback sees the values the graph made."""
     names = _staged_names(taps) if end else ()
     return getattr(_BUFFERS, _table_of(taps)), [getattr(_BUFFERS, n) for n in names], ",".join(names)
-
-
-@torch._dynamo.assume_constant_result
-def _stage_of_name(taps: int, row: int) -> str:
-    return _stage_name(taps, row)
 
 
 def _register(ctx: Any) -> None:
@@ -488,12 +469,13 @@ def emit(taps: int, key: int, leaves: str, xs: list[torch.Tensor]) -> None:
 def _leaf(taps: int, row: int, x: torch.Tensor, table: torch.Tensor) -> None:
     comptime(_register)  # on ``x`` as the call has it: the same fake as an earlier tap of the same tensor
     x = x.detach()
+    measure, sized, maybe_empty, n, buffer = _plan_of(taps, row)
     sizes = []
-    if _sized_of(taps, row):
+    if sized:
         sizes = [torch.scalar_tensor(x.numel(), dtype=torch.float64)] + [
             torch.scalar_tensor(d, dtype=torch.float64) for d in x.shape[:MAX_DIMS]
         ]
-    if _stats_of(taps, row):
+    if measure:
         # One pass: every reduction reads the same input, so Inductor makes them one vectorised loop (eager's
         # two-pass spread needs the mean first: a second loop). Sums are taken in float64: the cancellation in
         # sum(x^2) - sum(x)^2/n costs 1e-16 times mean^2/variance, below float32 rounding of the spread while
@@ -504,7 +486,7 @@ def _leaf(taps: int, row: int, x: torch.Tensor, table: torch.Tensor) -> None:
             if x.dtype in (torch.float32, torch.float64)
             else x.to(torch.float32 if x.dtype.is_floating_point else torch.float64)
         )
-        if _maybe_empty(taps, row):  # aminmax of nothing raises: +inf and -inf that change no other min or max
+        if maybe_empty:  # aminmax of nothing raises: +inf and -inf that change no other min or max
             flat = s.reshape(-1)
             mn = torch.cat([flat, flat.new_full((1,), math.inf)]).amin()
             mx = torch.cat([flat, flat.new_full((1,), -math.inf)]).amax()
@@ -521,11 +503,10 @@ def _leaf(taps: int, row: int, x: torch.Tensor, table: torch.Tensor) -> None:
         _put(table, [row] * len(cols), 1, torch.stack(cols))
     elif sizes:
         _put(table, [row] * len(sizes), 8, torch.stack(sizes))
-    n = _stage_of(taps, row)
     if n:
         flat = x.reshape(-1)
         k = torch.sym_min(flat.numel(), n)
-        getattr(_BUFFERS, _stage_of_name(taps, row)).narrow(0, 0, k).copy_(flat[:k])
+        getattr(_BUFFERS, buffer).narrow(0, 0, k).copy_(flat[:k])
 
 
 def _put(table: torch.Tensor, rows: list[int], col: int, values: torch.Tensor) -> None:

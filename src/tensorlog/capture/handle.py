@@ -454,8 +454,9 @@ class CaptureHandle:
         info = info if info is not None else self._pending_info
         step = None
         if rec.in_step:
-            news, facts = self._observed()
-            step = rec.end_step(info, raised=raised, manifest=facts if news else None, progress=None if news else facts)
+            news, counted, facts = self._observed()
+            progress = facts if counted and not news else None  # only a count moved: no rewrite of its own
+            step = rec.end_step(info, raised=raised, manifest=facts if news else None, progress=progress)
         self._graph_mode = None
         rec.state.advance()
         if not self._selector.step(rec.state.index) or self._writer is None or self._writer.stopped is not None:
@@ -466,14 +467,18 @@ class CaptureHandle:
             self._writer.wait_step(step)
         self._check_anomaly()
 
-    def _observed(self) -> tuple[bool, dict[str, Any] | None]:
+    def _observed(self) -> tuple[bool, bool, dict[str, Any] | None]:
+        """``(news, counted, run.json's compiled)``: whether what the graph showed changed, whether this step
+        moved a count of replayed or eager steps."""
         if self._taps is None:
-            return False, None
+            return False, False, None
         facts = self._info.facts["compiled"]
-        if self._graph_mode is not None:
+        counted = self._graph_mode is not None
+        if counted:
             key = "steps_replayed" if self._graph_mode else "steps_eager"
             facts[key] = facts.get(key, 0) + 1
-        return self._taps.observed(facts)
+        news, doc = self._taps.observed(facts)
+        return news, counted, doc
 
     def graph_replayed(self, replayed: bool) -> None:
         """An integration's word on the current step: its forward replayed a CUDA graph, or ran without one."""

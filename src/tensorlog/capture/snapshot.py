@@ -258,25 +258,13 @@ class Snapshotter:
             if s.same_as is not None:
                 continue
             cuda = t.device.type == "cuda"
-            if s.graph:  # a staged view: copied out now, before the graph runs again; its statistics are given
-                if s.packed_at is not None:
-                    if not self._pack(s, t, step):
-                        return None
-                    if s.want_values:
-                        s.host = _host_copy(t, self._stream(t.device) if cuda else None)
-                else:
-                    s.host = _host_copy(t, self._stream(t.device) if cuda else None)
-                on_cuda |= cuda
-                continue
-            if s.packed_at is not None and s.skipped is None:
-                if not self._pack(s, t, step):
+            if s.skipped is None:
+                copied = self._copy_out(s, t, step, cuda)
+                if copied is None:
                     return None
-                if s.want_values:
-                    s.host = _host_copy(t, self._stream(t.device) if cuda else None)
-                    on_cuda |= cuda
-            elif s.skipped is None and (s.file is not None or s.want_values or s.want_checksum):
-                s.host = _host_copy(t, self._stream(t.device) if cuda else None)
-                on_cuda |= cuda
+                on_cuda |= copied
+            if s.graph:  # a staged view, copied out above before the graph runs again; its statistics are given
+                continue
             kept = s.skipped is None and (s.packed_at is not None or s.file is not None)
             wanted = s.skipped != "device_names" and plain_data(t) and (cuda or not kept or self.config.detect_anomaly)
             if s.parameter and s.skipped is None and self.config.mode == "statistics" and not live.is_inference():
@@ -291,6 +279,20 @@ class Snapshotter:
             if s.skipped is None:
                 self._remember(live, s)
         return on_cuda
+
+    def _copy_out(self, s: TensorSnap, t: torch.Tensor, step: int, cuda: bool) -> bool | None:
+        """``t``'s bytes into the step's packed stream, or a host copy of it, as ``s`` was planned; whether a
+        CUDA copy started, or None when back-pressure dropped it."""
+        if s.packed_at is not None:
+            if not self._pack(s, t, step):
+                return None
+            if s.want_values:
+                s.host = _host_copy(t, self._stream(t.device) if cuda else None)
+                return cuda
+        elif s.file is not None or s.want_values or s.want_checksum:
+            s.host = _host_copy(t, self._stream(t.device) if cuda else None)
+            return cuda
+        return False
 
     def _pack(self, s: TensorSnap, t: torch.Tensor, step: int) -> bool:
         """Copy ``t`` into the step's packed stream (non-blocking, on the copy stream, for CUDA)."""
