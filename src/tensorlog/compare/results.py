@@ -5,12 +5,17 @@ Its JSON form is documented in ``docs/compare-json.md``.
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..formats.model import require_pandas
 from .align.requests import RequestReport
-from .metrics import TensorMetrics
+from .metrics import STAT_COMPARED, TensorMetrics
+
+if TYPE_CHECKING:
+    import pandas
 
 __all__ = [
     "TensorResult",
@@ -25,10 +30,51 @@ __all__ = [
     "EXIT_OK",
     "EXIT_MISMATCH",
     "EXIT_UNREADABLE",
+    "PAIR_COLUMNS",
 ]
 
 SCHEMA_VERSION = 3
 EXIT_OK, EXIT_MISMATCH, EXIT_UNREADABLE = 0, 1, 2
+
+_MODULE_COLUMNS = {"verdict": "string", "inputs_match": "boolean", "outputs_match": "boolean", "explained_by": "string"}
+_METRIC_COLUMNS = {
+    "allclose": "boolean",
+    "numel": "Int64",
+    "exact": "boolean",
+    **{k: "float64" for k in ("max_abs", "mean_abs", "max_rel", "mean_rel", "cosine", "rel_diff", "snr_db")},
+    "frac_outside": "float64",
+    "num_outside": "Int64",
+    "nonfinite_mismatch": "Int64",
+    "worst_index": "object",
+    "worst_values": "object",
+    **{k: "float64" for k in ("min_atol", "abs_p50", "abs_p99", "rel_l2")},
+    "judged_by": "string",
+}
+PAIR_COLUMNS: dict[str, str] = {
+    "step": "int64",
+    "rank": "Int64",
+    "module": "string",
+    "position": "int64",
+    "completion": "int64",
+    **_MODULE_COLUMNS,
+    "module_note": "string",
+    "kind": "string",
+    "name": "string",
+    "status": "string",
+    "ok": "bool",
+    "failed": "bool",
+    "method": "string",
+    "shape1": "object",
+    "shape2": "object",
+    "dtype1": "string",
+    "dtype2": "string",
+    "mapping": "string",
+    "note": "string",
+    "score": "float64",
+    **_METRIC_COLUMNS,
+    **{f"stat_rel_{k}": "float64" for k in STAT_COMPARED},
+}
+"""Column name -> pandas dtype of :meth:`Comparison.to_pandas`, in order. Names only ever get added."""
 
 TensorStatus = Literal[
     "match", "mismatch", "shape_mismatch", "value_mismatch", "only_in_1", "only_in_2", "unreadable", "not_comparable"
@@ -179,6 +225,41 @@ class Comparison(_Model):
     def __bool__(self) -> bool:
         return self.exit_code == EXIT_OK
 
+    def to_pandas(self) -> pandas.DataFrame:
+        """One row per tensor pair (or tensor on one side only), in the order of ``modules``: for filtering,
+        plotting and joining with ``Run.to_pandas()`` on ``step``, ``rank``, ``module`` (the call's directory
+        name, ``dirname`` there), ``kind`` and ``name``. Needs pandas, not pyarrow.
+
+        Columns (:data:`PAIR_COLUMNS`, in this order; null where the JSON has null or the pair has no such value):
+
+        - which pair: ``step``, ``rank``, ``module`` (directory name, call suffix included), ``position`` and
+          ``completion`` (the call's index in its step's start / completion order), ``kind``, ``name`` (run 1's
+          tensor name, the pairing key; run 2's tensor was paired to it by name, else by position), ``mapping``
+          (the rules that made each side's tensor: renames, splits, rows gathered by request, ranks merged).
+        - the call's verdict: ``verdict`` (``born`` marks the module where the runs start to differ),
+          ``inputs_match``, ``outputs_match``, ``explained_by``, ``module_note``.
+        - the pair's verdict: ``status``, ``ok`` (status is ``match``), ``failed`` (a mismatch of any kind),
+          ``method``, ``shape1``, ``shape2``, ``dtype1``, ``dtype2``, ``note``, ``score`` (the pair's max
+          relative error, for ranking).
+        - element-wise metrics (``method == "tensor"``), as in ``TensorMetrics``: ``allclose``, ``numel``,
+          ``exact``, ``max_abs``, ``mean_abs``, ``max_rel``, ``mean_rel``, ``cosine``, ``rel_diff``, ``snr_db``
+          (``inf`` where the JSON's null means identical), ``frac_outside``, ``num_outside``,
+          ``nonfinite_mismatch``, ``worst_index``, ``worst_values``, ``min_atol``, ``abs_p50``, ``abs_p99``,
+          ``rel_l2``, ``judged_by``.
+        - by statistics (``method == "statistics"``): ``stat_rel_<stat>``, the relative error of each
+          statistic (``min``, ``max``, ``mean``, ``std``, ``abs_max``, ``l2_norm``).
+
+        Raises:
+            DependencyError: pandas is missing (``pip install 'tensorlog[pandas]'``).
+        """
+        pd = require_pandas()
+        data: dict[str, list[Any]] = {name: [] for name in PAIR_COLUMNS}
+        for m in self.modules:
+            for t in m.tensors:
+                for name, value in _pair_row(m, t).items():
+                    data[name].append(value)
+        return pd.DataFrame({name: pd.Series(values, dtype=PAIR_COLUMNS[name]) for name, values in data.items()})
+
     @property
     def unreadable(self) -> bool:
         """Some data could not be read: no verdict of "match" can be trusted for all of it."""
@@ -195,3 +276,34 @@ class Comparison(_Model):
         if self.summary.pairs_compared == 0:
             return EXIT_UNREADABLE
         return EXIT_OK if self.summary.mismatched == 0 else EXIT_MISMATCH
+
+
+def _pair_row(m: ModuleResult, t: TensorResult) -> dict[str, Any]:
+    metrics = t.metrics.model_dump() if t.metrics is not None else dict.fromkeys(_METRIC_COLUMNS)
+    if t.metrics is not None and metrics["snr_db"] is None:
+        metrics["snr_db"] = math.inf  # null in the JSON: the two are identical
+    stat_rel = t.stat_rel or {}
+    return {
+        "step": t.step,
+        "rank": t.rank,
+        "module": t.module,
+        "position": m.position,
+        "completion": m.completion,
+        **{k: getattr(m, k) for k in _MODULE_COLUMNS},
+        "module_note": m.note,
+        "kind": t.kind,
+        "name": t.name,
+        "status": t.status,
+        "ok": t.ok,
+        "failed": t.failed,
+        "method": t.method,
+        "shape1": t.shape1,
+        "shape2": t.shape2,
+        "dtype1": t.dtype1,
+        "dtype2": t.dtype2,
+        "mapping": t.mapping,
+        "note": t.note,
+        "score": t.score,
+        **{k: metrics[k] for k in _METRIC_COLUMNS},
+        **{f"stat_rel_{k}": stat_rel.get(k) for k in STAT_COMPARED},
+    }

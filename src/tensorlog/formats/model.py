@@ -13,13 +13,18 @@ import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import AlignmentError, RunReadError
+from ..errors import AlignmentError, DependencyError, RunReadError
+from ..schema.columns import Columns
 from ..schema.records import STAT_KEYS, RunManifest, StepInfo, TensorEntry
+from ..storage.parquet import arrow_table
 from ..storage.stats import host_stats
+
+if TYPE_CHECKING:
+    import pandas
 
 __all__ = [
     "Source",
@@ -35,6 +40,9 @@ __all__ = [
     "unique_dirnames",
     "rank_entry",
     "listed_ranks",
+    "call_doc",
+    "step_docs",
+    "require_pandas",
 ]
 
 
@@ -296,6 +304,74 @@ class Run:
     def __repr__(self) -> str:
         n = sum(len(s.calls) for s in self.steps.values())
         return f"<tensorlog Run {self.path} ({self.layout}): {len(self.steps)} steps, {n} module calls>"
+
+    def to_pandas(self) -> pandas.DataFrame:
+        """One row per tensor per call: the rows, columns and types of ``tensorlog export RUN --parquet DIR``.
+
+        The frame is the export's own ``pyarrow.Table`` (:data:`~tensorlog.schema.columns.COLUMNS`, in that
+        order) converted with ``pandas.ArrowDtype``, so every column keeps its Parquet type, nulls included
+        (``rank`` is null in a single-process run; statistics are null where none were taken or the data cannot
+        be read): ``pandas.read_parquet(DIR, dtype_backend="pyarrow")`` of an export gives the same values.
+        A tensor run's statistics are computed from its files, as the export does. Rows are in step order;
+        within a step, by rank (in the order the ranks' calls appear), then in call start order. Non-tensor
+        arguments have no row. The whole run is held in memory: for a run too long for that, export it and
+        query the Parquet files.
+
+        Raises:
+            DependencyError: pandas or pyarrow is missing (``pip install 'tensorlog[pandas]'``).
+        """
+        pd = require_pandas(pyarrow=True)
+        cols = Columns()
+        problems: list[str] = []  # already in self.problems, or a null statistic in its row
+        for index in sorted(self.steps):
+            step = self.steps[index]
+            info = step.info.model_dump() if step.info else None
+            for rank, calls in step_docs(step, problems).items():
+                cols.add_step(step.index, rank, calls, info)
+        return arrow_table(cols).to_pandas(types_mapper=pd.ArrowDtype)
+
+
+def require_pandas(*, pyarrow: bool = False) -> Any:
+    """The ``pandas`` module, imported only when a frame is asked for: pandas is an optional dependency."""
+    try:
+        import pandas
+    except ImportError:
+        raise DependencyError("to_pandas needs pandas: pip install 'tensorlog[pandas]'") from None
+    if pyarrow:
+        try:
+            import pyarrow as _  # noqa: F401
+        except ImportError:
+            raise DependencyError("Run.to_pandas needs pyarrow: pip install 'tensorlog[pandas]'") from None
+    return pandas
+
+
+def call_doc(c: ModuleCall, problems: list[str]) -> dict[str, Any]:
+    """A call as a step index's document, statistics computed where only the data was kept: what the Parquet
+    rows are built from (:class:`~tensorlog.schema.columns.Columns`). A tensor without statistics adds a problem."""
+    tensors = []
+    for rec in c.inputs + c.outputs + c.post_fwd_inputs:
+        d = rec.entry.model_dump(include={"name", "kind", "key", "tensor", "shape", "dtype", "numel", "checksum"})
+        d["stats"] = rec.stats if rec.is_tensor else None
+        if rec.is_tensor and d["stats"] is None and rec.has_data:
+            problems.append(f"step {c.step} {c.dirname} {rec.name}: no statistics ({rec.error or 'its data cannot be read'})")
+        tensors.append(d)
+    return {
+        "module": c.module,
+        "dirname": c.dirname,
+        "class_name": c.cls,
+        "call_index": c.call_index,
+        "seq_start": c.seq_start,
+        "seq_end": c.seq_end,
+        "tensors": tensors,
+    }
+
+
+def step_docs(step: Step, problems: list[str]) -> dict[int | None, list[dict[str, Any]]]:
+    """A step's calls as documents (:func:`call_doc`), by rank, ranks in the order their calls appear."""
+    by_rank: dict[int | None, list[dict[str, Any]]] = {}
+    for c in step.calls:
+        by_rank.setdefault(c.rank, []).append(call_doc(c, problems))
+    return by_rank
 
 
 def rank_entry(m: RunManifest) -> dict[str, Any]:

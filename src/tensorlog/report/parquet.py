@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..errors import UsageError
-from ..formats import ModuleCall, Run, RunSource, iter_run
+from ..formats import Run, RunSource, iter_run
+from ..formats.model import step_docs
 from ..storage.atomic import make_dir
 from ..storage.parquet import MAX_WINDOW_ROWS, ParquetSink, require_pyarrow
 
@@ -62,10 +62,7 @@ def export_parquet(
         make_dir(dest)
         sinks: dict[int | None, ParquetSink] = {}
         for done, step in enumerate(steps, 1):
-            by_rank: dict[int | None, list[dict[str, Any]]] = {}
-            for c in step.calls:
-                by_rank.setdefault(c.rank, []).append(_call_doc(c, out))
-            for rank, calls in by_rank.items():
+            for rank, calls in step_docs(step, out.problems).items():
                 if rank not in sinks:
                     sinks[rank] = ParquetSink(dest, rank, window, on_file=written)
                 sinks[rank].add(step.index, calls, step.info.model_dump() if step.info else None)
@@ -80,22 +77,3 @@ def export_parquet(
         raise UsageError(f"cannot write Parquet files to {dest}: {e.strerror or e}") from None
     out.problems = list(shell.problems) + out.problems
     return out
-
-
-def _call_doc(c: ModuleCall, out: Export) -> dict[str, Any]:
-    tensors = []
-    for rec in c.inputs + c.outputs + c.post_fwd_inputs:
-        d = rec.entry.model_dump(include={"name", "kind", "key", "tensor", "shape", "dtype", "numel", "checksum"})
-        d["stats"] = rec.stats if rec.is_tensor else None
-        if rec.is_tensor and d["stats"] is None and rec.has_data:
-            out.problems.append(f"step {c.step} {c.dirname} {rec.name}: no statistics ({rec.error or 'its data cannot be read'})")
-        tensors.append(d)
-    return {
-        "module": c.module,
-        "dirname": c.dirname,
-        "class_name": c.cls,
-        "call_index": c.call_index,
-        "seq_start": c.seq_start,
-        "seq_end": c.seq_end,
-        "tensors": tensors,
-    }

@@ -26,7 +26,7 @@ from ..schema.columns import Columns, arrow_schema, parquet_file
 from ..schema.records import RunManifest
 from .atomic import make_dir, open_file, prune_dirs, remove_file, remove_matching, remove_tree, write_atomic
 
-__all__ = ["ParquetSink", "Retention", "write_parquet", "require_pyarrow", "tree_bytes"]
+__all__ = ["ParquetSink", "Retention", "write_parquet", "arrow_table", "require_pyarrow", "tree_bytes"]
 
 RUN_FILE_LIMIT = 16 << 20
 
@@ -43,12 +43,19 @@ def require_pyarrow() -> None:
         raise DependencyError("Parquet needs pyarrow: pip install 'tensorlog[parquet]'") from None
 
 
+def arrow_table(cols: Columns) -> Any:
+    """The rows as a ``pyarrow.Table`` of :func:`arrow_schema`: what a Parquet file holds, and ``Run.to_pandas`` shows."""
+    import pyarrow as pa
+
+    return pa.table(cols.data, schema=arrow_schema())
+
+
 def write_parquet(path: Path, cols: Columns) -> int:
     """Write the rows as one Parquet file, atomically; its size in bytes."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table(cols.data, schema=arrow_schema())
+    table = arrow_table(cols)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     data = sink.getvalue()
