@@ -9,8 +9,10 @@ random weights, float32), saved on the fly. Each variant runs in a process of it
 is started once per variant, single-process, ``VLLM_CPU_KVCACHE_SPACE=1``), generates one warm-up
 batch, then ``--rounds`` timed batches of ``--prompts`` greedy requests of ``--max-tokens`` tokens;
 the median round's generated tokens per second is reported, against no tool in the same run.
-Every tensorlog variant logs every module the compiled graph calls at every step, so each step's
-statistics are read back and written before ``generate()`` returns. Output goes under ``--dir``
+The capture variants log every module the compiled graph calls at every step, so each step's
+statistics are read back and written before ``generate()`` returns; the ``watch_every`` variants
+measure the watched modules (decoder layers, final norm, logits) and set their metrics, writing
+nothing. ``--scrape`` also times ``GET /metrics`` on a real ``tensorlog vllm serve`` watching every step. Output goes under ``--dir``
 (default: here, on this machine's disk).
 """
 
@@ -30,6 +32,8 @@ VARIANTS: dict[str, dict | None] = {
     "no tool": None,
     "statistics, graph-native taps": {"mode": "statistics"},
     "statistics, callback taps": {"mode": "statistics", "graph_taps": "callback"},
+    "watch_every: 1": {"watch_every": 1},
+    "watch_every: 10": {"watch_every": 10},
 }
 
 
@@ -40,7 +44,8 @@ def child(args: argparse.Namespace) -> None:
     cfg = json.loads(args.child_config)
     kwargs = {}
     if cfg is not None:
-        kwargs["additional_config"] = {"intermediate_log_config": {"output_dir": args.dir, "log_step_ids": [], **cfg}}
+        every_step = {} if "watch_every" in cfg else {"log_step_ids": []}  # watching alone captures nothing
+        kwargs["additional_config"] = {"intermediate_log_config": {"output_dir": args.dir, **every_step, **cfg}}
     llm = LLM(model=args.model, skip_tokenizer_init=True, dtype="float32", max_model_len=256, seed=0, **kwargs)
     prompts = [TokensPrompt(prompt_token_ids=[(7 * i + j) % 900 + 3 for j in range(16)]) for i in range(args.prompts)]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
@@ -62,6 +67,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", default=".", help="where runs are written (default: here, on this machine's disk)")
+    ap.add_argument("--scrape", action="store_true", help="also time GET /metrics on a served engine, with and without watching")
+    ap.add_argument("--only", help="run only the variants whose names contain this text (no tool is always run)")
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--child-config", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -79,6 +86,8 @@ def main() -> None:
     env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     results: dict[str, dict] = {}
     for name, cfg in VARIANTS.items():
+        if args.only and cfg is not None and args.only not in name:
+            continue
         cmd = [sys.executable, __file__, "--model", str(model), "--child-config", json.dumps(cfg), "--dir", str(work / "runs")]
         cmd += ["--prompts", str(args.prompts), "--max-tokens", str(args.max_tokens), "--rounds", str(args.rounds)]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
@@ -101,6 +110,57 @@ def main() -> None:
         print(f"| {name} | {res['rate']:.1f} | {res['rate'] / base['rate']:.0%} | {res['tokens'] == base['tokens']} |")
     for run, (kinds, steps, mode) in taps.items():
         print(f"# run {run}: taps {', '.join(kinds) or '-'}; {steps} steps logged; cudagraph mode {mode}")
+    if args.scrape:
+        print("\n| served engine | GET /metrics, median of 50 | slowest | tensorlog series |\n|---|---:|---:|---:|")
+        for name, cfg in (("no tool", None), ("watch_every: 1", {"watch_every": 1, "output_dir": str(work / "runs")})):
+            med, worst, series = scrape(model, cfg, env)
+            print(f"| {name} | {med * 1e3:.1f} ms | {worst * 1e3:.1f} ms | {series} |")
+
+
+def scrape(model: Path, cfg: dict | None, env: dict[str, str]) -> tuple[float, float, int]:
+    """Start ``tensorlog vllm serve`` (vLLM's default multi-process engine), serve a few requests, time /metrics."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "tensorlog", "vllm", "serve", str(model), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--dtype", "float32", "--max-model-len", "256", "--skip-tokenizer-init"]
+    if cfg is not None:
+        cmd += ["--intermediate-log-config", json.dumps(cfg)]
+    proc = subprocess.Popen(
+        cmd, env={**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                sys.exit("the server did not start")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(1)
+        body = json.dumps({"model": str(model), "prompt": [5, 6, 7, 8], "max_tokens": 8, "temperature": 0}).encode()
+        for _ in range(4):
+            req = urllib.request.Request(base + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+            urllib.request.urlopen(req, timeout=120).read()
+        times, text = [], ""
+        for _ in range(50):
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(base + "/metrics", timeout=10) as resp:
+                text = resp.read().decode()
+            times.append(time.perf_counter() - t0)
+        series = sum(1 for line in text.splitlines() if line.startswith("tensorlog_"))
+        return statistics.median(times), max(times), series
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 if __name__ == "__main__":

@@ -51,6 +51,10 @@ __all__ = [
     "StepOps",
     "tap_inputs",
     "tap_output",
+    "call_leaves",
+    "output_leaves",
+    "rebuild",
+    "ids_of",
     "eager_only",
     "traced_site",
     "traced_owner",
@@ -295,7 +299,7 @@ def _flat(leaves: str) -> tuple[tuple[bool, Any], ...] | None:
     return tuple((kind == "T", constant) for kind, _, constant in parsed)
 
 
-def _rebuild(xs: list[torch.Tensor], leaves: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def rebuild(xs: list[Any], leaves: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The call's ``(args, kwargs)`` again, from the tensors and the traced structure."""
     flat = _flat(leaves)
     if flat is not None:
@@ -473,7 +477,7 @@ class TapHooks:
 
         def enter(xs: list[torch.Tensor], leaves: str) -> None:
             if rec.in_step:
-                args, kwargs = _rebuild(xs, leaves)
+                args, kwargs = rebuild(xs, leaves)
                 rec.enter(name, cls, args, kwargs, calls)
                 early = self._early.get(name)
                 if early:  # its outputs' tap ran first: the call is whole now
@@ -488,7 +492,7 @@ class TapHooks:
             if rec.in_step:
                 self.seen.add(name)
                 self.kinds[name] = self._kind
-                args, _ = _rebuild(xs, leaves)
+                args, _ = rebuild(xs, leaves)
                 output = args[0] if args else None
                 if rec.open_calls(name):
                     rec.leave(name, output)
@@ -518,16 +522,26 @@ def _call_site(site: int, xs: list[Any], leaves: str) -> None:
         fn(xs, leaves)
 
 
-def tap_inputs(site: int, native: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """A call's inputs into the graph: a native tap while traced (``native`` names its :class:`GraphTaps`),
-    else the callback op."""
+def call_leaves(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[torch.Tensor], str]:
+    """A call's tensors and its structure as one constant string (what :func:`rebuild` takes back)."""
     xs: list[torch.Tensor] = []
     desc: list[str] = []
     for i, a in enumerate(args):
         _tensor_leaves(a, (str(i),), xs, desc)
     for k, v in kwargs.items():
         _tensor_leaves(v, (str(k),), xs, desc)
-    _send(site, native, xs, desc)
+    return xs, _ENTRY.join(desc)
+
+
+def output_leaves(output: Any) -> tuple[list[torch.Tensor], str]:
+    """A call's output as :func:`call_leaves` describes its arguments (one positional argument)."""
+    return call_leaves((output,), {})
+
+
+def tap_inputs(site: int, native: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """A call's inputs into the graph: a native tap while traced (``native`` names its :class:`GraphTaps`),
+    else the callback op."""
+    _send(site, native, *call_leaves(args, kwargs))
 
 
 @torch._dynamo.assume_constant_result
@@ -540,17 +554,14 @@ def ids_of(ids: str) -> tuple[int, int]:
 
 
 def tap_output(site: int, native: int, output: Any) -> None:
-    xs: list[torch.Tensor] = []
-    desc: list[str] = []
-    _tensor_leaves(output, ("0",), xs, desc)
-    _send(site, native, xs, desc)
+    _send(site, native, *output_leaves(output))
 
 
-def _send(site: int, native: int, xs: list[torch.Tensor], desc: list[str]) -> None:
+def _send(site: int, native: int, xs: list[torch.Tensor], desc: str) -> None:
     if native and torch.compiler.is_compiling():
-        emit(native, site, _ENTRY.join(desc), xs)
+        emit(native, site, desc, xs)
     else:
-        _tap(xs, site, _ENTRY.join(desc))
+        _tap(xs, site, desc)
 
 
 def _pre_hook(site: int, native: int = 0) -> Callable[..., None]:

@@ -139,6 +139,7 @@ class GraphTaps:
         rows: int | None = None,
         files_up_to: int | None = None,
         always_measure: bool = False,
+        floats_only: bool = False,
     ) -> None:
         self.id = next(_ids)
         self.device = device
@@ -149,6 +150,8 @@ class GraphTaps:
         self.files_up_to = files_up_to
         """Staged tensors of at most this many elements become files (``mode: tensor``); None: none do."""
         self.always_measure = always_measure
+        self.floats_only = floats_only
+        """Measure floating-point tensors only (a watcher's metrics use no other)."""
         """Statistics in the graph even for tensors staged whole (``detect_anomaly`` reads them every step)."""
         self.capacity = rows = rows or DEFAULT_ROWS
         self.table = _static(torch.zeros(rows, _COLS, dtype=torch.float64, device=device))
@@ -197,6 +200,7 @@ class GraphTaps:
         self._traced[id(fake)] = (fake, fake._version, row)
         bound, lower, known = _numel_bounds(fake, self.token_bound)
         measurable = fake.layout == torch.strided and not dtype.is_complex and bound > 0 and ndim <= MAX_DIMS
+        measurable = measurable and (dtype.is_floating_point or not self.floats_only)
         want = self.stage_all or (self.small_values > 0 and lower <= self.small_values)
         stage, why = 0, None
         if want and ndim > MAX_DIMS:
@@ -268,15 +272,26 @@ class GraphTaps:
         ``table`` and ``staged`` are the step op's arguments when the step ends inside the graph (they hold the
         values the graph computed); otherwise the buffers themselves are read.
         """
-        if not self._sites:
-            return 0
+        events = self.events(table, staged)
+        for _, key, values, leaves, late in events:
+            call(key, values, leaves, late)
+        return len(events)
+
+    def events(
+        self, table: torch.Tensor | None = None, staged: dict[str, torch.Tensor] | None = None
+    ) -> list[tuple[float, int, list[GraphValue], str, bool]]:
+        """This step's tapped calls as ``(stamp, site, values, leaves, late)``, in the order they ran; one
+        read-back of the table. The step's recording ends here."""
+        if not self._sites and not self._late:
+            self.recording = False
+            return []
         t = self.table if table is None else table
         host = t[: self._next].to("cpu").numpy()
         buffers = staged or {}
         ctr, base = host[0, 0], host[0, 1]
         seq = host[:, 0]
-        events: list[tuple[float, int, int]] = [(seq[s.row], 0, i) for i, s in enumerate(self._sites) if base < seq[s.row] <= ctr]
-        events += [(e[0], 1, i) for i, e in enumerate(self._late) if base < e[0] <= ctr]
+        order: list[tuple[float, int, int]] = [(seq[s.row], 0, i) for i, s in enumerate(self._sites) if base < seq[s.row] <= ctr]
+        order += [(e[0], 1, i) for i, e in enumerate(self._late) if base < e[0] <= ctr]
         self.over = {}
         memo: dict[int, GraphValue] = {}
 
@@ -287,15 +302,16 @@ class GraphTaps:
                 v = memo[r] = self._value(self._leaves[r], host[r], buffers)
             return v
 
-        for _, late, i in sorted(events):
+        out: list[tuple[float, int, list[GraphValue], str, bool]] = []
+        for stamp, late, i in sorted(order):
             if late:
                 _, key, values, leaves = self._late[i]
-                call(key, list(values), leaves, True)
+                out.append((float(stamp), key, list(values), leaves, True))
                 continue
             site = self._sites[i]
-            call(site.key, [value(leaf) for leaf in site.tensors], site.leaves, False)
+            out.append((float(stamp), site.key, [value(leaf) for leaf in site.tensors], site.leaves, False))
         self._late, self.recording = [], False
-        return len(events)
+        return out
 
     def _value(self, leaf: _Leaf, row: Any, buffers: dict[str, torch.Tensor]) -> GraphValue:
         shape = leaf.shape if leaf.shape is not None else tuple(int(d) for d in row[9 : 9 + leaf.ndim])

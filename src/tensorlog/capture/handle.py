@@ -276,9 +276,12 @@ class CaptureHandle:
         self.end_step()
         self.begin_step()
 
-    def begin_step(self) -> None:
-        """Open the next step: hooks attach only while a selected step is open."""
+    def begin_step(self, index: int | None = None) -> None:
+        """Open the next step, or step ``index`` (for an integration that numbers steps itself, such as an
+        engine's step counter): hooks attach only while a selected step is open."""
         if self._writer is not None and not self._removed:
+            if index is not None and not self._step_open:
+                self._recorder.state.index = index
             self._open_step()
 
     def end_step(self, info: dict[str, Any] | None = None) -> None:

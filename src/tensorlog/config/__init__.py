@@ -114,6 +114,18 @@ class LogConfig(BaseModel):
     that logs all day. ``run.json``'s ``removed_through`` says which steps are gone."""
     retain_bytes: int | None = Field(default=None, ge=1)
     """Keep only the newest steps (and Parquet windows) that fit in this many bytes."""
+    watch_every: int | None = Field(default=None, ge=1)
+    """Watch a live model: every this many steps, measure the watched modules (``watch_match``) and publish
+    their statistics as Prometheus metrics; writes nothing by itself. With ``watch_every``, steps are
+    captured only where ``log_step_ids`` is given too."""
+    watch_match: list[str] | None = None
+    """Modules to watch (``module_call_match``'s patterns); default: the decoder layers, the final norm and
+    the logits, which keeps the metrics' label count to a few per layer."""
+    watch_keep: int = Field(default=16, ge=1, le=4096)
+    """The flight recorder: the newest this many watched steps, kept in memory and written out as a
+    statistics run when a NaN or Inf appears."""
+    watch_capture_next: bool = False
+    """Also capture the step after the first NaN/Inf whole, in ``mode``/``module_call_match``/``layout``."""
 
     @model_validator(mode="after")
     def _parquet_has_statistics(self) -> LogConfig:
@@ -123,6 +135,12 @@ class LogConfig(BaseModel):
                 "(or export a tensor run's statistics with `tensorlog export RUN --parquet DIR`)"
             )
         return self
+
+    @property
+    def captures(self) -> bool:
+        """Whether steps are captured: always, unless the config only watches (``watch_every`` without
+        ``log_step_ids``)."""
+        return self.enabled and (self.watch_every is None or "log_step_ids" in self.model_fields_set)
 
     @field_validator("data_mode", mode="before")
     @classmethod
@@ -145,12 +163,12 @@ class LogConfig(BaseModel):
         given = {m for m in self.data_mode if m in ("input", "output")}
         return frozenset(given) if given and "all" not in self.data_mode else frozenset({"input", "output"})
 
-    @field_validator("module_call_match", mode="before")
+    @field_validator("module_call_match", "watch_match", mode="before")
     @classmethod
     def _one_pattern_is_a_list(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
-    @field_validator("module_call_match")
+    @field_validator("module_call_match", "watch_match")
     @classmethod
     def _patterns_compile(cls, v: list[str] | None) -> list[str] | None:
         if v is None:

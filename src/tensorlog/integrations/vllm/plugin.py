@@ -51,6 +51,7 @@ from ...schema.records import request_start
 from ...storage.atomic import write_atomic
 from ...storage.finisher import close_orphaned
 from ..model_facts import model_dims
+from .control import Live
 from .shards import shard_layouts
 
 __all__ = ["register", "resolve_config", "VLLM_OUTPUT_DIR", "PassDumpConfig"]
@@ -63,6 +64,8 @@ CONFIG_KEY = "intermediate_log_config"
 CONFIG_PATH_KEY = "intermediate_log_config_path"
 ENV_CONFIG = "TENSORLOG_CONFIG"
 ENV_CONFIG_PATH = "TENSORLOG_CONFIG_PATH"
+ENV_CONTROL = "TENSORLOG_CONTROL"
+"""``1``: equip every worker for captures armed over HTTP even with no config (``tensorlog vllm serve`` sets it)."""
 
 
 def resolve_config(additional_config: Any) -> LogConfig | None:
@@ -178,10 +181,15 @@ class _PassDumper:
 class _Steps:
     """Owned by one model runner: opens a step in ``execute_model``, closes it after sampling."""
 
-    def __init__(self, runner: Any, capture: CaptureHandle | None, dumper: _PassDumper | None) -> None:
+    def __init__(self, runner: Any, capture: CaptureHandle | None, dumper: _PassDumper | None, live: Live | None = None) -> None:
         self.runner = runner
         self.capture = capture
         self.dumper = dumper
+        self.live = live
+        self.index = 0
+        """The engine's step count: steps that ran the model, logged or not."""
+        self.starts: dict[str, dict[str, Any]] = {}
+        """Every live request's start (bounded by the requests alive), for captures armed later."""
         self.open = False
         self.num_scheduled: dict[str, int] = {}
         self.unwritten: dict[str, dict[str, Any]] = {}
@@ -195,13 +203,19 @@ class _Steps:
             return  # nothing runs the model: not a step
         self.open = True
         self.num_scheduled = dict(getattr(scheduler_output, "num_scheduled_tokens", {}) or {})
-        for r in getattr(scheduler_output, "finished_req_ids", None) or ():
+        finished = set(getattr(scheduler_output, "finished_req_ids", None) or ())
+        for r in finished:
             self.unwritten.pop(r, None)
-        self.unwritten.update((n["id"], n) for n in _new_requests(scheduler_output))
+            self.starts.pop(r, None)
+        news = _new_requests(scheduler_output)
+        self.unwritten.update((n["id"], n) for n in news)
         if self.capture is not None:
             self.capture.begin_step()
         if self.dumper is not None:
             self.dumper.begin()
+        if self.live is not None:
+            self.starts.update((n["id"], n) for n in news)
+            self.live.begin(self.index, list(self.num_scheduled), finished)
 
     def end(self) -> None:
         if not self.open:
@@ -220,6 +234,9 @@ class _Steps:
             self.capture.end_step(info)
         if self.dumper is not None:
             self.dumper.end()
+        if self.live is not None:
+            self.live.end(self.index, self._batch_info() if self.live.wants_info else None, self.starts)
+        self.index += 1
 
     def _batch_info(self) -> dict[str, Any]:
         """Request ids in the order of the flattened ``[num_tokens, ...]`` activations, with token counts."""
@@ -252,6 +269,8 @@ class _Steps:
             self.capture.remove()
         if self.dumper is not None:
             self.dumper.remove()
+        if self.live is not None:
+            self.live.close()
 
 
 _CHILD_ID = re.compile(r"^(\d{1,6})_(.+)$")
@@ -295,10 +314,12 @@ def _close_out_at_exit(run_dir: Path) -> None:
     atexit.register(close_out)
 
 
-def _watch_graph_mode(runner: Any, steps: _Steps) -> None:
-    """Note, for each forward, whether it replays a CUDA graph. Relies on vLLM's model runner calling
-    ``self._model_forward`` inside ``set_forward_context``, whose ``cudagraph_runtime_mode`` says how that
-    forward runs (``NONE``: no graph); wrapped on the instance, so other runners are untouched."""
+def _wrap_model_forward(runner: Any, steps: _Steps) -> None:
+    """Note, for each forward, whether it replays a CUDA graph, and run a forward that an armed capture logs
+    uncompiled. Relies on vLLM's model runner calling ``self._model_forward`` inside ``set_forward_context``,
+    whose ``cudagraph_runtime_mode`` says how that forward runs (``NONE``: no graph), and on the compiled
+    model's ``__call__`` honouring the context's ``skip_compiled`` (vLLM's switch for calls that must not
+    use the graph). Wrapped on the instance, so other runners are untouched."""
     orig = getattr(runner, "_model_forward", None)
     if orig is None:
         return
@@ -310,7 +331,14 @@ def _watch_graph_mode(runner: Any, steps: _Steps) -> None:
     @functools.wraps(orig)
     def _model_forward(*args: Any, **kwargs: Any) -> Any:
         try:
-            mode = getattr(get_forward_context().cudagraph_runtime_mode, "name", "NONE")
+            ctx = get_forward_context()
+            if steps.live is not None and steps.live.eager_forward:
+                ctx.skip_compiled = True
+                if ctx.cudagraph_runtime_mode is not None and getattr(ctx.cudagraph_runtime_mode, "name", "NONE") != "NONE":
+                    from vllm.config import CUDAGraphMode
+
+                    ctx.cudagraph_runtime_mode = CUDAGraphMode.NONE
+            mode = getattr(ctx.cudagraph_runtime_mode, "name", "NONE")
             steps.graph_mode = mode not in ("NONE", None)
         except Exception:
             steps.graph_mode = None
@@ -481,6 +509,7 @@ class _Plugin:
             return
         EngineArgs.create_engine_config = self._wrap_engine_config(EngineArgs.create_engine_config)  # type: ignore[method-assign]
         Worker.load_model = self._wrap_load_model(Worker.load_model)  # type: ignore[method-assign]
+        Worker.tensorlog_control = _worker_control  # type: ignore[attr-defined]
         try:
             from vllm.v1.executor.abstract import Executor
         except ImportError:
@@ -509,8 +538,15 @@ class _Plugin:
                     ac = {k: v for k, v in dict(args.additional_config or {}).items() if k != CONFIG_PATH_KEY}
                     ac[CONFIG_KEY] = data
                     args.additional_config = ac
-                    logger.info("tensorlog: logging intermediate tensors to %s", cfg.run_dir)
-                    _close_out_at_exit(cfg.run_dir)
+                    if cfg.captures:
+                        logger.info("tensorlog: logging intermediate tensors to %s", cfg.run_dir)
+                        _close_out_at_exit(cfg.run_dir)
+                    else:
+                        logger.info(
+                            "tensorlog: watching every %d steps; a NaN/Inf's flight-recorder run goes to %s",
+                            cfg.watch_every,
+                            cfg.output_dir,
+                        )
             return orig(args, *a, **kw)
 
         return create_engine_config
@@ -535,7 +571,9 @@ class _Plugin:
         vc = worker.vllm_config
         cfg = resolve_config(vc.additional_config)
         dump_cfg = PassDumpConfig.from_env()
-        if (cfg is None or not cfg.enabled) and dump_cfg is None:
+        control = os.environ.get(ENV_CONTROL) == "1"
+        watching = cfg is not None and cfg.enabled and cfg.watch_every is not None
+        if (cfg is None or not cfg.enabled) and dump_cfg is None and not control:
             return
         runner = worker.model_runner
         model = runner.get_model()
@@ -545,8 +583,16 @@ class _Plugin:
         layout = _rank_layout(vc)
         world = layout["tp_size"] * layout["pp_size"]
         capture = None
-        if cfg is not None and cfg.enabled:
-            facts = {**_vllm_facts(vc, layout), "shard_layouts": shard_layouts(model, layout["tp_size"]), "compiled": compiled}
+        base_facts = {**_vllm_facts(vc, layout), "shard_layouts": shard_layouts(model, layout["tp_size"])}
+
+        def run_info(eager: bool) -> RunInfo:
+            """An armed capture's steps run uncompiled; the flight recorder's values are the engine's own."""
+            return RunInfo(
+                rank=layout["rank"], world_size=world, facts={**base_facts, "compiled": {"mode": "eager"} if eager else compiled}
+            )
+
+        if cfg is not None and cfg.captures:
+            facts = {**base_facts, "compiled": compiled}
             info = RunInfo(rank=layout["rank"], world_size=world, facts=facts)
             bound = getattr(getattr(vc, "scheduler_config", None), "max_num_batched_tokens", None)
             capture = CaptureHandle(
@@ -562,12 +608,21 @@ class _Plugin:
         dumper = None
         if dump_cfg is not None:
             dumper = _PassDumper(model, dump_cfg, tp=layout["tp_rank"], pp=layout["pp_rank"], rank=layout["rank"])
-        if capture is None and dumper is None:
+        live = None
+        if watching or control:
+            live = Live(
+                model,
+                cfg if watching else None,
+                run_info,
+                compiled=compiled["mode"] == "compiled",
+                rank=layout["rank"] if world > 1 else None,
+            )
+        if capture is None and dumper is None and live is None:
             return
-        steps = _Steps(runner, capture, dumper)
+        steps = _Steps(runner, capture, dumper, live)
         runner._tensorlog = steps
-        if capture is not None and compiled["mode"] == "compiled":
-            _watch_graph_mode(runner, steps)
+        if (capture is not None or live is not None) and compiled["mode"] == "compiled":
+            _wrap_model_forward(runner, steps)
         _wrap_runner_class(type(runner))
         self.steps.append(steps)
         if not self._atexit:
@@ -617,6 +672,20 @@ def _closing_workers_first(orig: Callable[..., Any]) -> Callable[..., Any]:
         return orig(executor, *a, **kw)
 
     return shutdown
+
+
+def _worker_control(worker: Any, request: dict[str, Any]) -> dict[str, Any]:
+    """``collective_rpc("tensorlog_control", args=(request,))``: vLLM runs it on each worker between steps."""
+    steps: _Steps | None = getattr(getattr(worker, "model_runner", None), "_tensorlog", None)
+    if steps is None or steps.live is None:
+        return {"error": "tensorlog is not attached to this worker (start the server with `tensorlog vllm serve`)"}
+    try:
+        return {"rank": getattr(worker, "rank", None), "step": steps.index, **steps.live.control(request)}
+    except ConfigError as e:
+        return {"error": str(e), "status": 400}
+    except Exception as e:  # never take down the engine over a control request
+        logger.warning("tensorlog: control request failed: %s: %s", type(e).__name__, e)
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def _close_worker_runs(worker: Any) -> None:
