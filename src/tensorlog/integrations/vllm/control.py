@@ -224,7 +224,7 @@ class Live:
             "born_here": anomaly.born_here if anomaly is not None else None,
             "request_ids": list((steps[-1].info or {}).get("req_ids", [])) if steps else [],
         }
-        logger.warning("tensorlog: NaN/Inf %s; the %d steps before it are in %s", where, len(steps), path)
+        logger.warning("tensorlog: NaN/Inf %s; the %d watched step(s) up to it are in %s", where, len(steps), path)
         if self.config.watch_capture_next and self.armed is None:
             cfg = self.config.with_overrides(
                 run_name=f"{self.config.run_name}-nonfinite-next", log_step_ids=[], watch_every=None, unique_run_name=True
