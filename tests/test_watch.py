@@ -56,7 +56,7 @@ def _expected(run: tensorlog.Run, step: int) -> dict[tuple[str, str], tuple[floa
     return out
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
 def test_watched_statistics_equal_a_statistics_capture_of_the_same_forward(tmp_path, compiled):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -150,7 +150,7 @@ class _Bomb(torch.nn.Module):
         return x * self.factor
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
 def test_the_flight_recorder_writes_the_steps_before_a_nan_as_a_statistics_run(tmp_path, compiled):
     torch._dynamo.reset()
     model = tiny_hf_llama()
@@ -227,3 +227,20 @@ def test_only_loopback_callers_count_as_local():
     assert _loopback(None)  # a Unix socket
     assert not _loopback("192.0.2.2") and not _loopback("::ffff:10.0.0.1") and not _loopback("fd00::2")
     assert not _loopback("localhost.evil") and not _loopback("")
+
+
+def test_the_metrics_carry_the_latest_watched_step_and_count_every_nonfinite_value(tmp_path):
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from tensorlog.capture.watch import ModuleStats
+    from tensorlog.integrations.prometheus import Publisher
+
+    pub = Publisher(None)
+    pub.publish({("model.layers.0", "output"): ModuleStats(2.5, 0.5, 0.1, 0, 64)})
+    pub.publish({("model.layers.0", "output"): ModuleStats(3.0, 0.75, -0.2, 3, 64)})
+    pub.publish({("model.layers.0", "output"): ModuleStats(math.nan, math.nan, math.nan, 2, 64)})
+    text = prometheus_client.generate_latest().decode()
+    assert 'tensorlog_abs_max{kind="output",module="model.layers.0"} NaN' in text
+    assert 'tensorlog_nonfinite_total{kind="output",module="model.layers.0"} 5.0' in text
+    assert "tensorlog_steps_watched_total 3.0" in text
+    with pytest.raises(ValueError, match="watched without metrics"):
+        Publisher(1)  # a registry takes each name once: another label set in the same process is refused

@@ -47,7 +47,7 @@ from torch.library import custom_op
 from ..storage.stats import partial_stats
 from ..storage.tensorfile import ST_NAMES
 
-__all__ = ["GraphTaps", "GraphValue", "emit", "step_tensors", "ordered_effect", "MAX_DIMS", "DEFAULT_ROWS"]
+__all__ = ["GraphTaps", "GraphValue", "emit", "measure_tensor", "step_tensors", "ordered_effect", "MAX_DIMS", "DEFAULT_ROWS"]
 
 MAX_DIMS = 16
 _COLS = 9 + MAX_DIMS
@@ -70,6 +70,10 @@ def _table_name(taps: int) -> str:
 
 def _stage_name(taps: int, row: int) -> str:
     return f"s{taps}_{row}"
+
+
+def _gate_name(taps: int) -> str:
+    return f"g{taps}"
 
 
 _ids = iter(range(1, 1 << 31))
@@ -140,6 +144,7 @@ class GraphTaps:
         files_up_to: int | None = None,
         always_measure: bool = False,
         floats_only: bool = False,
+        gated: bool = False,
     ) -> None:
         self.id = next(_ids)
         self.device = device
@@ -152,6 +157,9 @@ class GraphTaps:
         self.always_measure = always_measure
         self.floats_only = floats_only
         """Measure floating-point tensors only (a watcher's metrics use no other)."""
+        self.gate = _static(torch.zeros((), dtype=torch.bool, device=device)) if gated else None
+        """Measure only while this flag is set (``torch.cond``): a step that is not read costs a branch per tap,
+        not its reductions. For hosts only: on a GPU the branch would read the flag back at every tap."""
         """Statistics in the graph even for tensors staged whole (``detect_anomaly`` reads them every step)."""
         self.capacity = rows = rows or DEFAULT_ROWS
         self.table = _static(torch.zeros(rows, _COLS, dtype=torch.float64, device=device))
@@ -172,6 +180,8 @@ class GraphTaps:
         with _lock:
             _TAPS[self.id] = self
             setattr(_BUFFERS, _table_name(self.id), self.table)
+            if self.gate is not None:
+                setattr(_BUFFERS, _gate_name(self.id), self.gate)
 
     # -- while tracing ---------------------------------------------------------------------
 
@@ -241,6 +251,8 @@ class GraphTaps:
         """A step starts: remember the counter (a device copy, no read-back)."""
         t = self.table if table is None else table
         t[0, 1].copy_(t[0, 0])
+        if self.gate is not None:
+            self.gate.fill_(True)
         self._late = []
         self.recording = True
 
@@ -282,6 +294,8 @@ class GraphTaps:
     ) -> list[tuple[float, int, list[GraphValue], str, bool]]:
         """This step's tapped calls as ``(stamp, site, values, leaves, late)``, in the order they ran; one
         read-back of the table. The step's recording ends here."""
+        if self.gate is not None:
+            self.gate.fill_(False)
         if not self._sites and not self._late:
             self.recording = False
             return []
@@ -341,7 +355,7 @@ class GraphTaps:
         self._traced = {}
         with _lock:
             _TAPS.pop(self.id, None)
-            for name in [_table_name(self.id)] + [_stage_name(self.id, r) for r in self._leaves]:
+            for name in [_table_name(self.id), _gate_name(self.id)] + [_stage_name(self.id, r) for r in self._leaves]:
                 if hasattr(_BUFFERS, name):
                     delattr(_BUFFERS, name)
 
@@ -492,37 +506,59 @@ def _leaf(taps: int, row: int, x: torch.Tensor, table: torch.Tensor) -> None:
             torch.scalar_tensor(d, dtype=torch.float64) for d in x.shape[:MAX_DIMS]
         ]
     if measure:
-        # One pass: every reduction reads the same input, so Inductor makes them one vectorised loop (eager's
-        # two-pass spread needs the mean first: a second loop). Sums are taken in float64: the cancellation in
-        # sum(x^2) - sum(x)^2/n costs 1e-16 times mean^2/variance, below float32 rounding of the spread while
-        # the mean is under about 2e4 times the spread (where a float32 tensor holds few digits of its spread
-        # anyway). ``x != x`` counts NaNs (``isnan`` does not vectorise); the Infs are what is neither.
-        s = (
-            x
-            if x.dtype in (torch.float32, torch.float64)
-            else x.to(torch.float32 if x.dtype.is_floating_point else torch.float64)
-        )
-        if maybe_empty:  # aminmax of nothing raises: +inf and -inf that change no other min or max
-            flat = s.reshape(-1)
-            mn = torch.cat([flat, flat.new_full((1,), math.inf)]).amin()
-            mx = torch.cat([flat, flat.new_full((1,), -math.inf)]).amax()
+        gate = _gate_of(taps)
+        if gate:
+            stats = torch.cond(getattr(_BUFFERS, gate), _measure_empty if maybe_empty else measure_tensor, _unmeasured, (x,))
         else:
-            mn, mx = torch.aminmax(s)
-        d = s.to(torch.float64)
-        total = d.sum()
-        mean = total / x.numel()
-        m2 = torch.clamp_min((d * d).sum() - total * mean, 0.0)
-        finite, nan = torch.isfinite(s).sum(), (s != s).sum()
-        inf = x.numel() - finite - nan
-        cols = [mn.to(torch.float64), mx.to(torch.float64), mean, torch.sqrt(m2), torch.zeros_like(mean)]
-        cols += [nan.to(torch.float64), inf.to(torch.float64)] + sizes
-        _put(table, [row] * len(cols), 1, torch.stack(cols))
+            stats = _measure_empty(x) if maybe_empty else measure_tensor(x)
+        _put(table, [row] * (7 + len(sizes)), 1, torch.cat([stats, torch.stack(sizes)]) if sizes else stats)
     elif sizes:
         _put(table, [row] * len(sizes), 8, torch.stack(sizes))
     if n:
         flat = x.reshape(-1)
         k = torch.sym_min(flat.numel(), n)
         getattr(_BUFFERS, buffer).narrow(0, 0, k).copy_(flat[:k])
+
+
+def measure_tensor(x: torch.Tensor, maybe_empty: bool = False) -> torch.Tensor:
+    """The seven partial statistics of ``x`` in one pass, as float64.
+
+    Every reduction reads the same input, so Inductor makes them one vectorised loop (eager's two-pass spread
+    needs the mean first: a second loop). Sums are taken in float64: the cancellation in sum(x^2) - sum(x)^2/n
+    costs 1e-16 times mean^2/variance, below float32 rounding of the spread while the mean is under about 2e4
+    times the spread (where a float32 tensor holds few digits of its spread anyway). ``x != x`` counts NaNs
+    (``isnan`` does not vectorise); the Infs are what is neither.
+    """
+    s = x if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32 if x.dtype.is_floating_point else torch.float64)
+    if maybe_empty:  # aminmax of nothing raises: +inf and -inf that change no other min or max
+        flat = s.reshape(-1)
+        mn = torch.cat([flat, flat.new_full((1,), math.inf)]).amin()
+        mx = torch.cat([flat, flat.new_full((1,), -math.inf)]).amax()
+    else:
+        mn, mx = torch.aminmax(s)
+    d = s.to(torch.float64)
+    total = d.sum()
+    mean = total / x.numel()
+    m2 = torch.clamp_min((d * d).sum() - total * mean, 0.0)
+    finite, nan = torch.isfinite(s).sum(), (s != s).sum()
+    inf = x.numel() - finite - nan
+    cols = [mn.to(torch.float64), mx.to(torch.float64), mean, torch.sqrt(m2), torch.zeros_like(mean)]
+    return torch.stack(cols + [nan.to(torch.float64), inf.to(torch.float64)])
+
+
+def _measure_empty(x: torch.Tensor) -> torch.Tensor:
+    return measure_tensor(x, True)
+
+
+def _unmeasured(x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(7, dtype=torch.float64, device=x.device)
+
+
+@torch._dynamo.assume_constant_result
+def _gate_of(taps: int) -> str:
+    """The gate flag's buffer name, or "" for taps that always measure."""
+    t = _TAPS.get(taps)
+    return _gate_name(taps) if t is not None and t.gate is not None else ""
 
 
 def _put(table: torch.Tensor, rows: list[int], col: int, values: torch.Tensor) -> None:

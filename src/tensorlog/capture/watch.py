@@ -28,9 +28,10 @@ from typing import Any
 import torch
 
 from ..config import LogConfig, compile_pattern
-from ..storage.stats import PARTIAL, finish, gather, partial_stats, split_rows
+from ..storage.stats import PARTIAL, finish, partial_stats
 from .compiled import call_leaves, ids_of, output_leaves
 from .graphtap import GraphTaps, GraphValue, emit
+from .graphtap import measure_tensor as _measure
 
 __all__ = ["Watcher", "WatchedStep", "WatchedCall", "ModuleStats", "summarize", "DEFAULT_WATCH", "watched_modules"]
 
@@ -131,13 +132,22 @@ class Watcher:
         first = next(iter(model.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
         self._native = (
-            GraphTaps(device, stage_all=False, small_values=0, budget_bytes=0, rows=TABLE_ROWS, floats_only=True)
+            GraphTaps(
+                device,
+                stage_all=False,
+                small_values=0,
+                budget_bytes=0,
+                rows=TABLE_ROWS,
+                floats_only=True,
+                gated=device.type == "cpu",
+            )
             if compiled
             else None
         )
         self._counter = self._native.table if self._native is not None else torch.zeros(1, 2, dtype=torch.float64, device=device)
-        self._eager: list[tuple[int, str, list[torch.Tensor]]] = []
-        self._eager_parts: list[list[torch.Tensor]] = []
+        self._eager: list[
+            tuple[int, str, list[tuple[tuple[int, ...], torch.dtype, torch.device]], list[torch.Tensor | None]]
+        ] = []
         self._handles: list[Any] = []
         with _lock:
             self.id = next(_next_id)
@@ -156,7 +166,7 @@ class Watcher:
         if not self.watches(index) or self.id not in _WATCHERS:
             return False
         self.recording = True
-        self._eager, self._eager_parts = [], []
+        self._eager = []
         if self._native is not None:
             self._native.begin()
         else:
@@ -183,33 +193,36 @@ class Watcher:
     def _eager_events(self) -> list[tuple[float, int, list[GraphValue], str]]:
         if not self._eager:
             return []
-        parts = self._eager_parts
-        host = [(rows, flat.to("cpu").tolist()) for _, rows, flat in gather(parts)]
-        rows = split_rows([len(p) for p in parts], host)
+        rows = _read_back([p for _, _, _, parts in self._eager for p in parts if p is not None])
         out = []
         pos = 0
-        for site, leaves, xs in self._eager:
+        for site, leaves, metas, parts in self._eager:
             stamp = rows[pos][0]
             pos += 1
             values = []
-            for x in xs:
-                values.append(GraphValue(tuple(x.shape), x.dtype, x.device, tuple(rows[pos]), None))
-                pos += 1
+            for (shape, dtype, device), p in zip(metas, parts[1:]):
+                partial = None
+                if p is not None:
+                    partial = tuple(rows[pos])
+                    pos += 1
+                values.append(GraphValue(shape, dtype, device, partial, None))
             out.append((stamp, site, values, leaves))
-        self._eager, self._eager_parts = [], []
+        self._eager = []
         return out
 
     def eager(self, site: int, xs: list[torch.Tensor], leaves: str) -> None:
-        """An untraced call of a watched module: measured now, read back with the step."""
+        """An untraced call of a watched module: measured now (one fused pass each), read back with the step."""
         if not self.recording:
             return
         c = self._counter
         c[0, 0] += 1  # the graph's counter too: eager calls and graph taps take turns in one order
-        self._eager_parts.append([c[0, 0].clone()])
-        self._eager.append((site, leaves, [x.detach() for x in xs]))
+        parts: list[torch.Tensor | None] = [c[0, :1].clone()]
+        metas = []
         for x in xs:
-            p = partial_stats(x) if x.numel() else [torch.full((), math.nan, dtype=torch.float64, device=x.device)] * PARTIAL
-            self._eager_parts.append(p)
+            x = x.detach()
+            metas.append((tuple(x.shape), x.dtype, x.device))
+            parts.append(_eager_measure(x) if x.dtype.is_floating_point else None)
+        self._eager.append((site, leaves, metas, parts))
 
     # -- hooks ----------------------------------------------------------------------------
 
@@ -235,6 +248,45 @@ class Watcher:
         self._detach()
         with _lock:
             _WATCHERS.pop(self.id, None)
+
+
+_FUSED: list[Any] = []
+"""The compiled one-pass measure, made at the first eager call that needs it (``[False]`` where it failed)."""
+
+
+def _eager_measure(x: torch.Tensor) -> torch.Tensor:
+    """Seven partial statistics of ``x`` (float64, on its device), from one compiled pass when a compiler is there:
+    five eager passes over a vocabulary's logits cost more than the step's sampling."""
+    if x.numel() == 0 or x.layout != torch.strided or x.is_complex():
+        return torch.full((PARTIAL,), math.nan, dtype=torch.float64, device=x.device)
+    if not _FUSED:
+        try:
+            _FUSED.append(torch.compile(_measure, dynamic=True, fullgraph=True))
+        except Exception:
+            _FUSED.append(False)
+    if _FUSED[0] is not False:
+        try:
+            return _FUSED[0](x)
+        except Exception:  # no C++ compiler, an unsupported dtype: the eager passes below
+            _FUSED[0] = False
+    p = partial_stats(x)
+    return torch.stack(p + [torch.zeros((), dtype=torch.float64, device=x.device)] * (PARTIAL - len(p))).to(torch.float64)
+
+
+def _read_back(parts: list[torch.Tensor]) -> list[list[float]]:
+    """Each 1-d part's values, with one copy to the host per device."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, p in enumerate(parts):
+        by_device.setdefault(p.device, []).append(i)
+    out: list[list[float]] = [[] for _ in parts]
+    for idx in by_device.values():
+        flat = torch.cat([parts[i].to(torch.float64) for i in idx]).to("cpu").tolist()
+        pos = 0
+        for i in idx:
+            n = parts[i].numel()
+            out[i] = flat[pos : pos + n]
+            pos += n
+    return out
 
 
 @torch._dynamo.assume_constant_result

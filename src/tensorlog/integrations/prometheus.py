@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..capture.watch import WatchedStep, summarize
+from ..capture.watch import ModuleStats
 from ..errors import DependencyError
 
 __all__ = ["Publisher", "METRIC_NAMES"]
@@ -36,7 +36,10 @@ def _metrics(labels: tuple[str, ...]) -> tuple[Any, ...]:
     if found is not None:
         return found
     if _METRICS:
-        raise ValueError(f"tensorlog metrics already exist in this process with labels {next(iter(_METRICS))}")
+        raise ValueError(
+            f"tensorlog metrics exist in this process with the labels {next(iter(_METRICS))}, and a registry "
+            f"takes a name once: this engine ({labels}) is watched without metrics"
+        )
     try:
         from prometheus_client import Counter, Gauge
     except ImportError:
@@ -79,16 +82,13 @@ class Publisher:
             )
         return c
 
-    def publish(self, step: WatchedStep) -> int:
-        """Set the gauges from ``step``; returns how many NaN/Inf values it held."""
-        bad = 0
-        for (module, kind), s in summarize(step).items():
+    def publish(self, summary: dict[tuple[str, str], ModuleStats]) -> None:
+        """Set the gauges from one watched step's :func:`~tensorlog.capture.watch.summarize`."""
+        for (module, kind), s in summary.items():
             abs_max, rms, mean, nonfinite = self._child(module, kind)
             abs_max.set(s.abs_max)
             rms.set(s.rms)
             mean.set(s.mean)
             if s.nonfinite:
                 nonfinite.inc(s.nonfinite)
-                bad += s.nonfinite
         self._steps.inc()
-        return bad

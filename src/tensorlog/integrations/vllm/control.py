@@ -24,9 +24,9 @@ from typing import Any
 
 from ...capture import CaptureHandle, RunInfo
 from ...capture.flight import write_watched_run
-from ...capture.watch import Watcher
+from ...capture.watch import Watcher, summarize
 from ...config import LogConfig, build_config
-from ...errors import ConfigError
+from ...errors import ConfigError, TensorlogError
 from ..prometheus import Publisher
 
 __all__ = ["Live", "Armed", "capture_request", "CONTROL_KEYS", "FIXED_KEYS", "MAX_ARMED_STEPS"]
@@ -145,7 +145,10 @@ class Live:
         self._watching = False
         if config is not None and config.enabled and config.watch_every is not None:
             self.watch = Watcher(model, config, compiled=compiled)
-            self.publisher = Publisher(rank)
+            try:
+                self.publisher = Publisher(rank)
+            except (ValueError, TensorlogError) as e:  # the flight recorder works without metrics
+                logger.warning("tensorlog: %s", e)
             logger.info(
                 "tensorlog: watching %d modules every %d steps (%s)",
                 len(self.watch.names),
@@ -194,9 +197,11 @@ class Live:
         if self._watching and self.watch is not None:
             self._watching = False
             step = self.watch.end_step(info)
-            if step is not None and self.publisher is not None:
-                bad = self.publisher.publish(step)
-                if bad and self.flight is None:
+            if step is not None:
+                summary = summarize(step)
+                if self.publisher is not None:
+                    self.publisher.publish(summary)
+                if self.flight is None and any(s.nonfinite for s in summary.values()):
                     self._record_flight(step.step)
         if len(self.finished) > 4096:  # bounded: request ids matter only while an armed capture waits on them
             self.finished = set()
