@@ -171,13 +171,17 @@ def test_a_capture_armed_over_http_holds_exactly_the_next_steps(clean):
     run = tensorlog.load_run(path)
     assert sorted(run.steps) == last["steps_logged"] and run.complete
     assert (path / f"step_{last['steps_logged'][0]}" / "model.embed_tokens" / "inputs_0_cpu.pt").exists()
-    # by request id: every step that serves it, until stopped
+    # by request id: every step that serves it, ending by itself once it has finished (the engine then idles)
     armed = clean.tl("POST", "capture", {"request_id": "tl-probe-7", "mode": "statistics"}, key=KEY)
     clean.complete(max_tokens=1, key=KEY)  # another request: not captured
     clean.complete(max_tokens=3, key=KEY, headers=["X-Request-Id: tl-probe-7"])
-    stopped = clean.tl("POST", "stop", key=KEY)["stopped"]
-    assert len(stopped["steps_logged"]) == 3  # its prefill and two decodes
-    run = tensorlog.load_run(stopped["path"])
+    deadline = time.monotonic() + 30
+    while (status := clean.tl("GET", "status", key=KEY))["armed"]:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.5)
+    done = status["last_capture"]
+    assert done["ended"] == "done" and len(done["steps_logged"]) == 3  # its prefill and two decodes
+    run = tensorlog.load_run(done["path"])
     assert run.complete and all(any("tl-probe-7" in r for r in s.info.req_ids) for s in run.steps.values())
 
 
@@ -234,4 +238,15 @@ def test_without_an_api_key_only_loopback_callers_are_served(poisoned):
     for method, path in (("GET", "status"), ("POST", "capture"), ("POST", "stop")):
         err = poisoned.tl(method, path, {"steps": 1} if path == "capture" else None, expect=403, host=outside)["error"]
         assert "loopback callers only" in err
+    assert not poisoned.tl("GET", "status")["armed"]
+
+
+def test_without_an_api_key_a_web_page_is_refused_even_from_loopback(poisoned):
+    # a page in a local browser (its Origin), or one that rebinds its name to 127.0.0.1 (the Host it names)
+    body = json.dumps({"steps": 1000000, "mode": "tensor"})
+    for header in ("Origin: https://evil.example", "Origin: null", "Host: rebind.evil.example"):
+        code, text = poisoned.curl("POST", "/tensorlog/capture", body, headers=[header, "Content-Type: text/plain"])
+        assert code == 403 and "local programs only" in json.loads(text)["error"], (header, code, text)
+    code, _ = poisoned.curl("GET", "/tensorlog/status", headers=["Origin: http://localhost:3000"])
+    assert code == 200  # a page this machine serves itself
     assert not poisoned.tl("GET", "status")["armed"]

@@ -210,6 +210,7 @@ def test_a_capture_request_is_checked_into_one_line():
         ({"steps": True}, "steps: an integer from 1"),
         ({"steps": 1, "request_id": "a"}, "not both"),
         ({"output_dir": "/etc"}, "output_dir: set when the server starts"),
+        ({"stop_on_anomaly": True}, "stop_on_anomaly: set when the server starts"),
         ({"mode": "tensors"}, "mode"),
         ({"module_call_match": ["("]}, "module_call_match"),
         ([1, 2], "expected a JSON object"),
@@ -244,3 +245,27 @@ def test_the_metrics_carry_the_latest_watched_step_and_count_every_nonfinite_val
     assert "tensorlog_steps_watched_total 3.0" in text
     with pytest.raises(ValueError, match="watched without metrics"):
         Publisher(1)  # a registry takes each name once: another label set in the same process is refused
+
+
+def test_the_endpoints_take_the_servers_config_and_keep_other_plugins_loaded(monkeypatch):
+    import asyncio
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from tensorlog.integrations.vllm import launcher
+    from tensorlog.integrations.vllm.endpoints import TensorlogEndpoints
+
+    monkeypatch.delenv("TENSORLOG_CONFIG", raising=False)
+    monkeypatch.delenv("TENSORLOG_CONFIG_PATH", raising=False)
+    state = SimpleNamespace()
+    args = Namespace(api_key=None, additional_config={"intermediate_log_config": {"output_dir": "/srv/il", "watch_every": 5}})
+    asyncio.run(TensorlogEndpoints().init_state(object(), state, args))
+    assert state.tensorlog.base.output_dir == "/srv/il" and state.tensorlog.tokens == []
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    names = launcher._endpoint_env()["VLLM_PLUGINS"].split(",")
+    import importlib.metadata as md
+
+    general = {ep.name for d in md.distributions() for ep in d.entry_points if ep.group == "vllm.general_plugins"}
+    assert "tensorlog" in names and general <= set(names)
+    monkeypatch.setenv("VLLM_PLUGINS", "other")
+    assert launcher._endpoint_env() == {}  # the user's own list stays as given

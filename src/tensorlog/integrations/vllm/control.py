@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -35,9 +36,22 @@ logger = logging.getLogger("vllm.tensorlog")
 
 CONTROL_KEYS = ("steps", "request_id")
 FIXED_KEYS = frozenset(
-    {"output_dir", "reload_input_dir", "enabled", "watch_every", "watch_match", "watch_keep", "watch_capture_next"}
+    {
+        "output_dir",
+        "reload_input_dir",
+        "enabled",
+        "stop_on_anomaly",
+        "watch_every",
+        "watch_match",
+        "watch_keep",
+        "watch_capture_next",
+    }
 )
-"""Config keys a request may not set: where files go is the server's choice, and watching is set at start."""
+"""Config keys a request may not set: where files go is the server's choice, watching is set at start, and
+nothing a request arms may raise into the engine."""
+MAX_MATCHED = 4096
+"""Requests one capture by request id may match (a short id can match every request)."""
+SHOWN_STEPS = 32
 MAX_ARMED_STEPS = 1_000_000
 MAX_REQUEST_IDS = 64
 
@@ -82,17 +96,21 @@ def capture_request(body: Any, base: LogConfig | None, run_name: str, default_di
 
 
 class Armed:
-    """A capture armed while serving: which steps it takes, and how many it has."""
+    """A capture armed while serving: which steps it takes, and how many it has (all bounded)."""
 
     def __init__(self, handle: CaptureHandle, steps: int | None, request_ids: list[str] | None) -> None:
         self.handle = handle
         self.steps_left = steps
         self.request_ids = request_ids
-        self.logged: list[int] = []
+        self.count = 0
+        self.first: list[int] = []
+        self.last: deque[int] = deque(maxlen=SHOWN_STEPS)
         self.seen: set[str] = set()
-        """Engine request ids that matched: the capture ends once they have all finished."""
+        """Engine request ids that matched (at most :data:`MAX_MATCHED`): the capture ends once all have finished."""
+        self.finished: set[str] = set()
+        """Those of them that finished."""
         self.written: set[str] = set()
-        """Requests whose start this run has recorded (bounded by the run's steps' requests)."""
+        """Requests whose start this run has recorded (a subset of the requests of its steps)."""
         self.logging = False
 
     def wants(self, req_ids: list[str]) -> bool:
@@ -102,20 +120,32 @@ class Armed:
         self.seen.update(hits)
         return bool(hits)
 
-    def finished(self, finished_ids: set[str]) -> bool:
+    @property
+    def done(self) -> bool:
         if self.request_ids is None:
             return (self.steps_left or 0) <= 0
-        return bool(self.seen) and self.seen <= finished_ids
+        return bool(self.seen) and self.seen <= self.finished
+
+    def logged(self, index: int) -> None:
+        self.count += 1
+        if len(self.first) < SHOWN_STEPS:
+            self.first.append(index)
+        else:
+            self.last.append(index)
 
     def status(self) -> dict[str, Any]:
-        return {
+        shown = self.first + list(self.last)
+        out: dict[str, Any] = {
             "run": self.handle.path.name,
             "path": str(self.handle.path),
-            "steps_logged": list(self.logged),
+            "steps_logged": shown,
             "steps_left": self.steps_left,
             "request_ids": self.request_ids,
             "stopped": self.handle.stopped_reason,
         }
+        if self.count > len(shown):
+            out["steps_logged_count"] = self.count  # the first and the last ones are listed
+        return out
 
 
 class Live:
@@ -139,7 +169,6 @@ class Live:
         self.flight: dict[str, Any] | None = None
         self.armed: Armed | None = None
         self.last: dict[str, Any] | None = None
-        self.finished: set[str] = set()
         self.eager_forward = False
         """The current step runs the uncompiled forward (an armed capture logs it)."""
         self._watching = False
@@ -158,13 +187,22 @@ class Live:
 
     # -- steps ------------------------------------------------------------------------------
 
-    def begin(self, index: int, req_ids: list[str], finished: set[str]) -> None:
-        self.finished |= finished
+    def requests_finished(self, finished: set[str]) -> None:
+        armed = self.armed
+        if armed is not None and armed.request_ids is not None:
+            armed.finished |= finished & armed.seen
+            if armed.done:
+                self._disarm("done")
+
+    def begin(self, index: int, req_ids: list[str]) -> None:
         self.eager_forward = False
         armed = self.armed
         if armed is not None:
-            if armed.finished(self.finished) or armed.handle.stopped_reason is not None:
-                self._disarm("done")
+            if armed.handle.stopped_reason is not None:
+                self._disarm("stopped: " + armed.handle.stopped_reason)
+                armed = None
+            elif len(armed.seen) > MAX_MATCHED:
+                self._disarm(f"stopped: the request id matched more than {MAX_MATCHED} requests")
                 armed = None
             elif armed.wants(req_ids):
                 armed.logging = True
@@ -180,19 +218,24 @@ class Live:
     def end(self, index: int, info: dict[str, Any] | None, starts: dict[str, dict[str, Any]]) -> None:
         """Step ``index`` ended; ``starts``: the live requests' starts, for the armed run's first step of each."""
         armed = self.armed
-        if armed is not None and armed.logging:
-            armed.logging = False
-            if armed.steps_left is not None:
-                armed.steps_left -= 1
-            armed.logged.append(index)
-            step_info = dict(info or {})
-            news = [starts[r] for r in step_info.get("req_ids", []) if r in starts and r not in armed.written]
-            if news:
-                armed.written.update(n["id"] for n in news)
-                step_info["new_requests"] = news
-            armed.handle.end_step(step_info)
-            if armed.request_ids is None and armed.finished(self.finished):
-                self._disarm("done")
+        try:
+            if armed is not None and armed.logging:
+                armed.logging = False
+                if armed.steps_left is not None:
+                    armed.steps_left -= 1
+                armed.logged(index)
+                step_info = dict(info or {})
+                news = [starts[r] for r in step_info.get("req_ids", []) if r in starts and r not in armed.written]
+                if news:
+                    armed.written.update(n["id"] for n in news)
+                    step_info["new_requests"] = news
+                armed.handle.end_step(step_info)
+                if armed.request_ids is None and armed.done:
+                    self._disarm("done")
+        finally:
+            self._end_watch(info)
+
+    def _end_watch(self, info: dict[str, Any] | None) -> None:
         self.eager_forward = False
         if self._watching and self.watch is not None:
             self._watching = False
@@ -203,8 +246,6 @@ class Live:
                     self.publisher.publish(summary)
                 if self.flight is None and any(s.nonfinite for s in summary.values()):
                     self._record_flight(step.step)
-        if len(self.finished) > 4096:  # bounded: request ids matter only while an armed capture waits on them
-            self.finished = set()
 
     def _record_flight(self, index: int) -> None:
         assert self.watch is not None and self.config is not None
@@ -275,7 +316,6 @@ class Live:
             self.last = {"run": cfg.run_name, "path": None, "not_armed": reason}
             return
         self.armed = Armed(handle, steps, request_ids)
-        self.finished = set()
         logger.info(
             "tensorlog: capture armed (%s) into %s", f"{steps} step(s)" if steps else f"requests {request_ids}", handle.path
         )
@@ -287,7 +327,7 @@ class Live:
             armed.handle.end_step(None)
         armed.handle.remove()
         self.last = {**armed.status(), "ended": why, "ended_at": time.time()}
-        logger.info("tensorlog: capture %s: %s (%d steps)", why, armed.handle.path, len(armed.logged))
+        logger.info("tensorlog: capture %s: %s (%d steps)", why, armed.handle.path, armed.count)
         return self.last
 
     def close(self) -> None:

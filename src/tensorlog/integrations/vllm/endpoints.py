@@ -9,7 +9,10 @@ workers' side is :mod:`.control`.
 Who may call: with ``--api-key`` (or ``VLLM_API_KEY``), every caller must
 send one of the keys as ``Authorization: Bearer KEY``, loopback included;
 vLLM's own check covers only ``/v1``. Without a key, only loopback callers
-(and a Unix socket's) are served.
+(and a Unix socket's) are served, and only when they name this machine
+(``Host``) and come from no foreign web page (``Origin``): a page in a local
+browser, or one that rebinds its DNS name to 127.0.0.1, is a loopback caller
+too.
 """
 
 import hashlib
@@ -18,6 +21,7 @@ import itertools
 import json
 import os
 import secrets
+import socket
 import time
 from argparse import Namespace
 from typing import Any
@@ -29,8 +33,9 @@ from .plugin import VLLM_OUTPUT_DIR, resolve_config
 
 __all__ = ["TensorlogEndpoints", "RPC_TIMEOUT", "MAX_BODY"]
 
-RPC_TIMEOUT = 60.0
-"""Seconds a request waits for the workers (they answer between two steps)."""
+RPC_TIMEOUT = 300.0
+"""Seconds a request waits for the workers: they answer between two steps, and ``stop`` waits for its run's
+files (a late answer would be read by the next request instead)."""
 MAX_BODY = 1 << 16
 
 
@@ -40,6 +45,29 @@ class _State:
         self.tokens = tokens
         self.base = base
         self.count = itertools.count(1)
+
+
+def _local_name(netloc: str) -> bool:
+    """A ``Host`` or ``Origin`` host[:port] that names this machine: localhost, a loopback address, its hostname."""
+    host = netloc.rsplit("@", 1)[-1]
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    host = host.lower().rstrip(".")
+    return host in ("localhost", socket.gethostname().lower()) or host.endswith(".localhost") or _loopback(host)
+
+
+def _foreign(request: Any) -> str | None:
+    """Why a caller without a key is a web page rather than a local program, or None."""
+    if not _local_name(request.headers.get("host", "")):
+        return f"Host {request.headers.get('host', '')!r} does not name this machine"
+    origin = request.headers.get("origin")
+    if origin is not None:
+        netloc = origin.split("://", 1)[-1].split("/", 1)[0]
+        if origin == "null" or not _local_name(netloc):
+            return f"a request from the web page {origin!r}"
+    return None
 
 
 def _loopback(host: str | None) -> bool:
@@ -80,6 +108,11 @@ class TensorlogEndpoints:
             elif not _loopback(request.client.host if request.client else None):
                 return JSONResponse(
                     {"error": "Forbidden: without --api-key, /tensorlog serves loopback callers only"}, status_code=403
+                )
+            elif (why := _foreign(request)) is not None:
+                return JSONResponse(
+                    {"error": f"Forbidden: without --api-key, /tensorlog serves local programs only ({why})"},
+                    status_code=403,
                 )
             return None
 
@@ -133,7 +166,7 @@ class TensorlogEndpoints:
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         keys = [k for k in (getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]) if k]
         try:
-            base = resolve_config(None)
+            base = resolve_config(getattr(args, "additional_config", None))
         except ConfigError:
             base = None  # the workers refuse it loudly at start-up
         state.tensorlog = _State(engine_client, [hashlib.sha256(k.encode()).digest() for k in keys], base)

@@ -173,9 +173,14 @@ def launch(command: str, argv: list[str]) -> int:
 
 
 def _endpoint_env() -> dict[str, str]:
-    """vLLM loads endpoint plugins only when ``VLLM_PLUGINS`` names them: name ours, and every general plugin
-    installed (which an unset ``VLLM_PLUGINS`` would have loaded), so that nothing else changes."""
+    """vLLM loads endpoint plugins only when ``VLLM_PLUGINS`` names them, and applies that list to every other
+    plugin group too: name ours, and every plugin of the other groups (which an unset ``VLLM_PLUGINS`` would
+    have loaded, a platform plugin among them), so that nothing else changes."""
     if os.environ.get("VLLM_PLUGINS") is not None:
         return {}  # the user's list, kept as given (_warn_if_excluded says when it leaves tensorlog out)
-    names = sorted({ep.name for ep in md.entry_points(group="vllm.general_plugins")} | {"tensorlog"})
-    return {"VLLM_PLUGINS": ",".join(names)}
+    names = {"tensorlog"}
+    for dist in md.distributions():
+        for ep in dist.entry_points:
+            if ep.group.startswith("vllm.") and ep.group != "vllm.endpoint_plugins":
+                names.add(ep.name)
+    return {"VLLM_PLUGINS": ",".join(sorted(names))}

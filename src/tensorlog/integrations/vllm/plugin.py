@@ -199,14 +199,17 @@ class _Steps:
 
     def begin(self, scheduler_output: Any) -> None:
         self.end()
-        if getattr(scheduler_output, "total_num_scheduled_tokens", 1) == 0:
-            return  # nothing runs the model: not a step
-        self.open = True
-        self.num_scheduled = dict(getattr(scheduler_output, "num_scheduled_tokens", {}) or {})
+        # Finished requests first: the last ones before the engine goes idle come in a step that runs nothing.
         finished = set(getattr(scheduler_output, "finished_req_ids", None) or ())
         for r in finished:
             self.unwritten.pop(r, None)
             self.starts.pop(r, None)
+        if self.live is not None and finished:
+            self.live.requests_finished(finished)
+        if getattr(scheduler_output, "total_num_scheduled_tokens", 1) == 0:
+            return  # nothing runs the model: not a step
+        self.open = True
+        self.num_scheduled = dict(getattr(scheduler_output, "num_scheduled_tokens", {}) or {})
         news = _new_requests(scheduler_output)
         self.unwritten.update((n["id"], n) for n in news)
         if self.capture is not None:
@@ -215,12 +218,22 @@ class _Steps:
             self.dumper.begin()
         if self.live is not None:
             self.starts.update((n["id"], n) for n in news)
-            self.live.begin(self.index, list(self.num_scheduled), finished)
+            self.live.begin(self.index, list(self.num_scheduled))
 
     def end(self) -> None:
         if not self.open:
             return
         self.open = False
+        try:
+            self._end_capture()
+        finally:
+            try:
+                if self.live is not None:
+                    self.live.end(self.index, self._batch_info() if self.live.wants_info else None, self.starts)
+            finally:
+                self.index += 1
+
+    def _end_capture(self) -> None:
         if self.capture is not None:
             info = self._batch_info()
             starts = [self.unwritten[r] for r in info["req_ids"] if r in self.unwritten]
@@ -234,9 +247,6 @@ class _Steps:
             self.capture.end_step(info)
         if self.dumper is not None:
             self.dumper.end()
-        if self.live is not None:
-            self.live.end(self.index, self._batch_info() if self.live.wants_info else None, self.starts)
-        self.index += 1
 
     def _batch_info(self) -> dict[str, Any]:
         """Request ids in the order of the flattened ``[num_tokens, ...]`` activations, with token counts."""
@@ -432,6 +442,11 @@ def _vllm_facts(vllm_config: Any, layout: dict[str, int]) -> dict[str, Any]:
     }
 
 
+def _traces_taps(cfg: LogConfig) -> bool:
+    """The compiled graph will carry tensorlog's taps: the watcher's, or a capture's graph-native ones."""
+    return cfg.enabled and (cfg.watch_every is not None or (cfg.captures and cfg.graph_taps == "native"))
+
+
 def _needs_eager(cfg: LogConfig) -> bool:
     """Eager hooks asked for, or an option only they have (op level, gradients, grafts, stacks)."""
     return cfg.compiled == "eager" or cfg.level != "module" or "backward" in cfg.passes or bool(cfg.reload_input_dir or cfg.stack)
@@ -530,6 +545,11 @@ class _Plugin:
                     args.enforce_eager = True
                 elif not args.enforce_eager:
                     _prepare_compiled(args, cfg)
+                    if cfg is not None and _traces_taps(cfg) and os.environ.get("VLLM_DISABLE_COMPILE_CACHE") != "1":
+                        # A cached graph skips tracing, where taps register; and one cached with taps would run
+                        # them in a later engine without tensorlog. Every process of this engine inherits it.
+                        os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"
+                        logger.info("tensorlog: vLLM's compile cache is off for this engine (its graph carries taps)")
                 if cfg is not None:
                     # Every rank must write into the same run: resolve the run name once, here.
                     data = cfg.model_dump(mode="json", exclude_unset=True)
@@ -610,13 +630,18 @@ class _Plugin:
             dumper = _PassDumper(model, dump_cfg, tp=layout["tp_rank"], pp=layout["pp_rank"], rank=layout["rank"])
         live = None
         if watching or control:
-            live = Live(
-                model,
-                cfg if watching else None,
-                run_info,
-                compiled=compiled["mode"] == "compiled",
-                rank=layout["rank"] if world > 1 else None,
-            )
+            try:
+                live = Live(
+                    model,
+                    cfg if watching else None,
+                    run_info,
+                    compiled=compiled["mode"] == "compiled",
+                    rank=layout["rank"] if world > 1 else None,
+                )
+            except BaseException:
+                if capture is not None:  # nothing of this attach stays behind: no hooks, no run left open
+                    capture.remove()
+                raise
         if capture is None and dumper is None and live is None:
             return
         steps = _Steps(runner, capture, dumper, live)
