@@ -18,7 +18,6 @@ from torch import nn
 
 import tensorlog
 from conftest import tiny_hf_llama
-from tensorlog.capture.compiled import OWN_CALL
 from tensorlog.errors import ConfigError
 
 IDS = torch.tensor([[3, 14, 15, 92, 65, 35, 89]])
@@ -159,8 +158,11 @@ def test_a_compiled_vllm_engine_is_logged_without_forcing_eager(tmp_path):
     info = run.manifest.compiled
     assert info.mode == "compiled" and info.backend == "inductor" and not info.cudagraphs
     assert TAP_ORDER not in info.passes, "graph-native taps need no Inductor pass turned off"
-    assert info.not_observable == {"model": OWN_CALL}
-    assert set(info.taps.values()) == {"graph"} and "model.norm" in info.taps
+    # with taps in its graph, vLLM compiles with its compile cache off (a cached graph would skip the tracing
+    # that places them); its decorator then calls the root's hooks outside the graph: one Python call a step
+    assert info.not_observable == {} and info.taps["model"] == "callback"
+    inside = {k: v for k, v in info.taps.items() if k != "model"}
+    assert set(inside.values()) == {"graph"} and "model.norm" in inside
     assert info.cudagraph_mode == "NONE" and info.steps_replayed == 0 and info.steps_eager == len(run.steps) > 1
     slow = tensorlog.load_run(tmp_path / "il" / "callback").manifest.compiled
     assert TAP_ORDER in slow.passes and set(slow.taps.values()) == {"callback"}

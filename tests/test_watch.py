@@ -21,6 +21,7 @@ from tensorlog.capture.run import RunInfo
 from tensorlog.capture.watch import Watcher, summarize, watched_modules
 from tensorlog.config import load_config
 from tensorlog.errors import ConfigError
+from watch_stats import expected
 
 pd = pytest.importorskip("pandas")
 pytest.importorskip("pyarrow")
@@ -41,19 +42,6 @@ def _run_steps(w, fwd, inputs, first=0):
             out.append(fwd(x).logits)
             steps.append(w.end_step({"req_ids": [f"r{i}"], "num_tokens": [x.shape[1]]}))
     return out, steps
-
-
-def _expected(run: tensorlog.Run, step: int) -> dict[tuple[str, str], tuple[float, float, float]]:
-    """(module, kind) -> (abs_max, rms, mean) over its floating tensors, from a statistics run's rows."""
-    df = run.to_pandas()
-    df = df[(df.step == step) & df.dtype.astype(str).str.startswith("torch.float")]
-    out = {}
-    for (module, kind), g in df.groupby(["module", df.kind.astype(str).str.replace("s$", "", regex=True)]):
-        n = float(g.numel.astype(float).sum())
-        rms = math.sqrt(float((g.l2_norm.astype(float) ** 2).sum()) / n)
-        mean = float((g["mean"].astype(float) * g.numel.astype(float)).sum()) / n
-        out[(module, kind)] = (float(g.abs_max.astype(float).max()), rms, mean)
-    return out
 
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
@@ -91,7 +79,7 @@ def test_watched_statistics_equal_a_statistics_capture_of_the_same_forward(tmp_p
     for k, step in enumerate(steps):
         assert step is not None and step.step == k
         got = summarize(step)
-        want = _expected(run, k)
+        want = expected(run, k)
         assert set(got) == set(want)
         for key, (abs_max, rms, mean) in want.items():
             s = got[key]
