@@ -402,8 +402,17 @@ def test_tensor_parallel_ranks_share_one_run_without_collisions(model_dir, tmp_p
         "output_dir": str(tmp_path / "il"),
         "run_name": "tp2",
         "module_call_match": ["embed_tokens", "qkv_proj", "model\\.norm"],
+        "log_step_ids": [0],
+        "watch_every": 1,  # watched as well: each rank's metrics carry its rank
     }
-    env = _env(single_process=False, VLLM_CPU_OMP_THREADS_BIND="0|1", TENSORLOG_CONFIG=json.dumps(cfg))
+    prom = tmp_path / "prometheus"
+    prom.mkdir()
+    env = _env(
+        single_process=False,
+        VLLM_CPU_OMP_THREADS_BIND="0|1",
+        TENSORLOG_CONFIG=json.dumps(cfg),
+        PROMETHEUS_MULTIPROC_DIR=str(prom),
+    )
     r = subprocess.run(
         [sys.executable, str(DRIVER), str(model_dir), "--max-tokens", "2", "--tp", "2", "--prompts", "5,6,7,8,9"],
         capture_output=True,
@@ -435,6 +444,15 @@ def test_tensor_parallel_ranks_share_one_run_without_collisions(model_dir, tmp_p
     emb = [c for c in run.steps[0].calls if c.dirname == "model.embed_tokens"]
     assert [c.outputs[0].shape for c in emb] == [(5, 256), (5, 256)]
     assert torch.equal(emb[0].outputs[0].load(), emb[1].outputs[0].load())
+    # the workers' metrics, as a server's /metrics collects them: one series per rank
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(prom))
+    text = generate_latest(registry).decode()
+    for rank in ("0", "1"):
+        assert f'tensorlog_abs_max{{kind="output",module="model.layers.0",rank="{rank}"}}' in text, text[:2000]
+        assert f'tensorlog_steps_watched_total{{rank="{rank}"}} 2.0' in text
 
 
 def test_ray_executor_logs_every_rank_on_its_own_node(model_dir, tmp_path):

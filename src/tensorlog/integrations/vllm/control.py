@@ -178,6 +178,10 @@ class Live:
                 self.publisher = Publisher(rank)
             except (ValueError, TensorlogError) as e:  # the flight recorder works without metrics
                 logger.warning("tensorlog: %s", e)
+            if not self.watch.names:
+                logger.warning(
+                    "tensorlog: watch_match %s selects no module of this model; nothing is watched", config.watch_match
+                )
             logger.info(
                 "tensorlog: watching %d modules every %d steps (%s)",
                 len(self.watch.names),
