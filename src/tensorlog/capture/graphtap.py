@@ -155,12 +155,12 @@ class GraphTaps:
         self.files_up_to = files_up_to
         """Staged tensors of at most this many elements become files (``mode: tensor``); None: none do."""
         self.always_measure = always_measure
+        """Statistics in the graph even for tensors staged whole (``detect_anomaly`` reads them every step)."""
         self.floats_only = floats_only
         """Measure floating-point tensors only (a watcher's metrics use no other)."""
         self.gate = _static(torch.zeros((), dtype=torch.bool, device=device)) if gated else None
         """Measure only while this flag is set (``torch.cond``): a step that is not read costs a branch per tap,
         not its reductions. For hosts only: on a GPU the branch would read the flag back at every tap."""
-        """Statistics in the graph even for tensors staged whole (``detect_anomaly`` reads them every step)."""
         self.capacity = rows = rows or DEFAULT_ROWS
         self.table = _static(torch.zeros(rows, _COLS, dtype=torch.float64, device=device))
         self._next = 1

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..config import LogConfig, compile_pattern
-from ..storage.stats import PARTIAL, finish, partial_stats
+from ..storage.stats import finish, gather, partial_stats, split_rows
 from .compiled import call_leaves, ids_of, output_leaves
 from .graphtap import GraphTaps, GraphValue, emit
 from .graphtap import measure_tensor as _measure
@@ -146,7 +146,7 @@ class Watcher:
         )
         self._counter = self._native.table if self._native is not None else torch.zeros(1, 2, dtype=torch.float64, device=device)
         self._eager: list[
-            tuple[int, str, list[tuple[tuple[int, ...], torch.dtype, torch.device]], list[torch.Tensor | None]]
+            tuple[int, str, list[tuple[tuple[int, ...], torch.dtype, torch.device]], list[list[torch.Tensor] | None]]
         ] = []
         self._handles: list[Any] = []
         with _lock:
@@ -193,14 +193,16 @@ class Watcher:
     def _eager_events(self) -> list[tuple[float, int, list[GraphValue], str]]:
         if not self._eager:
             return []
-        rows = _read_back([p for _, _, _, parts in self._eager for p in parts if p is not None])
+        parts = [p for _, _, _, ps in self._eager for p in ps if p is not None]
+        host = [(ids, flat.to("cpu").tolist()) for _, ids, flat in gather(parts)]  # one read-back per device
+        rows = split_rows([len(p) for p in parts], host)
         out = []
         pos = 0
-        for site, leaves, metas, parts in self._eager:
+        for site, leaves, metas, ps in self._eager:
             stamp = rows[pos][0]
             pos += 1
             values = []
-            for (shape, dtype, device), p in zip(metas, parts[1:]):
+            for (shape, dtype, device), p in zip(metas, ps[1:]):
                 partial = None
                 if p is not None:
                     partial = tuple(rows[pos])
@@ -216,7 +218,7 @@ class Watcher:
             return
         c = self._counter
         c[0, 0] += 1  # the graph's counter too: eager calls and graph taps take turns in one order
-        parts: list[torch.Tensor | None] = [c[0, :1].clone()]
+        parts: list[list[torch.Tensor] | None] = [[c[0, 0].clone()]]
         metas = []
         for x in xs:
             x = x.detach()
@@ -254,11 +256,12 @@ _FUSED: list[Any] = []
 """The compiled one-pass measure, made at the first eager call that needs it (``[False]`` where it failed)."""
 
 
-def _eager_measure(x: torch.Tensor) -> torch.Tensor:
-    """Seven partial statistics of ``x`` (float64, on its device), from one compiled pass when a compiler is there:
-    five eager passes over a vocabulary's logits cost more than the step's sampling."""
+def _eager_measure(x: torch.Tensor) -> list[torch.Tensor]:
+    """``x``'s partial statistics as :func:`partial_stats` gives them (0-dim, on its device), from one compiled
+    pass when a compiler is there: five eager passes over a vocabulary's logits cost more than the step's
+    sampling."""
     if x.numel() == 0 or x.layout != torch.strided or x.is_complex():
-        return torch.full((PARTIAL,), math.nan, dtype=torch.float64, device=x.device)
+        return partial_stats(x)
     if not _FUSED:
         try:
             _FUSED.append(torch.compile(_measure, dynamic=True, fullgraph=True))
@@ -266,27 +269,10 @@ def _eager_measure(x: torch.Tensor) -> torch.Tensor:
             _FUSED.append(False)
     if _FUSED[0] is not False:
         try:
-            return _FUSED[0](x)
+            return list(_FUSED[0](x).unbind())
         except Exception:  # no C++ compiler, an unsupported dtype: the eager passes below
             _FUSED[0] = False
-    p = partial_stats(x)
-    return torch.stack(p + [torch.zeros((), dtype=torch.float64, device=x.device)] * (PARTIAL - len(p))).to(torch.float64)
-
-
-def _read_back(parts: list[torch.Tensor]) -> list[list[float]]:
-    """Each 1-d part's values, with one copy to the host per device."""
-    by_device: dict[torch.device, list[int]] = {}
-    for i, p in enumerate(parts):
-        by_device.setdefault(p.device, []).append(i)
-    out: list[list[float]] = [[] for _ in parts]
-    for idx in by_device.values():
-        flat = torch.cat([parts[i].to(torch.float64) for i in idx]).to("cpu").tolist()
-        pos = 0
-        for i in idx:
-            n = parts[i].numel()
-            out[i] = flat[pos : pos + n]
-            pos += n
-    return out
+    return partial_stats(x)
 
 
 @torch._dynamo.assume_constant_result
@@ -295,37 +281,37 @@ def _native_of(watcher: int) -> int:
     return w.native_id if w is not None else 0
 
 
-def _watch(ids: str, xs: list[torch.Tensor], leaves: str) -> None:
+def _traced(ids: str, xs: list[torch.Tensor], leaves: str) -> None:
+    """A watched call while Dynamo traces it: a graph-native tap."""
     watcher, site = ids_of(ids)
-    if torch.compiler.is_compiling():
-        native = _native_of(watcher)
-        if native:
-            emit(native, site, leaves, xs)
-        return
+    native = _native_of(watcher)
+    if native:
+        emit(native, site, leaves, xs)
+
+
+def _recording(ids: str) -> tuple[Watcher, int] | None:
+    """An untraced call's watcher and site, or None in a step that is not watched (a module outside the
+    compiled graph is called at every step): then nothing else is done."""
+    watcher, site = ids_of(ids)
     w = _WATCHERS.get(watcher)
-    if w is not None:
-        w.eager(site, xs, leaves)
-
-
-def _idle(ids: str) -> bool:
-    """An untraced call in a step that is not watched: nothing to do (a module outside the compiled graph)."""
-    if torch.compiler.is_compiling():
-        return False
-    w = _WATCHERS.get(int(ids.split(":", 1)[0]))
-    return w is None or not w.recording
+    return (w, site) if w is not None and w.recording else None
 
 
 def _pre_hook(ids: str) -> Any:
     def pre(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not _idle(ids):
-            _watch(ids, *call_leaves(args, kwargs))
+        if torch.compiler.is_compiling():
+            _traced(ids, *call_leaves(args, kwargs))
+        elif (found := _recording(ids)) is not None:
+            found[0].eager(found[1], *call_leaves(args, kwargs))
 
     return pre
 
 
 def _post_hook(ids: str) -> Any:
     def post(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if not _idle(ids):
-            _watch(ids, *output_leaves(output))
+        if torch.compiler.is_compiling():
+            _traced(ids, *output_leaves(output))
+        elif (found := _recording(ids)) is not None:
+            found[0].eager(found[1], *output_leaves(output))
 
     return post

@@ -53,8 +53,7 @@ def _metrics(labels: tuple[str, ...]) -> tuple[Any, ...]:
         )
     )
     nonfinite = Counter("tensorlog_nonfinite", "NaN and Inf values seen in a watched module's tensors", labels)
-    rank_labels = tuple(x for x in labels if x == "rank")
-    steps = Counter("tensorlog_steps_watched", "Steps whose statistics were measured", rank_labels)
+    steps = Counter("tensorlog_steps_watched", "Steps whose statistics were measured", ("rank",) if "rank" in labels else ())
     _METRICS[labels] = found = (*gauges, nonfinite, steps)
     return found
 
