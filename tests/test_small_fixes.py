@@ -108,7 +108,7 @@ def test_dict_keys_that_read_the_same_get_their_own_file_and_json_entry(tmp_path
 
 def test_keys_that_json_writes_alike_are_named_as_their_files():
     from tensorlog.schema.leaves import flatten_value
-    from tensorlog.schema.reference import describe
+    from tensorlog.schema.vllm_json import describe
 
     t = torch.zeros(1)
     for value in ({0: t, "0": t, 1: t}, {True: t, "true": t}, {None: t, "null": t, "None": t}):

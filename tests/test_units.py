@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from tensorlog.capture.steps import StepState
 from tensorlog.config import Selector, load_config
 from tensorlog.schema import names
-from tensorlog.schema import reference as ref
+from tensorlog.schema import vllm_json as ref
 from tensorlog.schema.leaves import flatten_inputs, flatten_value
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,15 +19,11 @@ from typing import Any, NoReturn
 
 from rich.console import Console
 
-from .errors import TensorlogError
+from .errors import TensorlogError, UsageError
 
 __all__ = ["main", "compare_il_main"]
 
 EXIT_OK, EXIT_MISMATCH, EXIT_ERROR = 0, 1, 2
-
-
-class UsageError(Exception):
-    """A command-line mistake: reported in one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -361,8 +357,8 @@ def compare_il_main(argv: Sequence[str] | None = None) -> int:
 
 def _cmd_compare_il(args: argparse.Namespace) -> int:
     from .compare import compare
-    from .compare.reference import reference_compare
-    from .report.reference import render_reference
+    from .compare.compare_il import reference_compare
+    from .report.compare_il import render_reference
 
     steps = [s.strip() for s in args.steps.split(",")] if args.steps else None
     for d in (args.dir1, args.dir2):
@@ -528,7 +524,7 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
 
     try:
         return int(func(args))
-    except (TensorlogError, UsageError) as e:
+    except TensorlogError as e:
         _stderr().print(f"tensorlog: error: {clean(e)}", style="red", markup=False, highlight=False)
         return EXIT_ERROR
     except KeyboardInterrupt:

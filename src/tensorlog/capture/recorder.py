@@ -23,7 +23,7 @@ import torch
 
 from ..config import LogConfig, Selector
 from ..errors import AnomalyError, GraftError
-from ..schema import reference as ref
+from ..schema import vllm_json as ref
 from ..schema.leaves import Leaf, flatten_inputs, flatten_value
 from ..storage.records import CallRecord, StepEnd, WriteJob
 from ..storage.writer import Writer

@@ -28,7 +28,7 @@ import torch
 
 from ..config import LogConfig, Selector
 from ..schema import names
-from ..schema import reference as ref
+from ..schema import vllm_json as ref
 from ..schema.leaves import Leaf, describe_value
 from ..storage import stats as _stats
 from ..storage.records import StepEnd, TensorSnap

@@ -67,9 +67,10 @@ class LogConfig(BaseModel):
     mode: Literal["tensor", "statistics", "md5"] = "tensor"
     """``tensor`` writes .pt files; ``statistics`` only json; ``md5`` json plus a content checksum."""
     format: Literal["pt", "safetensors"] = "pt"
-    layout: Literal["reference", "packed"] = "reference"
-    """``reference``: vLLM's layout (a directory per call, a file per tensor); ``packed``: one safetensors file
-    per step and rank (much faster to write; read by tensorlog)."""
+    layout: Literal["vllm", "packed", "reference"] = "reference"
+    """``vllm``: vLLM's layout (a directory per call, a file per tensor), stored as its first name ``reference``
+    so that earlier tensorlog versions read the run; ``packed``: one safetensors file per step and rank (much
+    faster to write; read by tensorlog)."""
     async_write: bool = False
     """``false``: a step returns only once its files are on disk. ``true``: the writer catches up in the
     background (faster for throughput; flushed on ``remove()``)."""
@@ -141,6 +142,11 @@ class LogConfig(BaseModel):
         """Whether steps are captured: always, unless the config only watches (``watch_every`` without
         ``log_step_ids``)."""
         return self.enabled and (self.watch_every is None or "log_step_ids" in self.model_fields_set)
+
+    @field_validator("layout", mode="before")
+    @classmethod
+    def _vllm_layout(cls, v: Any) -> Any:
+        return "reference" if v == "vllm" else v
 
     @field_validator("data_mode", mode="before")
     @classmethod

@@ -1,7 +1,7 @@
 """Reports: renderers read result objects and format them; they compute nothing but presentation.
 
 :mod:`.markdown`, :mod:`.html` and JSON (the result's own ``model_dump_json``) for a comparison;
-:mod:`.reference` for ``tools/compare_il.py``; :mod:`.inspect` for a run in the terminal;
+:mod:`.compare_il` for ``tools/compare_il.py``; :mod:`.inspect` for a run in the terminal;
 :mod:`.replay` for a replay.
 """
 

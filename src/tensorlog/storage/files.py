@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..schema import names
-from ..schema import reference as ref
+from ..schema import vllm_json as ref
 from .atomic import Chunk, make_dir, write_atomic
 from .finisher import derive
 from .packed import PackedFile

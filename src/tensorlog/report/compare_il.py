@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from ..compare.reference import ReferenceReport, RefTensor
+from ..compare.compare_il import ReferenceReport, RefTensor
 from ..compare.results import Comparison
 from .text import clean, fmt, headline
 
