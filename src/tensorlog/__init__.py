@@ -1,5 +1,9 @@
 """tensorlog: capture intermediate tensors of PyTorch and vLLM models, and find where two runs diverge.
 
+The names below are the public API: the calls, the types they return, and the errors they raise. Every
+other module is internal; a subpackage's ``__all__`` lists what the other layers may import from it
+(``docs/architecture.md``).
+
 Example:
     >>> import tensorlog
     >>> with tensorlog.capture(model, {"module_call_match": ["layers\\\\.0\\\\."]}) as run:
@@ -9,7 +13,7 @@ Example:
 
 from .api import capture, replay
 from .capture import CaptureHandle, Debugger
-from .compare import Comparison, compare
+from .compare import Comparison, ModuleResult, TensorMetrics, TensorResult, compare
 from .compare.replay import ReplayResult
 from .config import LogConfig, load_config
 from .errors import (
@@ -23,7 +27,7 @@ from .errors import (
     TensorlogError,
     UsageError,
 )
-from .formats import Run, load_run
+from .formats import ModuleCall, Run, Step, TensorRecord, load_run
 from .version import __version__
 
 __all__ = [
@@ -34,8 +38,14 @@ __all__ = [
     "load_config",
     "load_run",
     "Run",
+    "Step",
+    "ModuleCall",
+    "TensorRecord",
     "compare",
     "Comparison",
+    "ModuleResult",
+    "TensorResult",
+    "TensorMetrics",
     "replay",
     "ReplayResult",
     "TensorlogError",

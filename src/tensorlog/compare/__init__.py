@@ -1,6 +1,7 @@
 """Compare: pairing, metrics, attribution, alignment and replay; results are typed models (:mod:`.results`)."""
 
 from .engine import compare
+from .metrics import TensorMetrics
 from .results import Comparison, ModuleResult, TensorResult
 
-__all__ = ["compare", "Comparison", "ModuleResult", "TensorResult"]
+__all__ = ["compare", "Comparison", "ModuleResult", "TensorResult", "TensorMetrics"]

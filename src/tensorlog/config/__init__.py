@@ -27,9 +27,7 @@ __all__ = [
     "load_config",
     "build_config",
     "ConfigError",
-    "DEFAULT_OUTPUT_DIR",
     "compile_pattern",
-    "split_call_index",
     "Selector",
     "ConfigLike",
 ]

@@ -20,7 +20,7 @@ from .passdump import is_pass_dump, load_pass_dump
 from .safeio import Listing
 from .tensorlog import is_tensorlog_run, load_tensorlog_run, tensorlog_steps
 
-__all__ = ["load_run", "iter_run", "run_parts", "RunSource", "resolve_run_dir", "Run", "Step", "ModuleCall", "TensorRecord"]
+__all__ = ["load_run", "iter_run", "run_parts", "RunSource", "Run", "Step", "ModuleCall", "TensorRecord"]
 
 RunSource = str | Path | Sequence[str | Path]
 """A run directory, a parts file listing several, or a list of directories (each holding some of the ranks)."""

@@ -14,7 +14,7 @@ from .html import render_html
 from .markdown import render_markdown
 from .text import headline
 
-__all__ = ["render", "render_markdown", "render_html", "render_json", "headline", "FORMATS"]
+__all__ = ["render", "render_markdown", "headline"]
 
 
 def render_json(c: Comparison, *, verbose: bool = True) -> str:

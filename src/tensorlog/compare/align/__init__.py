@@ -4,7 +4,7 @@
 :mod:`.tokens` (request and position), :mod:`.virtual` (the aligned runs).
 """
 
-from .spec import PRESETS, MappingSpec, detect_preset, load_mapping
-from .virtual import Alignment, align_runs, same_schedule
+from .spec import MappingSpec, detect_preset, load_mapping
+from .virtual import align_runs, same_schedule
 
-__all__ = ["MappingSpec", "PRESETS", "load_mapping", "detect_preset", "align_runs", "Alignment", "same_schedule"]
+__all__ = ["MappingSpec", "load_mapping", "detect_preset", "align_runs", "same_schedule"]
