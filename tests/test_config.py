@@ -173,7 +173,7 @@ def test_configs_tensorlog_could_not_read_back_are_one_config_error(text, expect
 
 
 def test_step_ranges_select_steps_and_stay_small_in_run_json(tmp_path):
-    from tensorlog.config import Selector
+    from tensorlog.config.selection import Selector
 
     cfg = tensorlog.load_config({"log_step_ids": [1, "3-999999"], "output_dir": str(tmp_path)})
     sel = Selector(cfg)

@@ -13,7 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tensorlog.capture.steps import StepState
-from tensorlog.config import Selector, load_config
+from tensorlog.config import load_config
+from tensorlog.config.selection import Selector
 from tensorlog.schema import names
 from tensorlog.schema import vllm_json as ref
 from tensorlog.schema.leaves import flatten_inputs, flatten_value

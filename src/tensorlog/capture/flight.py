@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import LogConfig, Selector
+from ..config import LogConfig
+from ..config.selection import Selector
 from ..schema.records import Anomaly
 from .compiled import rebuild
 from .handle import open_writer

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigLike, LogConfig, Selector, load_config
+from ..config import ConfigLike, LogConfig, load_config
+from ..config.selection import Selector
 from ..errors import AnomalyError
 from ..schema import names
 from ..schema.records import Anomaly

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from ..config import Selector
+from ..config.selection import Selector
 from .recorder import Recorder
 
 __all__ = ["OpCapture"]

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from ..config import LogConfig, Selector
+from ..config import LogConfig
+from ..config.selection import Selector
 from ..errors import AnomalyError, GraftError
 from ..schema import vllm_json as ref
 from ..schema.leaves import Leaf, flatten_inputs, flatten_value

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from ..config import LogConfig, Selector
+from ..config import LogConfig
+from ..config.selection import Selector
 from ..schema import names
 from ..schema import vllm_json as ref
 from ..schema.leaves import Leaf, describe_value

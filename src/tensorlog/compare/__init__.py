@@ -1,6 +1,6 @@
 """Compare: pairing, metrics, attribution, alignment and replay; results are typed models (:mod:`.results`)."""
 
-from .engine import compare
+from .front import compare
 from .metrics import TensorMetrics
 from .results import Comparison, ModuleResult, TensorResult
 

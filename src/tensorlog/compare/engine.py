@@ -1,4 +1,4 @@
-"""``compare``: plan the module pairs of two runs, compare them (on threads for big runs), attribute.
+"""The comparison itself: plan the module pairs of two runs, compare them (on threads for big runs), attribute.
 
 Pairs are formed by (step, module directory, tensor name) after an optional
 alignment (:mod:`.align`); the metrics come from :mod:`.metrics`; the verdicts
@@ -14,7 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, Selector, build_config, compile_pattern
+from ..config import ConfigError, build_config, compile_pattern
+from ..config.selection import Selector
 from ..errors import UsageError
 from ..formats import ModuleCall, Run, RunSource, load_run
 from .align import MappingSpec, align_runs, detect_preset, load_mapping, same_schedule
@@ -29,7 +30,7 @@ from .replay import ReplayResult
 from .results import CompareProgress, Comparison, Divergence, ModuleResult, Summary
 
 __all__ = [
-    "compare",
+    "compare_local",
     "Comparison",
     "plan_pairs",
     "assemble",
@@ -44,13 +45,11 @@ __all__ = [
 ]
 
 
-def compare(
+def compare_local(
     run1: Run | RunSource,
     run2: Run | RunSource,
+    tol: Tolerance,
     *,
-    rtol: float | None = None,
-    atol: float | None = None,
-    exact: bool = False,
     whole_steps: bool = False,
     steps: Iterable[int] | None = None,
     modules: Iterable[str] | None = None,
@@ -58,66 +57,8 @@ def compare(
     mapping: str | Path | MappingSpec | None = None,
     replay: ReplayResult | None = None,
     jobs: int | None = None,
-    ray: str | None = None,
 ) -> Comparison:
-    """Compare two runs and find, per step, the module where they start to differ.
-
-    Args:
-        run1, run2 (Run | str | Path | list): runs, or their directories (an output
-            dir holding exactly one run also works); a run spread over several
-            directories as a list of them or a parts file (see :func:`load_run`).
-        rtol (float, optional), atol (float, optional): judge as ``torch.allclose`` (a missing one is
-            1e-5 / 1e-8). By default each pair is judged against the rounding of its dtypes at its own
-            scale (:func:`~tensorlog.compare.metrics.rounding_budget`), so runs that compute the same thing
-            in another order (fused kernels, batching, tensor parallelism) match, and a 1e-3 defect does not.
-        exact (bool, default False): bitwise; with runs served in different batches, the first module that
-            differs is the first whose output for a request depends on the batch.
-        whole_steps (bool, default False): compare only the steps both runs finished. Without it, a run that
-            was cut short, stopped logging or is still being written makes the result incomplete (exit code 2).
-        steps (iterable of int, optional): only these steps.
-        modules (iterable of str, optional): only modules matching one of these regexes.
-        progress (callable, optional): called with a :class:`CompareProgress` (modules and
-            bytes done and in total) after each module.
-        jobs (int, optional): worker threads; by default 1 for small comparisons and up to
-            4 (one per core) once there are hundreds of MB to read. Each worker holds a few
-            tensors at a time.
-        mapping (str | Path | MappingSpec, optional): align the runs first: a preset
-            (``"hf-vllm"``), a mapping file, or a spec. By default ``hf-vllm`` when one run
-            is from HF transformers and the other from vLLM, and shard reassembly when
-            the runs' world sizes differ.
-        replay (ReplayResult, optional): from :func:`tensorlog.replay`; adds each module's
-            own (isolated) error beside the accumulated one.
-        ray (str, optional): compare on a Ray cluster (``"auto"``, or its address): each
-            pair on the node that holds its files, only metrics coming back. Needs
-            ``tensorlog[ray]``; runs of one layout and world size only.
-
-    Returns:
-        Comparison: ``bool()`` is True when all compared pairs match;
-        ``first_divergence`` names, per step, the innermost module where the
-        difference is born.
-
-    Example:
-        >>> result = tensorlog.compare("/tmp/il/run1", "/tmp/il/run2", rtol=1e-4)
-        >>> result.first_divergence[0].module
-        'model.layers.3.mlp.down_proj'
-    """
-    tol = Tolerance.of(rtol, atol, exact=exact)
-    if ray is not None:
-        if mapping is not None or jobs is not None:
-            raise UsageError("a compare on Ray takes neither a mapping nor a number of jobs: each node's cores do the work")
-        from .distributed import compare_on_ray
-
-        return compare_on_ray(
-            run1,
-            run2,
-            address=ray,
-            tol=tol,
-            steps=steps,
-            modules=modules,
-            progress=progress,
-            replay=replay,
-            whole_steps=whole_steps,
-        )[0]
+    """:func:`~tensorlog.compare.compare` in this process (the front door, :mod:`.front`, sends Ray's elsewhere)."""
     r1 = run1 if isinstance(run1, Run) else load_run(run1)
     r2 = run2 if isinstance(run2, Run) else load_run(run2)
     notes, problems, incomplete = run_notes(r1, r2)

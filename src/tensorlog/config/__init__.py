@@ -19,8 +19,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
-from .patterns import compile_pattern, split_call_index
-from .selection import Selector, step_range
+from .patterns import compile_pattern, split_call_index, step_range
 
 __all__ = [
     "LogConfig",
@@ -28,7 +27,6 @@ __all__ = [
     "build_config",
     "ConfigError",
     "compile_pattern",
-    "Selector",
     "ConfigLike",
 ]
 

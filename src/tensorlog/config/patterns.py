@@ -7,7 +7,7 @@ from re import _constants as c  # type: ignore[attr-defined]
 from re import _parser as _sre  # type: ignore[attr-defined]
 from typing import Any
 
-__all__ = ["compile_pattern", "split_call_index"]
+__all__ = ["compile_pattern", "split_call_index", "step_range", "step_ranges"]
 
 MAX_WIDE_REPEATS = 3
 """``k`` repeats like ``.*`` in a row can try ``len(name) ** k`` splits of a name that does not match."""
@@ -149,3 +149,19 @@ def split_call_index(pattern: str) -> tuple[str, int | None]:
     if m is None:
         return pattern, None
     return m.group("regex"), int(m.group("index"))
+
+
+def step_range(text: str) -> tuple[int, int] | None:
+    """``"a-b"`` as (a, b), or None when it is not a range of steps."""
+    m = re.fullmatch(r"\s*(\d{1,18})\s*-\s*(\d{1,18})\s*", text)
+    if not m:
+        return None
+    lo, hi = int(m.group(1)), int(m.group(2))
+    return (lo, hi) if lo <= hi else None
+
+
+def step_ranges(ids: list[int | str]) -> tuple[frozenset[int], list[tuple[int, int]]]:
+    """``log_step_ids`` as (single steps, ranges)."""
+    single = frozenset(s for s in ids if isinstance(s, int))
+    ranges = [r for s in ids if isinstance(s, str) and (r := step_range(s)) is not None]
+    return single, ranges

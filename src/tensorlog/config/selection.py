@@ -13,28 +13,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .patterns import compile_pattern, split_call_index
+from .patterns import compile_pattern, split_call_index, step_ranges
 
 if TYPE_CHECKING:
-    from . import LogConfig
+    from . import LogConfig  # the config package never imports this module: no cycle
 
-__all__ = ["Selector", "step_range", "step_ranges"]
-
-
-def step_range(text: str) -> tuple[int, int] | None:
-    """``"a-b"`` as (a, b), or None when it is not a range of steps."""
-    m = re.fullmatch(r"\s*(\d{1,18})\s*-\s*(\d{1,18})\s*", text)
-    if not m:
-        return None
-    lo, hi = int(m.group(1)), int(m.group(2))
-    return (lo, hi) if lo <= hi else None
-
-
-def step_ranges(ids: list[int | str]) -> tuple[frozenset[int], list[tuple[int, int]]]:
-    """``log_step_ids`` as (single steps, ranges)."""
-    single = frozenset(s for s in ids if isinstance(s, int))
-    ranges = [r for s in ids if isinstance(s, str) and (r := step_range(s)) is not None]
-    return single, ranges
+__all__ = ["Selector"]
 
 
 @dataclass(frozen=True)
