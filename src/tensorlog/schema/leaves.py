@@ -22,12 +22,9 @@ from typing import Any
 
 import torch
 
-from .tree import MAX_DEPTH, flatten, flatten_call, to_structure, unique_key
+from .tree import MAX_DEPTH, Leaf, flatten, flatten_call, to_structure, unique_key
 
 __all__ = ["Leaf", "flatten_inputs", "flatten_value", "describe_value", "unique_key", "MAX_DEPTH"]
-
-Leaf = tuple[tuple[str, ...], Any]
-"""``(path, value)``: the path's parts join into the file stem after the kind (``inputs`` + ``0_1``)."""
 
 
 def flatten_value(value: Any, path: tuple[str, ...] = ()) -> list[Leaf]:

@@ -21,6 +21,7 @@ whole: anything malformed is a :class:`SpecError`, and nesting is bounded.
 from __future__ import annotations
 
 import ast
+import warnings
 from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -33,6 +34,7 @@ from ..errors import RunReadError
 __all__ = [
     "Spec",
     "SpecError",
+    "Leaf",
     "Opaque",
     "flatten",
     "flatten_call",
@@ -54,6 +56,7 @@ _CONSTANTS = frozenset({"literal", "dtype", "device", "module", "object"})
 _LEAF_KINDS = frozenset({"leaf", "const"})
 
 Leaf = tuple[tuple[str, ...], Any]
+"""``(path, value)``: the path's parts join into the file stem after the kind (``inputs`` + ``0_1``)."""
 Kind = Literal["leaf", "const", "list", "tuple", "dict", "call"]
 
 
@@ -243,13 +246,21 @@ def _count(text: str, most: int) -> int:
 def _key(text: str) -> str:
     if not text.startswith(("'", '"')):
         raise SpecError(f"a spec's key {text[:40]!r} is not a quoted string")
-    try:
-        key = ast.literal_eval(text)
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        raise SpecError(f"a spec's key {text[:40]!r} is not a quoted string") from None
+    key = _literal(text, None)
     if not isinstance(key, str):
         raise SpecError(f"a spec's key {text[:40]!r} is not a quoted string")
     return key
+
+
+def _literal(text: str, default: Any) -> Any:
+    """The Python literal ``text`` holds, else ``default``; quietly (an altered spec's bad escape is no warning
+    of the caller's)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return default
 
 
 def _keys(fields: Sequence[str]) -> tuple[str, ...]:
@@ -332,9 +343,8 @@ def describe_constant(v: Any) -> tuple[str, str]:
 
 def constant_value(kind: str, literal: str, opaque: Callable[[str, str], Any] = Opaque) -> Any:
     """A described leaf again: a literal, dtype or device as itself, anything else as ``opaque(kind, name)``."""
-    try:
-        value = ast.literal_eval(literal)
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+    value = _literal(literal, _END)
+    if value is _END:
         return opaque("object", "object")
     if kind == "literal":
         return value
