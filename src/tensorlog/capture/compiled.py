@@ -8,10 +8,11 @@ permanent pre and post hooks whose whole body is one call of the custom op
 lands in the graph. The op is registered as *effectful* (ordered), so Inductor
 keeps it, in program order, and does not fuse it away; its kernel is a call
 back into tensorlog that records the call exactly as an eager hook would.
-``leaves`` is a constant string, built from the call's structure while it is
-traced, that tells where each tensor sat and what the non-tensor arguments
-were. The step boundary is an op too (``tensorlog::step``), so a root module
-that Dynamo traces (capture before compile) still opens and closes steps.
+``leaves`` is the call's serialised spec (:mod:`tensorlog.schema.tree`, the
+codec every side shares), a constant string built while the call is traced
+that tells where each tensor sat and what the non-tensor arguments were. The
+step boundary is an op too (``tensorlog::step``), so a root module that Dynamo
+traces (capture before compile) still opens and closes steps.
 
 Why hooks and not an FX pass: Dynamo already inlines module hooks at the module
 boundary, where the reference defines a call; a pass over ``nn_module_stack``
@@ -28,7 +29,6 @@ graph capture off while it taps (see ``CompiledInfo.cudagraphs``).
 
 from __future__ import annotations
 
-import ast
 import functools
 import itertools
 import threading
@@ -43,6 +43,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..config import LogConfig
 from ..errors import ConfigError
+from ..schema.tree import Opaque, Spec, SpecError, constant_value, encode_call, unflatten
 from .graphtap import GraphTaps, emit, ordered_effect, step_tensors
 from .recorder import Recorder
 
@@ -67,8 +68,6 @@ __all__ = [
     "NOT_SEEN",
     "OWN_CALL",
 ]
-
-_FIELD, _ENTRY, _PART = "\x1f", "\x1e", "\x1d"
 
 _lock = threading.Lock()
 _sites: dict[int, Callable[[list[torch.Tensor], str], None]] = {}
@@ -216,123 +215,33 @@ def unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
 # -- the structure of a call, as a constant string ----------------------------------------------
 
 
-def _tensor_leaves(value: Any, path: tuple[str, ...], out_t: list[torch.Tensor], out_s: list[str]) -> None:
-    """Walk ``value`` as the reference does (what Dynamo can trace): tensors out, the rest described."""
-    if isinstance(value, torch.Tensor):
-        out_t.append(value)
-        out_s.append(_FIELD.join(("T", _PART.join(path))))
-    elif isinstance(value, (list, tuple)) and len(path) <= 32:
-        if isinstance(value, list):
-            out_s.append(_FIELD.join(("L", _PART.join(path))))
-        for i, v in enumerate(value):
-            _tensor_leaves(v, (*path, str(i)), out_t, out_s)
-    elif isinstance(value, dict) and len(path) <= 32:
-        out_s.append(_FIELD.join(("D", _PART.join(path))))
-        for k, v in value.items():
-            _tensor_leaves(v, (*path, str(k)), out_t, out_s)
-    else:
-        out_s.append(_FIELD.join(("C", _PART.join(path), *_constant(value))))
-
-
-def _constant(v: Any) -> tuple[str, str]:
-    """``(kind, literal)`` of a non-tensor argument: its value where a literal holds it, else its type."""
-    if v is None or isinstance(v, (bool, str)) or type(v) in (int, float):
-        return "literal", repr(v)
-    if isinstance(v, torch.dtype):
-        return "dtype", repr(str(v))
-    if isinstance(v, torch.device):
-        return "device", repr(str(v))
-    if isinstance(v, torch.nn.Module):
-        return "module", repr(type(v).__name__)
-    return "object", repr(f"{type(v).__module__}.{type(v).__qualname__}")
-
-
-@functools.lru_cache(maxsize=4096)
-def _parse(leaves: str) -> tuple[tuple[str, tuple[str, ...], Any], ...]:
-    """``(kind, path, constant)``: ``T`` a tensor, ``C`` a constant, ``L`` / ``D`` a list / dict container."""
-    out: list[tuple[str, tuple[str, ...], Any]] = []
-    for entry in leaves.split(_ENTRY) if leaves else []:
-        f = entry.split(_FIELD)
-        path = tuple(f[1].split(_PART)) if f[1] else ()
-        out.append((f[0], path, _constant_value(f[2], f[3]) if f[0] == "C" else None))
-    return tuple(out)
-
-
 UNKEPT = "<not kept by the compiled graph>"
 
 
-def _constant_value(kind: str, literal: str) -> Any:
-    """The argument again: a literal, dtype or device as itself; anything else as a stand-in that
-    describes itself as the eager capture would, less what the graph did not keep."""
-    try:
-        value = ast.literal_eval(literal)
-    except (ValueError, SyntaxError):
-        return _Unkept("object", "object")
-    if kind == "literal":
-        return value
-    if kind == "dtype" and isinstance(value, str):
-        dtype = getattr(torch, value.removeprefix("torch."), None)
-        return dtype if isinstance(dtype, torch.dtype) else _Unkept("dtype", value)
-    if kind == "device" and isinstance(value, str):
-        return torch.device(value)
-    return _Unkept(kind, str(value))
-
-
-class _Unkept:
+class _Unkept(Opaque):
     """A module or object argument of a compiled call (``schema`` asks for these descriptions)."""
 
     def __init__(self, kind: str, name: str) -> None:
-        short = name.rsplit(".", 1)[-1]
-        self.__tensorlog_value__ = {"type": "module", "class_name": name} if kind == "module" else {"type": name}
-        self.__tensorlog_reference__ = {"type": short, "string_repr": UNKEPT}
+        super().__init__(kind, name)
+        self.__tensorlog_reference__ = {"type": name.rsplit(".", 1)[-1], "string_repr": UNKEPT}
 
     def __repr__(self) -> str:
         return UNKEPT
 
 
 @functools.lru_cache(maxsize=4096)
-def _flat(leaves: str) -> tuple[tuple[bool, Any], ...] | None:
-    """Positional arguments only, none nested (most calls): ``(is a tensor, constant)`` for each, in order."""
-    parsed = _parse(leaves)
-    if any(kind not in ("T", "C") or len(path) != 1 or path[0] != str(i) for i, (kind, path, _) in enumerate(parsed)):
-        return None
-    return tuple((kind == "T", constant) for kind, _, constant in parsed)
+def _constant_value(kind: str, literal: str) -> Any:
+    """The argument again: a literal, dtype or device as itself; anything else as a stand-in that
+    describes itself as the eager capture would, less what the graph did not keep."""
+    return constant_value(kind, literal, _Unkept)
 
 
 def rebuild(xs: list[Any], leaves: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The call's ``(args, kwargs)`` again, from the tensors and the traced structure."""
-    flat = _flat(leaves)
-    if flat is not None:
-        it = iter(xs)
-        return tuple(next(it) if tensor else constant for tensor, constant in flat), {}
-    it = iter(xs)
-    root: dict[str, Any] = {}
-    kinds: dict[tuple[str, ...], str] = {}
-    for kind, path, constant in _parse(leaves):
-        if kind in ("L", "D"):
-            kinds[path] = kind
-            node = root
-            for part in path:
-                node = node.setdefault(part, {})
-            continue
-        node = root
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = next(it) if kind == "T" else constant
-
-    def build(node: Any, path: tuple[str, ...]) -> Any:
-        if not isinstance(node, dict):
-            return node
-        items = {k: build(v, (*path, k)) for k, v in node.items()}
-        if kinds.get(path) == "D":
-            return items
-        seq = [items[str(i)] for i in range(len(items))] if set(items) == {str(i) for i in range(len(items))} else None
-        if seq is None:
-            return items
-        return seq if kinds.get(path) == "L" else tuple(seq)
-
-    args = tuple(build(root[k], (k,)) for k in sorted((k for k in root if k.isdigit()), key=int))
-    kwargs = {k: build(v, (k,)) for k, v in root.items() if not k.isdigit()}
+    """The call's ``(args, kwargs)`` again, from the tensors and the traced spec (:func:`call_leaves`)."""
+    spec = Spec.loads(leaves)
+    if spec.kind != "call":
+        raise SpecError(f"a tap's spec is a {spec.kind}, not a call")
+    args, kwargs = unflatten(spec, xs, const=_constant_value)
     return args, kwargs
 
 
@@ -523,14 +432,8 @@ def _call_site(site: int, xs: list[Any], leaves: str) -> None:
 
 
 def call_leaves(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[torch.Tensor], str]:
-    """A call's tensors and its structure as one constant string (what :func:`rebuild` takes back)."""
-    xs: list[torch.Tensor] = []
-    desc: list[str] = []
-    for i, a in enumerate(args):
-        _tensor_leaves(a, (str(i),), xs, desc)
-    for k, v in kwargs.items():
-        _tensor_leaves(v, (str(k),), xs, desc)
-    return xs, _ENTRY.join(desc)
+    """A call's tensors and its serialised spec, one constant string (what :func:`rebuild` takes back)."""
+    return encode_call(args, kwargs)
 
 
 def output_leaves(output: Any) -> tuple[list[torch.Tensor], str]:

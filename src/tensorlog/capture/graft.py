@@ -17,6 +17,7 @@ import torch
 
 from ..errors import GraftError, RunReadError
 from ..schema import names
+from ..schema.tree import flatten_call, unflatten
 from ..storage.records import CallRecord
 from ..storage.tensorfile import load_tensor_file
 
@@ -58,24 +59,13 @@ class Graft:
             loaded[s.path] = t
         if not loaded:
             return args, kwargs
-        new_args = tuple(_replace(a, (str(i),), loaded) for i, a in enumerate(args))
-        new_kwargs = {k: _replace(v, (str(k),), loaded) for k, v in kwargs.items()}
+        leaves, spec = flatten_call(args, kwargs)
+        new = [_replaced(path, v, loaded) for path, v in leaves]
+        new_args, new_kwargs = unflatten(spec, new)
         return new_args, new_kwargs
 
 
-def _replace(value: Any, path: tuple[str, ...], loaded: dict[tuple[str, ...], torch.Tensor]) -> Any:
-    if isinstance(value, torch.Tensor):
-        new = loaded.get(path)
-        return value if new is None else new.to(device=value.device).requires_grad_(value.requires_grad)
-    if isinstance(value, (list, tuple)):
-        items = [_replace(v, (*path, str(i)), loaded) for i, v in enumerate(value)]
-        if isinstance(value, list):
-            return items
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-    if isinstance(value, dict):
-        out = {k: _replace(v, (*path, str(k)), loaded) for k, v in value.items()}
-        try:
-            return type(value)(out)
-        except Exception:
-            return out
-    return value
+def _replaced(path: tuple[str, ...], value: Any, loaded: dict[tuple[str, ...], torch.Tensor]) -> Any:
+    """The source run's tensor at ``path``, on the live one's device and with its ``requires_grad``."""
+    new = loaded.get(path) if isinstance(value, torch.Tensor) else None
+    return value if new is None else new.to(device=value.device).requires_grad_(value.requires_grad)

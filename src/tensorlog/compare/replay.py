@@ -33,6 +33,7 @@ from ..config import compile_pattern
 from ..errors import AlignmentError, RunReadError
 from ..formats import ModuleCall, Run, TensorRecord, load_run
 from ..schema.leaves import flatten_value
+from ..schema.tree import SpecError, from_structure, unflatten
 from .metrics import TensorMetrics, compare_tensors
 
 __all__ = ["replay", "ReplayResult", "ReplayedModule", "relative_error", "STANDS_OUT"]
@@ -152,28 +153,25 @@ class _Runner:
             return self.module(*args, **kwargs)
 
 
-def _rebuild(call: ModuleCall, value: Callable[[TensorRecord], Any]) -> tuple[list[Any], dict[str, Any]]:
+def _rebuild(call: ModuleCall, value: Callable[[TensorRecord], Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     by_key = {t.key: t for t in call.inputs}
     structure = call.structure
     if not isinstance(structure, dict):  # no structure recorded: positionals in order, kwargs by name
-        args = [value(t) for t in call.inputs if t.key is not None and t.key.isdigit()]
+        args = tuple(value(t) for t in call.inputs if t.key is not None and t.key.isdigit())
         kwargs = {t.key: value(t) for t in call.inputs if t.key is not None and not t.key.isdigit()}
         return args, kwargs
-    tuples = set(structure.get("tuples") or [])
-
-    def build(node: Any, path: str) -> Any:
-        if isinstance(node, list):
-            items = [build(x, f"{path}_{i}") for i, x in enumerate(node)]
-            return tuple(items) if path in tuples or "*" in tuples else items
-        if isinstance(node, dict):
-            return {k: build(v, f"{path}_{k}") for k, v in node.items()}
-        rec = by_key.get(node)
+    try:
+        spec, keys = from_structure(structure)
+    except SpecError as e:
+        raise _NotReplayable(f"its recorded structure cannot be read: {e}") from None
+    leaves: list[Any] = []
+    for key in keys:
+        rec = by_key.get(key)
         if rec is None:
-            raise _NotReplayable(f"its input {node!r} was not recorded")
-        return value(rec)
-
-    args = [build(a, str(i)) for i, a in enumerate(structure.get("args", []))]
-    return args, {k: build(v, k) for k, v in structure.get("kwargs", {}).items()}
+            raise _NotReplayable(f"its input {key!r} was not recorded")
+        leaves.append(value(rec))
+    args, kwargs = unflatten(spec, leaves)
+    return args, kwargs
 
 
 def _primary(call: ModuleCall) -> TensorRecord | None:

@@ -1,4 +1,4 @@
-"""A call's inputs and outputs as named leaves, as the reference names them (the writer, readers and replay share it).
+"""A call's inputs and outputs as named leaves, as the reference names them (what the writer and the readers name files by).
 
 The reference walks a value recursively: a tensor is a leaf, the items of a
 list or tuple (named tuples included) add ``_<i>``, the values of a dict add
@@ -9,61 +9,27 @@ tensor output is ``outputs``. Two keys of one dict that read the same (``0`` and
 ``"0"``) become ``0`` and ``0~1``. tensorlog also logs keyword inputs, named the
 same way after the keyword (``inputs_position_ids``), and records non-tensor
 leaves by type and value (never pickled).
+
+The walk itself is :mod:`.tree`'s codec, which capture, compiled taps, replay and
+``reload_input_dir`` share; this module names its leaves and structure as the
+reference and the index do.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Container
 from typing import Any
 
 import torch
 
+from .tree import MAX_DEPTH, Leaf, flatten, flatten_call, to_structure, unique_key
+
 __all__ = ["Leaf", "flatten_inputs", "flatten_value", "describe_value", "unique_key", "MAX_DEPTH"]
-
-MAX_DEPTH = 32
-
-Leaf = tuple[tuple[str, ...], Any]
-"""``(path, value)``: the path's parts join into the file stem after the kind (``inputs`` + ``0_1``)."""
 
 
 def flatten_value(value: Any, path: tuple[str, ...] = ()) -> list[Leaf]:
     """Leaves of ``value`` in the reference's order; a container deeper than :data:`MAX_DEPTH` is a leaf."""
-    out: list[Leaf] = []
-    _walk(value, path, out, None)
-    return out
-
-
-def _walk(value: Any, path: tuple[str, ...], out: list[Leaf], tuples: list[str] | None) -> Any:
-    """Append leaves; return the structure node (a leaf's key, a list, or a dict of nodes)."""
-    if isinstance(value, torch.Tensor) or len(path) > MAX_DEPTH:
-        out.append((path, value))
-        return "_".join(path)
-    if isinstance(value, (list, tuple)):
-        if tuples is not None and isinstance(value, tuple):
-            tuples.append("_".join(path))
-        return [_walk(v, (*path, str(i)), out, tuples) for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        node: dict[str, Any] = {}
-        for k, v in value.items():
-            key = unique_key(str(k), node)
-            node[key] = _walk(v, (*path, key), out, tuples)
-        return node
-    out.append((path, value))
-    return "_".join(path)
-
-
-def unique_key(key: str, taken: Container[str]) -> str:
-    """``key``, or ``key~<n>`` when the dict already has a key that reads the same (``0`` and ``"0"``).
-
-    Each value keeps its own leaf, file and json entry: the reference writes both to one file, the second
-    overwriting the first.
-    """
-    out, n = key, 0
-    while out in taken:
-        n += 1
-        out = f"{key}~{n}"
-    return out
+    return flatten(value, path, live=False)[0]
 
 
 def flatten_inputs(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> tuple[list[Leaf], dict[str, Any]]:
@@ -71,16 +37,11 @@ def flatten_inputs(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> tupl
 
     The structure is ``{"args": [node], "kwargs": {name: node}, "tuples": [key]}``: a
     node is a leaf's key, a list of nodes or a dict of nodes; ``tuples`` names the
-    containers that were tuples, so a rebuilt call passes the same types.
+    containers that were tuples, so a rebuilt call passes the same types
+    (:func:`.tree.to_structure`, read back by :func:`.tree.from_structure`).
     """
-    out: list[Leaf] = []
-    tuples: list[str] = []
-    structure = {
-        "args": [_walk(a, (str(i),), out, tuples) for i, a in enumerate(args)],
-        "kwargs": {str(k): _walk(v, (str(k),), out, tuples) for k, v in (kwargs or {}).items()},
-        "tuples": tuples,
-    }
-    return out, structure
+    leaves, spec = flatten_call(args, kwargs, live=False)
+    return leaves, to_structure(spec)
 
 
 def describe_value(value: Any) -> dict[str, Any]:
