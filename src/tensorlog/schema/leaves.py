@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .tree import MAX_DEPTH, Leaf, flatten, flatten_call, to_structure, unique_key
+from .tree import MAX_DEPTH, Leaf, call_structure, flatten, unique_key
 
 __all__ = ["Leaf", "flatten_inputs", "flatten_value", "describe_value", "unique_key", "MAX_DEPTH"]
 
@@ -40,8 +40,7 @@ def flatten_inputs(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> tupl
     containers that were tuples, so a rebuilt call passes the same types
     (:func:`.tree.to_structure`, read back by :func:`.tree.from_structure`).
     """
-    leaves, spec = flatten_call(args, kwargs, live=False)
-    return leaves, to_structure(spec)
+    return call_structure(args, kwargs)
 
 
 def describe_value(value: Any) -> dict[str, Any]:

@@ -38,6 +38,7 @@ __all__ = [
     "Opaque",
     "flatten",
     "flatten_call",
+    "call_structure",
     "encode_call",
     "unflatten",
     "to_structure",
@@ -225,6 +226,18 @@ def flatten_call(
     types: list[Any] | None = [] if live else None
     leaves, tokens = _call_tokens(args, kwargs or {}, not tensors_only, types)
     return leaves, (_read(tokens, types, 0) if types is not None else _loads(_ENTRY.join(tokens)))
+
+
+def call_structure(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> tuple[list[Leaf], dict[str, Any]]:
+    """A call's leaves and its stored structure (:func:`to_structure`), for the hook: the structure is built once
+    per call shape and shared by every call of that shape, so it is read-only."""
+    leaves, tokens = _call_tokens(args, kwargs or {}, True, None)
+    return leaves, _structure(_ENTRY.join(tokens))
+
+
+@lru_cache(maxsize=4096)
+def _structure(text: str) -> dict[str, Any]:
+    return to_structure(_loads(text))
 
 
 def encode_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[torch.Tensor], str]:
