@@ -471,13 +471,14 @@ def register_metric(accumulator: type[Accumulator], *columns: Column) -> MetricH
     """
     if any(c.module for c in columns):
         raise ValueError(f"metric {accumulator.__name__}: a registered metric has no module-level field (Column.module)")
-    taken = set(TensorMetrics.model_fields) | {c.field for _, cols in _extra for c in cols}
     named = [c.field for c in columns]
-    if sorted(named) != sorted(accumulator.fields) or taken & set(named):
+    if sorted(named) != sorted(accumulator.fields):
         raise ValueError(
-            f"metric {accumulator.__name__}: give one column per field it adds ({list(accumulator.fields)}, got {named}), "
-            f"none of them taken already ({sorted(taken & set(named))})"
+            f"metric {accumulator.__name__}: give one column per field it adds ({list(accumulator.fields)}), got {named}"
         )
+    taken = (set(TensorMetrics.model_fields) | {c.field for _, cols in _extra for c in cols}) & set(named)
+    if taken:
+        raise ValueError(f"metric {accumulator.__name__}: {sorted(taken)} taken already (unregister the other first)")
     entry = (accumulator, columns)
     _extra.append(entry)
     return MetricHandle(entry)

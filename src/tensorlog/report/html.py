@@ -105,7 +105,7 @@ def render_html(c: Comparison, *, verbose: bool = False) -> str:
             parts.append(f"<tr><th>module</th><th>tensor</th><th>status</th>{_heads(cols)}<th>note</th></tr>")
             for m in mods:
                 for t in m.tensors:
-                    mt = t.metrics
+                    mt = t.metrics  # `if mt` below is the pair's verdict: a failing pair's cells stay empty, as they were
                     parts.append(
                         f"<tr><td><code>{e(m.module)}</code></td><td>{e(t.name)}</td><td>{t.status}</td>"
                         + "".join(_td(c, cell(c, mt) if mt else "") for c in cols)
