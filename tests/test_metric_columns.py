@@ -14,7 +14,7 @@ from torch import nn
 import clirun
 import tensorlog
 from tensorlog.compare import metrics as _metrics
-from tensorlog.compare.metrics import Accumulator, Chunk, Column, TensorMetrics, columns, register_metric
+from tensorlog.compare.metrics import Accumulator, Chunk, Column, Pair, TensorMetrics, columns, register_metric
 from tensorlog.compare.results import PAIR_COLUMNS, ModuleResult
 from tensorlog.report import render_markdown
 
@@ -26,7 +26,7 @@ class SignFlips(Accumulator):
 
     fields = ("sign_flips",)
 
-    def __init__(self, pair: Any) -> None:
+    def __init__(self, pair: Pair) -> None:
         super().__init__(pair)
         self.flips = 0
         self.chunks = 0

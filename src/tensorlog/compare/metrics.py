@@ -10,6 +10,7 @@ infinities) counted as equal and any other non-finite value as a mismatch.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar, Literal
@@ -134,7 +135,7 @@ def _json_float(v: float) -> float | str:
 # -- the pair as every metric sees it ----------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Pair:
     """What a metric may know of the whole pair before its first chunk."""
 
@@ -186,7 +187,7 @@ class Chunk:
         return self.d / torch.maximum(self.xs.abs(), self.ay).clamp_min_(torch.finfo(torch.float64).tiny)
 
 
-class Accumulator:
+class Accumulator(ABC):
     """One metric: running totals fed chunk by chunk, then the fields it adds to :class:`TensorMetrics`.
 
     A subclass names its fields in ``fields``, takes the :class:`Pair` in ``__init__``, adds each
@@ -200,11 +201,11 @@ class Accumulator:
     def __init__(self, pair: Pair) -> None:
         self.pair = pair
 
-    def add(self, c: Chunk) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def add(self, c: Chunk) -> None: ...
 
-    def finish(self) -> dict[str, Any]:
-        raise NotImplementedError
+    @abstractmethod
+    def finish(self) -> dict[str, Any]: ...
 
     @classmethod
     def identical(cls, n: int) -> dict[str, Any]:
