@@ -8,7 +8,7 @@ from ..errors import AlignmentError, RunReadError
 from ..formats import ModuleCall, TensorRecord
 from ..formats.model import DerivedSource
 from .align.virtual import RowsMissing
-from .metrics import Tolerance, compare_stats, compare_tensors, rounding_budget
+from .metrics import Column, TensorMetrics, Tolerance, columns, compare_stats, compare_tensors, rounding_budget
 from .results import ModuleResult, ModuleVerdict, TensorResult
 
 __all__ = ["module_result", "pair_tensors"]
@@ -226,10 +226,12 @@ def module_result(c1: ModuleCall | None, c2: ModuleCall | None, step: int, tol: 
         verdict=verdict,
         inputs_match=inputs_ok,
         outputs_match=outputs_ok,
-        worst_max_abs=max((m.max_abs for m in pool), default=None),
-        worst_max_rel=max((m.max_rel for m in pool), default=None),
-        worst_rel_diff=max((m.rel_diff for m in pool), default=None),
-        min_cosine=min((m.cosine for m in pool), default=None),
-        min_snr_db=min((m.snr_db for m in pool if m.snr_db is not None), default=None),
+        **{c.module: _worst(c, pool) for c in columns() if c.module},
         tensors=tensors,
     )
+
+
+def _worst(c: Column, pool: list[TensorMetrics]) -> Any:
+    """The worst of a column's values over a module's tensors (nulls left out), or None."""
+    values = [v for v in (getattr(m, c.field) for m in pool) if v is not None]
+    return (max if c.worst == "max" else min)(values, default=None)

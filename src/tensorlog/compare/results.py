@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..formats.model import require_pandas
 from .align.requests import RequestReport
-from .metrics import STAT_COMPARED, TensorMetrics
+from .metrics import STAT_COMPARED, TensorMetrics, columns
 
 if TYPE_CHECKING:
     import pandas
@@ -37,19 +37,7 @@ SCHEMA_VERSION = 3
 EXIT_OK, EXIT_MISMATCH, EXIT_UNREADABLE = 0, 1, 2
 
 _MODULE_COLUMNS = {"verdict": "string", "inputs_match": "boolean", "outputs_match": "boolean", "explained_by": "string"}
-_METRIC_COLUMNS = {
-    "allclose": "boolean",
-    "numel": "Int64",
-    "exact": "boolean",
-    **{k: "float64" for k in ("max_abs", "mean_abs", "max_rel", "mean_rel", "cosine", "rel_diff", "snr_db")},
-    "frac_outside": "float64",
-    "num_outside": "Int64",
-    "nonfinite_mismatch": "Int64",
-    "worst_index": "object",
-    "worst_values": "object",
-    **{k: "float64" for k in ("min_atol", "abs_p50", "abs_p99", "rel_l2")},
-    "judged_by": "string",
-}
+_METRIC_COLUMNS = {c.field: c.dtype for c in columns()}  # at import: the built-in metrics only
 PAIR_COLUMNS: dict[str, str] = {
     "step": "int64",
     "rank": "Int64",

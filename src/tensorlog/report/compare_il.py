@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 
 from ..compare.compare_il import ReferenceReport, RefTensor
+from ..compare.metrics import columns
 from ..compare.results import Comparison
-from .text import clean, fmt, headline
+from .text import clean, headline, module_cell
 
 __all__ = ["render_reference"]
 
@@ -139,10 +140,13 @@ def _findings(r: ReferenceReport, c: Comparison | None) -> str:
         out += [f"**{headline(c)}**", ""] + ([extra, ""] if extra else [])
         failing = [m for m in c.modules if m.verdict in ("born", "contains")]
         if failing:
-            out += ["| step | module | verdict | max abs | max rel | cosine |", "|---:|---|---|---:|---:|---:|"]
+            cols = columns("modules_brief")
             out += [
-                f"| {m.step} | `{clean(m.module)}` | {m.verdict} | {fmt(m.worst_max_abs)} | {fmt(m.worst_max_rel)} | "
-                f"{fmt(m.min_cosine, 6)} |"
+                "| step | module | verdict | " + " | ".join(c.header for c in cols) + " |",
+                "|---:|---|---|" + "".join("---:|" if c.numeric else "---|" for c in cols),
+            ]
+            out += [
+                "| " + " | ".join([str(m.step), f"`{clean(m.module)}`", m.verdict, *(module_cell(c, m) for c in cols)]) + " |"
                 for m in failing
             ]
             out.append("")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import html
 import math
 
+from ..compare.metrics import Column, columns
 from ..compare.results import Comparison, ModuleResult
-from .text import clean, fmt, headline, verdict_text
+from .text import cell, clean, fmt, headline, module_cell, verdict_text
 
 __all__ = ["render_html"]
 
@@ -51,6 +52,15 @@ def _plot_svg(mods: list[ModuleResult], step: int) -> str:
     )
 
 
+def _heads(cols: list[Column]) -> str:
+    return "".join(f"<th>{html.escape(c.header)}</th>" for c in cols)
+
+
+def _td(col: Column, text: str) -> str:
+    """A cell; its text is already clean (no control characters), only HTML's own characters are escaped."""
+    return f"<td class=num>{html.escape(text)}</td>" if col.numeric else f"<td>{html.escape(text)}</td>"
+
+
 def render_html(c: Comparison, *, verbose: bool = False) -> str:
     """One self-contained page: no external script, style or font."""
 
@@ -78,28 +88,28 @@ def render_html(c: Comparison, *, verbose: bool = False) -> str:
         mods = [m for m in c.modules if m.step == step]
         parts.append(f"<h2>Step {step}</h2>")
         parts.append(_plot_svg(mods, step))
+        cols = columns("modules")
         parts.append(
-            f"<table class='modules' id='modules-step-{step}'><tr><th>#</th><th>module</th><th>verdict</th><th>max abs</th><th>max rel</th><th>rel diff</th><th>cosine</th><th>SNR dB</th></tr>"
+            f"<table class='modules' id='modules-step-{step}'><tr><th>#</th><th>module</th><th>verdict</th>{_heads(cols)}</tr>"
         )
         for m in mods:
             parts.append(
                 f"<tr class='{m.verdict}'><td class=num>{m.position}</td><td><code>{e(m.module)}</code></td><td>{e(verdict_text(m, md=False))}</td>"
-                f"<td class=num>{fmt(m.worst_max_abs)}</td><td class=num>{fmt(m.worst_max_rel)}</td><td class=num>{fmt(m.worst_rel_diff)}</td>"
-                f"<td class=num>{fmt(m.min_cosine, 6)}</td><td class=num>{fmt(m.min_snr_db)}</td></tr>"
+                + "".join(_td(c, module_cell(c, m)) for c in cols)
+                + "</tr>"
             )
         parts.append("</table>")
         if verbose:
+            cols = columns("tensors_brief")
             parts.append("<details open><summary>tensors</summary><table class='tensors'>")
-            parts.append(
-                "<tr><th>module</th><th>tensor</th><th>status</th><th>max abs</th><th>max rel</th><th>cosine</th><th>note</th></tr>"
-            )
+            parts.append(f"<tr><th>module</th><th>tensor</th><th>status</th>{_heads(cols)}<th>note</th></tr>")
             for m in mods:
                 for t in m.tensors:
-                    mt = t.metrics
+                    mt = t.metrics  # `if mt` below is the pair's verdict: a failing pair's cells stay empty, as they were
                     parts.append(
                         f"<tr><td><code>{e(m.module)}</code></td><td>{e(t.name)}</td><td>{t.status}</td>"
-                        f"<td class=num>{fmt(mt.max_abs) if mt else ''}</td><td class=num>{fmt(mt.max_rel) if mt else ''}</td>"
-                        f"<td class=num>{fmt(mt.cosine, 6) if mt else ''}</td><td>{e(t.note or '')}</td></tr>"
+                        + "".join(_td(c, cell(c, mt) if mt else "") for c in cols)
+                        + f"<td>{e(t.note or '')}</td></tr>"
                     )
             parts.append("</table></details>")
     parts.append("</body></html>")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from ..compare.metrics import Column, columns
 from ..compare.results import Comparison, ModuleResult, TensorResult
-from .text import clean, fmt, headline, verdict_text
+from .text import cell, clean, fmt, headline, module_cell, verdict_text
 
 __all__ = ["render_markdown"]
 
@@ -33,18 +34,17 @@ def render_markdown(c: Comparison, *, verbose: bool = False) -> str:
     for step in c.steps:
         mods = [m for m in c.modules if m.step == step]
         replayed = any(m.added_error is not None for m in mods)
-        head = "| # | module | verdict | max abs | max rel | rel diff | cosine | SNR dB |"
-        rule = "|---:|---|---|---:|---:|---:|---:|---:|"
+        cols = columns("modules")
+        head = "| # | module | verdict | " + " | ".join(c.header for c in cols) + " |"
+        rule = "|---:|---|---|" + _rule(cols)
         if replayed:
             head += " added error (isolated) | floor | excess | share |"
             rule += "---:|---:|---:|---:|"
         out += [f"## Step {step}", "", head, rule]
         for m in mods:
             rank = f" [rank {m.rank}]" if m.rank is not None else ""
-            row = (
-                f"| {m.position} | `{clean(m.module)}`{rank} | {verdict_text(m)} | {fmt(m.worst_max_abs)} | {fmt(m.worst_max_rel)} | "
-                f"{fmt(m.worst_rel_diff)} | {fmt(m.min_cosine, 6)} | {fmt(m.min_snr_db)} |"
-            )
+            cells = [str(m.position), f"`{clean(m.module)}`{rank}", verdict_text(m), *(module_cell(c, m) for c in cols)]
+            row = "| " + " | ".join(cells) + " |"
             if replayed:
                 share = "" if m.added_share is None else f"{m.added_share:.0%}"
                 row += f" {fmt(m.added_error)} | {fmt(m.added_floor)} | {fmt(m.added_excess)} | {share} |"
@@ -83,18 +83,23 @@ def _requests(c: Comparison) -> list[str]:
     return [*out, ""]
 
 
+def _rule(cols: list[Column]) -> str:
+    return "".join("---:|" if c.numeric else "---|" for c in cols)
+
+
 def _tensor_table(mods: list[ModuleResult]) -> list[str]:
+    cols = columns("tensors")
     out = [
-        "| module | tensor | status | method | shape | dtype | max abs | mean abs | max rel | cosine | rel diff | SNR dB | outside tol | worst at (a, b) | min atol to pass | judged by | note |",
-        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|",
+        "| module | tensor | status | method | shape | dtype | " + " | ".join(c.header for c in cols) + " | note |",
+        "|---|---|---|---|---|---|" + _rule(cols) + "---|",
     ]
     for m in mods:
         for t in m.tensors:
-            out.append(_tensor_row(m, t))
+            out.append(_tensor_row(m, t, cols))
     return out + [""]
 
 
-def _tensor_row(m: ModuleResult, t: TensorResult) -> str:
+def _tensor_row(m: ModuleResult, t: TensorResult, cols: list[Column]) -> str:
     shape = (
         "x".join(map(str, t.shape1 or t.shape2 or []))
         if (t.shape1 == t.shape2 or not (t.shape1 and t.shape2))
@@ -108,23 +113,11 @@ def _tensor_row(m: ModuleResult, t: TensorResult) -> str:
     mt = t.metrics
     cells = [f"`{clean(m.module)}`", clean(t.name), t.status, t.method, shape, dtype]
     if mt is not None:
-        a, b = mt.worst_values or (None, None)
-        worst = f"{mt.worst_index} ({fmt(a, 6)}, {fmt(b, 6)})" if mt.worst_index is not None and mt.worst_values else ""
-        cells += [
-            fmt(mt.max_abs),
-            fmt(mt.mean_abs),
-            fmt(mt.max_rel),
-            fmt(mt.cosine, 6),
-            fmt(mt.rel_diff),
-            fmt(mt.snr_db),
-            f"{mt.num_outside} ({mt.frac_outside:.2%})",
-            worst,
-            fmt(mt.min_atol),
-            clean(mt.judged_by or ""),
-        ]
-    elif t.stat_rel:
-        cells += ["", "", fmt(max(t.stat_rel.values())), "", "", "", "", "", "", ""]
+        cells += [cell(c, mt) for c in cols]
+    elif t.stat_rel:  # compared by statistics: their worst relative error stands in the max rel column
+        worst = fmt(max(t.stat_rel.values()))
+        cells += [worst if c.field == "max_rel" else "" for c in cols]
     else:
-        cells += [""] * 10
+        cells += [""] * len(cols)
     cells.append(clean(t.note or "").replace("|", "\\|"))
     return "| " + " | ".join(cells) + " |"

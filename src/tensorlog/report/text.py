@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 import re
 
+from ..compare.metrics import Column, TensorMetrics
 from ..compare.results import Comparison, ModuleResult
 
-__all__ = ["clean", "fmt", "headline", "judged", "verdict_text", "VERDICT_TEXT"]
+__all__ = ["cell", "clean", "fmt", "headline", "judged", "module_cell", "verdict_text", "VERDICT_TEXT"]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 """Control characters, lone surrogates, and the bidirectional controls that make a name read otherwise than it is."""
@@ -51,6 +52,26 @@ def fmt(v: float | str | None, digits: int = 3) -> str:
     if v == 0:
         return "0"
     return f"{v:.{digits}g}" if 1e-3 <= abs(v) < 1e4 else f"{v:.{digits - 1}e}"
+
+
+def cell(col: Column, m: TensorMetrics) -> str:
+    """A tensor pair's value in a table, as its column says to write it."""
+    v = getattr(m, col.field)
+    if col.style == "outside":
+        return f"{m.num_outside} ({m.frac_outside:.2%})"
+    if col.style == "worst":
+        a, b = m.worst_values or (None, None)
+        return f"{v} ({fmt(a, col.digits)}, {fmt(b, col.digits)})" if v is not None and m.worst_values else ""
+    if col.style == "text":
+        return clean(v if v is not None else "")
+    if col.style == "integer":
+        return "" if v is None else str(v)
+    return fmt(v, col.digits)
+
+
+def module_cell(col: Column, m: ModuleResult) -> str:
+    """A module call's worst value of a column over its outputs (empty for a column with none)."""
+    return fmt(getattr(m, col.module), col.digits) if col.module else ""
 
 
 def headline(c: Comparison) -> str:
