@@ -140,6 +140,15 @@ def _join(t: threading.Thread) -> None:
     assert not t.is_alive(), f"{t.name} hangs"
 
 
+def _soon(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, which must not block: run on a thread of its own so that a broken one fails the test."""
+    t, out = _start(fn, *args)
+    _join(t)
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]
+
+
 def _ours() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name.startswith("tensorlog")}
 
@@ -205,7 +214,7 @@ def test_a_full_budget_drops_a_reservation_at_once_under_drop():
     q = JobQueue(100, drop=True)
     waiting, q.alive = _probe()
     assert q.reserve(80) and q.put(_job(0, 80))
-    assert not q.reserve(40)
+    assert not _soon(q.reserve, 40)
     assert not waiting.is_set() and q.pending_bytes == 80  # never waited, took nothing
     job = q.take()
     assert job is not None
@@ -216,7 +225,7 @@ def test_a_full_budget_drops_a_reservation_at_once_under_drop():
 def test_a_reservation_larger_than_the_whole_budget_waits_for_the_queue_then_goes_through_alone():
     q = JobQueue(100, drop=False)
     waiting, q.alive = _probe()
-    assert q.reserve(1000)  # nothing queued: it goes through, whatever its size
+    assert _soon(q.reserve, 1000)  # nothing queued: it goes through, whatever its size
     assert not waiting.is_set()
     q.unreserve(1000)
     assert q.reserve(10) and q.put(_job(0, 10))
@@ -268,11 +277,11 @@ def test_stop_while_a_job_is_being_written_drops_the_rest_and_the_late_done_take
     q.stop("stopped by the test")
     assert q.pending_bytes == 0
     assert q.wait_idle(GUARD)  # nobody waits for the dropped jobs
-    assert q.next_end() is None  # nor for the step they belonged to
+    assert _soon(q.next_end) is None  # nor for the step they belonged to
     q.done(busy)
     assert q.pending_bytes == 0
     assert q.close(False, None)
-    assert q.take() is None  # the dropped jobs are gone: the writer thread ends
+    assert _soon(q.take) is None  # the dropped jobs are gone: the writer thread ends
 
 
 @pytest.mark.parametrize("wake", ["finished", "stop", "all_finished", "threads_died"])
@@ -331,19 +340,22 @@ def test_a_step_is_handed_to_the_finisher_only_once_its_jobs_are_done():
     _join(t)
     assert out == [[0, 1]] and done_before == [True, True]
     assert q.closing == (True, None)  # the first close said the last word
-    assert q.take() is None
+    assert _soon(q.take) is None
 
 
-def test_close_wakes_an_idle_writer_thread_after_it_drains_the_queue():
+def test_close_ends_an_idle_writer_thread_and_lets_a_busy_one_drain_the_queue_first():
+    idle = JobQueue(100, drop=False)
+    t, out = _start(idle.take)  # nothing to do: it waits for work (or is about to)
+    assert idle.close(True, None)
+    _join(t)
+    assert out == [None]
     q = JobQueue(100, drop=False)
     assert q.put(_job(0, 0))
     assert q.close(True, None)
-    job = q.take()  # queued before the close: still written
+    job = _soon(q.take)  # queued before the close: still written
     assert job is not None
     q.done(job)
-    t, out = _start(q.take)  # nothing left: it ends, whether it got to wait first or not
-    _join(t)
-    assert out == [None]
+    assert _soon(q.take) is None
 
 
 # -- the arena: hooks wait for chunks, writer threads give them back --------------------------
