@@ -433,12 +433,6 @@ def test_a_tensor_larger_than_the_whole_arena_streams_through_it_byte_for_byte()
     assert arena.append(torch.ones(1, dtype=torch.uint8), kept.append, wait=False, stopped=lambda: False) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Arena.close() empties only the free list: a chunk still in flight that is released afterwards goes back "
-    "into a new free list with its memory (pinned on CUDA hosts), held until the arena itself is collected. Through "
-    "Writer this needs a close() whose join timed out.",
-)
 def test_a_chunk_released_after_close_gives_its_memory_back():
     arena, submitted = _full_arena()
     arena.close()
@@ -669,11 +663,6 @@ def test_a_hook_waiting_for_a_chunk_when_the_packed_write_fails_is_let_go(tmp_pa
     assert not run.complete and "disk full" in (run.incomplete_reason or "") and run.steps_written == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="JobQueue.put refuses jobs only once logging stopped, not once the writer is closed: a job submitted after "
-    "close() is queued where no thread will ever take it, silently lost, and its reserved bytes are never given back.",
-)
 def test_a_job_submitted_after_close_is_refused_and_its_bytes_given_back(tmp_path, no_thread_left):
     w = _writer(tmp_path / "r")
     w.close(complete=True)

@@ -56,6 +56,7 @@ class Arena:
         self.pinned = pinned
         self._cv = threading.Condition()
         self._free: list[Chunk] = []
+        self._closed = False
         self._count = 0
         self._current: Chunk | None = None
         self._stream = 0
@@ -128,7 +129,10 @@ class Arena:
                 return
             chunk.used = 0
             chunk.ready = []
-            if len(self._free) < _KEEP_FREE:
+            if self._closed:  # in flight when the arena closed: its memory goes now, not with the arena
+                chunk.data = torch.empty(0, dtype=torch.uint8)
+                self._count -= 1
+            elif len(self._free) < _KEEP_FREE:
                 self._free.append(chunk)
             else:  # dropped, not closed: a view of it may still be alive, and keeps the memory valid
                 self._count -= 1
@@ -154,8 +158,10 @@ class Arena:
     def close(self) -> None:
         """Give the reusable chunks back to the system; chunks still in flight go when their jobs do."""
         with self._cv:
+            self._closed = True
             for c in self._free:
                 c.data = torch.empty(0, dtype=torch.uint8)
+            self._count -= len(self._free)
             self._free = []
             self._current = None
 

@@ -77,10 +77,11 @@ class JobQueue:
                 self._cv.notify_all()
 
     def put(self, job: Job) -> bool:
-        """Queue ``job``; False (and its reservation given back) once logging stopped."""
+        """Queue ``job``; False (and its reservation given back) once logging stopped or the run is closing (its
+        threads may have drained the queue already, and no one would take the job)."""
         nbytes = job.nbytes if isinstance(job, WriteJob) else 0
         with self._cv:
-            if self.stopped:
+            if self.stopped or self.closing is not None:
                 self._pending = max(0, self._pending - nbytes)
                 return False
             self._jobs.append(job)
