@@ -50,7 +50,7 @@ from ...schema.records import request_start
 from ...storage.finisher import close_orphaned
 from ..model_facts import model_dims
 from . import patches
-from .compilation import TAP_ORDER as TAP_ORDER
+from .compilation import TAP_ORDER as TAP_ORDER  # where it was defined before compilation.py
 from .compilation import compiled_facts, needs_eager, prepare_compiled, traces_taps
 from .control import Live
 from .shards import shard_layouts
@@ -247,6 +247,8 @@ def _close_out_at_exit(run_dir: Path) -> None:
 
 
 def _rank_layout(vllm_config: Any) -> dict[str, int]:
+    """This process's place among the engine's ranks: sizes from ``VllmConfig.parallel_config``, ranks from
+    ``vllm.distributed.parallel_state`` (its TP group, ``get_pp_group()`` and ``get_world_group()``)."""
     pc = vllm_config.parallel_config
     out = {
         "tp_size": int(pc.tensor_parallel_size),
@@ -267,6 +269,7 @@ def _rank_layout(vllm_config: Any) -> dict[str, int]:
 
 
 def _vllm_facts(vllm_config: Any, layout: dict[str, int]) -> dict[str, Any]:
+    """``run.json``'s facts about the engine, from ``VllmConfig.model_config`` (a ``vllm.config.ModelConfig``)."""
     import vllm
 
     mc = vllm_config.model_config
