@@ -84,9 +84,8 @@ def test_a_metric_defined_here_reaches_the_json_and_the_reports(tmp_path, monkey
         result = tensorlog.compare(a, b)
         doc = json.loads(result.model_dump_json())
         md = clirun.run("compare", a, b, "--verbose", "--output", tmp_path / "r.md")
-        # the HTML tensor table leaves the metrics of a failing pair empty (as before the column spec): judge loosely
-        html = clirun.run("compare", a, b, "--verbose", "--rtol", 0, "--atol", 1, "--output", tmp_path / "r.html")
-    assert md.returncode == 1 and html.returncode == 0
+        html = clirun.run("compare", a, b, "--verbose", "--output", tmp_path / "r.html")
+    assert md.returncode == 1 and html.returncode == 1
 
     found = {(m["module"], t["name"]): t["metrics"]["sign_flips"] for m in doc["modules"] for t in m["tensors"] if t["metrics"]}
     assert found == expected
@@ -103,6 +102,7 @@ def test_a_metric_defined_here_reaches_the_json_and_the_reports(tmp_path, monkey
     page = (tmp_path / "r.html").read_text()
     assert "<th>cosine</th><th>sign flips</th><th>note</th>" in page
     tr = next(r for r in page.split("<tr>") if r.startswith("<td><code>0</code></td><td>outputs_cpu</td>"))
+    assert "<td>mismatch</td>" in tr  # a failing pair's metrics are shown, not left empty
     assert re.findall(r"<td[^>]*>(.*?)</td>", tr)[-2] == str(expected[("0", "outputs_cpu")])
 
     after = tensorlog.compare(a, b)  # removed: the comparison is as before, to the byte

@@ -105,10 +105,10 @@ def render_html(c: Comparison, *, verbose: bool = False) -> str:
             parts.append(f"<tr><th>module</th><th>tensor</th><th>status</th>{_heads(cols)}<th>note</th></tr>")
             for m in mods:
                 for t in m.tensors:
-                    mt = t.metrics  # `if mt` below is the pair's verdict: a failing pair's cells stay empty, as they were
+                    mt = t.metrics
                     parts.append(
                         f"<tr><td><code>{e(m.module)}</code></td><td>{e(t.name)}</td><td>{t.status}</td>"
-                        + "".join(_td(c, cell(c, mt) if mt else "") for c in cols)
+                        + "".join(_td(c, cell(c, mt) if mt is not None else "") for c in cols)
                         + f"<td>{e(t.note or '')}</td></tr>"
                     )
             parts.append("</table></details>")
