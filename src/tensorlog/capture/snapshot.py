@@ -313,7 +313,7 @@ class Snapshotter:
         if self.packed:
             self.writer.seal_pack(step, next(iter(self._streams.values()), None))
 
-    def _weight_stats(self, w: torch.Tensor) -> list[float] | None:
+    def _weight_stats(self, w: torch.Tensor) -> _stats.Stats | None:
         """A weight's statistics from an earlier step, if it is unchanged and that step is finished.
 
         The finishing thread sets ``stats`` once, before the step is finished; capture

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import AlignmentError, DependencyError, RunReadError
 from ..schema.columns import Columns
-from ..schema.records import STAT_KEYS, RunManifest, StepInfo, TensorEntry
+from ..schema.records import RunManifest, StepInfo, TensorEntry
 from ..storage.parquet import arrow_table
 from ..storage.stats import host_stats
 
@@ -148,7 +148,7 @@ class TensorRecord:
             row = host_stats(self.load())
         except (RunReadError, AlignmentError):
             return None
-        return dict(zip(STAT_KEYS, row[:6] + [int(row[6]), int(row[7])])) if row is not None else None
+        return row.published() if row is not None else None
 
     @property
     def checksum(self) -> str | None:

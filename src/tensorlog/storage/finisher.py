@@ -274,8 +274,7 @@ def _packed_entries(end: StepEnd) -> list[tuple[str, str, list[int], int, int]]:
 
 
 def _nonfinite(s: TensorSnap) -> bool:
-    st = s.stats
-    return st is not None and (st[6] > 0 or st[7] > 0)
+    return s.stats is not None and s.stats.nonfinite
 
 
 def _add_to_ranges(ranges: list[list[int]], step: int) -> None:

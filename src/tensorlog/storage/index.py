@@ -16,7 +16,7 @@ from typing import Any
 import pydantic_core
 import torch
 
-from ..schema.records import INDEX_FORMAT, INDEX_VERSION, STAT_KEYS
+from ..schema.records import INDEX_FORMAT, INDEX_VERSION
 from . import stats as _stats
 from .records import CallRecord, StepEnd, TensorSnap
 
@@ -97,10 +97,7 @@ def _tensor(s: TensorSnap, packed: str | None) -> dict[str, Any]:
         d["stride"] = list(s.stride)
     d["numel"] = s.numel
     if s.stats is not None:
-        st = dict(zip(STAT_KEYS, s.stats))
-        st["nan_count"] = int(st["nan_count"])
-        st["inf_count"] = int(st["inf_count"])
-        d["stats"] = st
+        d["stats"] = s.stats.published()
     if s.values is not None:
         d["values"] = s.values
     if s.checksum is not None:

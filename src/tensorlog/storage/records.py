@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .arena import Chunk
+from .stats import Stats
 
 __all__ = ["TensorSnap", "CallRecord", "WriteJob", "ChunkJob", "StepEnd"]
 
@@ -51,7 +52,7 @@ class TensorSnap:
     graph: bool = False
     """Measured by a compiled graph (a native tap): its statistics are given, ``host`` is the staged data."""
     # filled in by the writer
-    stats: list[float] | None = None
+    stats: Stats | None = None
     values: Any = None
     checksum: str | None = None
     written: str | None = None
