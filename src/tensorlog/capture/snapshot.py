@@ -40,7 +40,8 @@ __all__ = ["Snapshotter"]
 
 
 class Snapshotter:
-    """Owned by the model's thread. One per capture; :meth:`begin_step` forgets the previous step."""
+    """The recorder's: used on the model's thread, or by a gradient hook under the recorder's lock while the model's
+    thread waits in ``backward()``. One per capture; :meth:`begin_step` forgets the previous step."""
 
     def __init__(self, config: LogConfig, selector: Selector, rank: int | None, layout: str, writer: Writer) -> None:
         self.config = config
