@@ -278,12 +278,12 @@ class Recorder:
 
     def _add(self, job: WriteJob, kind: str, leaves: list[Leaf], used: set[str]) -> bool:
         """Snapshot ``leaves`` into ``job`` (and its call); False when back-pressure drops them."""
-        snaps, need = self.snap.plan(kind, leaves, used)
+        snaps, sources, need = self.snap.plan(kind, leaves, used)
         if need and not self.writer.reserve(need):
             self._last_refused = need
             return False
         job.nbytes += need
-        copying = self.snap.copy(snaps, leaves, job.step)
+        copying = self.snap.copy(snaps, sources, leaves, job.step)
         if copying is None:  # the packed layout's staging memory is full
             self.writer.unreserve(need)
             job.nbytes -= need
