@@ -45,7 +45,7 @@ class TensorResult:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class TensorPlan:
-    """One value of a call as its hook planned it, from metadata alone: made on the model's thread, never changed.
+    """One value of a call as its hook planned it, from metadata alone: made by the recorder, never changed.
 
     The data to copy is not here: the hook holds the live tensor only until its copy phase, which leaves a
     private host copy in :attr:`TensorResult.host_copy`.
