@@ -95,6 +95,20 @@ def test_a_step_index_of_the_wrong_shape_is_a_per_file_error(good, tmp_path, mut
     _compare_exits_2(good / "a", b, needle)
 
 
+@pytest.mark.parametrize("ranks", ["two", [0, 1], {"0": {"pid": "x"}}, {"0": {"complete": True, "steps_written": [0]}, "1": "x"}])
+def test_ranks_in_a_run_json_list_no_rank_whatever_they_hold(good, tmp_path, ranks):
+    """``ranks`` is made by readers that merge a run's ranks; capture never writes it, and one found in a file
+    (with JSON's string keys) is left out, never an error of the run nor a rank it does not have."""
+    assert "ranks" not in json.loads((good / "a" / "run.json").read_text())
+    b = _copy(good, tmp_path)
+    doc = json.loads((b / "run.json").read_text())
+    doc["ranks"] = ranks
+    (b / "run.json").write_text(json.dumps(doc))
+    run = tensorlog.load_run(b)
+    assert run.complete and not run.problems and run.manifest.ranks is None
+    assert {c.rank for c in run.calls()} == {None}
+
+
 @pytest.mark.parametrize("patch", [{"world_size": "two"}, {"complete": "false"}, {"steps_written": [[0, "x"]]}])
 def test_a_run_json_of_the_wrong_shape_is_an_error_not_a_lie(good, tmp_path, patch):
     b = _copy(good, tmp_path)

@@ -212,6 +212,8 @@ def test_ranks_sharing_a_run_directory_each_remove_only_their_own_files(tmp_path
     assert sorted(p.name for p in (path / "step_4").iterdir()) == ["tensorlog_index.rank0.json", "tensorlog_index.rank1.json"]
     run = tensorlog.load_run(path)
     assert run.complete and sorted(run.steps) == [3, 4] and {c.rank for c in run.calls()} == {0, 1}
+    ranks = run.manifest.ranks or {}
+    assert sorted(ranks) == [0, 1] and all(e.complete and e.removed_through == 2 for e in ranks.values())
 
     # a kill in the middle of a removal leaves some of a removed step's files: still a complete run
     leftover = path / "step_1" / "layers.0"

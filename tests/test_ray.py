@@ -117,8 +117,8 @@ def test_a_run_in_two_directories_reads_and_compares_as_one(tmp_path):
     run = tensorlog.load_run(a)
     assert run.world_size == 2 and [p.name for p in run.parts] == ["a", "a"]
     assert {c.rank for c in run.calls()} == {0, 1}
-    nodes = {r: info["node"] for r, info in run.manifest.model_extra["ranks"].items()}
-    assert {r: n["path"] for r, n in nodes.items()} == {r: str((tmp_path / f"node{r}" / "a").resolve()) for r in range(2)}
+    nodes = {r: info.node for r, info in (run.manifest.ranks or {}).items() if info.node is not None}
+    assert {r: n.path for r, n in nodes.items()} == {r: str((tmp_path / f"node{r}" / "a").resolve()) for r in range(2)}
 
     split = tensorlog.compare(a, b)
     whole = tensorlog.compare(one_dir(a, tmp_path / "one_a"), one_dir(b, tmp_path / "one_b"))
@@ -218,7 +218,8 @@ def test_compare_on_ray_runs_each_pair_where_its_files_are_and_gives_the_same_re
     where = on_node(nodes)
     a, b = parts(tmp_path, "a", where=where), parts(tmp_path, "b", perturb_rank=1, where=where)
     run = tensorlog.load_run(a)
-    assert [run.manifest.model_extra["ranks"][r]["node"]["ray_node_id"] for r in range(2)] == nodes
+    ranks = run.manifest.ranks or {}
+    assert [node.ray_node_id if (node := ranks[r].node) else None for r in range(2)] == nodes
 
     local = tensorlog.compare(one_dir(a, tmp_path / "one_a"), one_dir(b, tmp_path / "one_b"))
     on_ray, stats = compare_on_ray(a, b, address=c.address)

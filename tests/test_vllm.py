@@ -436,7 +436,7 @@ def test_tensor_parallel_ranks_share_one_run_without_collisions(model_dir, tmp_p
         "outputs_0_cpu_rank1.pt",
     ]
     run = tensorlog.load_run(run_dir)
-    assert run.complete and run.manifest.world_size == 2 and sorted(run.manifest.model_extra["ranks"]) == [0, 1]
+    assert run.complete and run.manifest.world_size == 2 and sorted(run.manifest.ranks or {}) == [0, 1]
     calls = [c for c in run.steps[0].calls if c.dirname == "model.layers.0.self_attn.qkv_proj"]
     assert sorted(c.rank for c in calls) == [0, 1]
     # column-parallel: each rank holds half of q, k and v; the embedding output is whole on both ranks
@@ -472,9 +472,9 @@ def test_ray_executor_logs_every_rank_on_its_own_node(model_dir, tmp_path):
     run = tensorlog.load_run(rep["run_dir"])
     assert run.complete and run.world_size == 2, run.incomplete_reason
     # one run name for both ranks; each rank wrote from its own Ray node, and run.json says which and where
-    ranks = run.manifest.model_extra["ranks"]
-    assert sorted(ranks[r]["node"]["ray_node_id"] for r in (0, 1)) == rep["nodes"]
-    assert {ranks[r]["node"]["path"] for r in (0, 1)} == {str(Path(rep["run_dir"]).resolve())}
+    nodes = [e.node for e in (run.manifest.ranks or {}).values() if e.node is not None]
+    assert sorted(n.ray_node_id or "" for n in nodes) == rep["nodes"]
+    assert {n.path for n in nodes} == {str(Path(rep["run_dir"]).resolve())}
     qkv = [c for c in run.steps[0].calls if c.dirname == "model.layers.0.self_attn.qkv_proj"]
     assert sorted(c.rank for c in qkv) == [0, 1] and [c.outputs[0].shape for c in qkv] == [(5, 256), (5, 256)]
     # compared where it lives: each node read its own rank's files, and a run matches itself exactly

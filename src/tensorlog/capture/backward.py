@@ -17,7 +17,7 @@ after the backward pass has run.
 
 from __future__ import annotations
 
-import threading
+import functools
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -26,14 +26,16 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from ..schema.leaves import flatten_inputs, flatten_value
-from ..storage.records import CallRecord
 from .hooks import hook_arguments
-from .recorder import Recorder
+from .recorder import GradientCall, Recorder
 
 __all__ = ["GradientHooks"]
 
 
 class GradientHooks:
+    """Forward hooks that hang gradient hooks on each selected call's tensors; what the gradients log is the
+    recorder's (:meth:`Recorder.add_gradient`, under its lock)."""
+
     def __init__(
         self, recorder: Recorder, targets: dict[str, tuple[weakref.ref[torch.nn.Module], frozenset[int] | None]]
     ) -> None:
@@ -41,7 +43,7 @@ class GradientHooks:
         self.targets = targets
         self._handles: list[RemovableHandle] = []
         self._calls: dict[str, int] = {}
-        self._lock = threading.Lock()  # CUDA backward runs hooks on autograd's device threads
+        """Forward calls per module in this step (the model's thread only)."""
 
     def attach(self) -> None:
         if self._handles:
@@ -72,28 +74,12 @@ class GradientHooks:
                 self._calls[name] = k + 1
                 if calls is not None and k not in calls:
                     return
-                call: dict[str, CallRecord | None] = {"rec": None}
-                cls = type(module).__name__
+                call = GradientCall(f"{name}.backward", type(module).__name__, k)
                 inputs, _ = flatten_inputs(args, kwargs)
                 grads_out = flatten_value(output if isinstance(output, (tuple, list)) else (output,))
                 for kind, leaves in (("inputs", grads_out), ("outputs", inputs)):
                     for path, t in leaves:
                         if isinstance(t, torch.Tensor) and t.requires_grad:
-                            t.register_hook(self._grad_hook(call, f"{name}.backward", cls, k, kind, path))
+                            t.register_hook(functools.partial(rec.add_gradient, call, kind, path))
 
         return post_hook
-
-    def _grad_hook(
-        self, call: dict[str, CallRecord | None], name: str, cls: str, k: int, kind: str, path: tuple[str, ...]
-    ) -> Callable[[torch.Tensor], None]:
-        rec = self.recorder
-
-        def hook(grad: torch.Tensor) -> None:
-            with self._lock, rec.guard(f"gradient hook on {name!r}"):
-                if call["rec"] is None:
-                    call["rec"] = rec.open_gradient_call(name, cls, k)
-                r = call["rec"]
-                if r is not None:
-                    rec.add_gradient(r, kind, path, grad)
-
-        return hook

@@ -2,8 +2,10 @@
 
 Module hooks, op-level capture and backward hooks all report here. The
 recorder owns the step's bookkeeping (:class:`StepState`), the snapshots and
-the records of the open step, and hands them to the writer. Everything here
-runs on the model's thread.
+the records of the open step, and hands them to the writer. Everything runs on
+the model's thread except :meth:`Recorder.add_gradient`: autograd calls
+gradient hooks from its own threads (one per device on CUDA) while the model's
+thread waits in ``backward()``, so that method holds the recorder's lock.
 
 Hook code runs inside someone else's model: it returns nothing that changes
 the computation (except a requested graft of inputs), and any error it meets
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +35,20 @@ from ..storage.writer import Writer
 from .snapshot import Snapshotter
 from .steps import ForwardAbandoned, RemovedMidForward, StepState
 
-__all__ = ["Recorder"]
+__all__ = ["Recorder", "GradientCall"]
+
+
+@dataclass(slots=True, eq=False)
+class GradientCall:
+    """A module call's ``<module>.backward`` call: made by its forward hook, opened by its first gradient.
+
+    ``record`` belongs to the recorder and is read and set under its lock only.
+    """
+
+    name: str
+    cls: str
+    k: int
+    record: CallRecord | None = None
 
 
 class Recorder:
@@ -56,6 +73,8 @@ class Recorder:
         self._dropped: list[dict[str, Any]] = []
         self._last_refused = 0
         self._gradients: list[CallRecord] = []
+        self._lock = threading.Lock()
+        """Serialises the gradient hooks' calls (:meth:`add_gradient`), which come from autograd's threads."""
         self._directions = config.directions
         self._docs = layout == "reference"
         self._post_inputs = config.log_post_fwd_inputs
@@ -224,22 +243,23 @@ class Recorder:
                 job.docs["post_fwd_inputs"] = ref.describe(tuple(args))
         self.writer.submit(job)
 
-    def open_gradient_call(self, name: str, cls: str, k: int) -> CallRecord | None:
-        """A ``<module>.backward`` call, opened by the first gradient that arrives for it."""
-        if not self.logging:
-            return None
-        rec = self._record(name, cls, k, backward=True)
-        self._calls.append(rec)
-        self._gradients.append(rec)
-        return rec
+    def add_gradient(self, call: GradientCall, kind: str, path: tuple[str, ...], grad: torch.Tensor) -> None:
+        """A gradient of ``call`` arrived, on any of autograd's threads; the first one opens the call.
 
-    def add_gradient(self, rec: CallRecord, kind: str, path: tuple[str, ...], grad: torch.Tensor) -> None:
-        if self.logging and rec in self._gradients:
-            job = WriteJob(rec, [], {})
-            if self._add(job, kind, [(path, grad)], {s.stem for s in rec.tensors}):
-                self.writer.submit(job)
-            else:
-                self._drop(rec, kind)
+        As safe as :meth:`enter`. A gradient that arrives once its step has ended is not logged.
+        """
+        with self._lock, self.guard(f"gradient hook on {call.name!r}"):
+            if call.record is None and self.logging:
+                call.record = self._record(call.name, call.cls, call.k, backward=True)
+                self._calls.append(call.record)
+                self._gradients.append(call.record)
+            rec = call.record
+            if rec is not None and self.logging and rec in self._gradients:
+                job = WriteJob(rec, [], {})
+                if self._add(job, kind, [(path, grad)], {s.stem for s in rec.tensors}):
+                    self.writer.submit(job)
+                else:
+                    self._drop(rec, kind)
 
     def open_calls(self, name: str) -> int:
         """How many calls of ``name`` have started and not returned."""
@@ -259,12 +279,12 @@ class Recorder:
 
     def _add(self, job: WriteJob, kind: str, leaves: list[Leaf], used: set[str]) -> bool:
         """Snapshot ``leaves`` into ``job`` (and its call); False when back-pressure drops them."""
-        snaps, need = self.snap.plan(kind, leaves, used)
+        snaps, sources, need = self.snap.plan(kind, leaves, used)
         if need and not self.writer.reserve(need):
             self._last_refused = need
             return False
         job.nbytes += need
-        copying = self.snap.copy(snaps, leaves, job.step)
+        copying = self.snap.copy(snaps, sources, leaves, job.step)
         if copying is None:  # the packed layout's staging memory is full
             self.writer.unreserve(need)
             job.nbytes -= need

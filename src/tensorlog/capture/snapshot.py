@@ -32,7 +32,7 @@ from ..schema import names
 from ..schema import vllm_json as ref
 from ..schema.leaves import Leaf, describe_value
 from ..storage import stats as _stats
-from ..storage.records import StepEnd, TensorSnap
+from ..storage.records import StepEnd, TensorPlan, TensorResult
 from ..storage.tensorfile import ST_NAMES
 from ..storage.writer import Writer
 from .graphtap import GraphValue
@@ -41,7 +41,8 @@ __all__ = ["Snapshotter"]
 
 
 class Snapshotter:
-    """Owned by the model's thread. One per capture; :meth:`begin_step` forgets the previous step."""
+    """The recorder's: used on the model's thread, or by a gradient hook under the recorder's lock while the model's
+    thread waits in ``backward()``. One per capture; :meth:`begin_step` forgets the previous step."""
 
     def __init__(self, config: LogConfig, selector: Selector, rank: int | None, layout: str, writer: Writer) -> None:
         self.config = config
@@ -56,11 +57,11 @@ class Snapshotter:
         into it directly (no version bump), so nothing is shared between calls, and CUDA copies go on the
         current stream, ordered before the graph's next write."""
         self.ext = "safetensors" if config.format == "safetensors" else "pt"
-        self._seen: dict[int, tuple[weakref.ref[torch.Tensor], int, TensorSnap]] = {}
+        self._seen: dict[int, tuple[weakref.ref[torch.Tensor], int, TensorPlan]] = {}
         self._parts: list[list[torch.Tensor]] = []
-        self._graph_seen: dict[int, tuple[GraphValue, TensorSnap]] = {}
+        self._graph_seen: dict[int, tuple[GraphValue, TensorPlan]] = {}
         """The graph's values planned this step: the object a second tap of one tensor hands over again."""
-        self._weights: dict[int, tuple[weakref.ref[torch.Tensor], int, TensorSnap]] = {}
+        self._weights: dict[int, tuple[weakref.ref[torch.Tensor], int, TensorPlan]] = {}
         """Weights whose statistics were taken, across steps (``level: op`` hands them to ops every step)."""
         self._streams: dict[int | None, Any] = {}
 
@@ -92,86 +93,107 @@ class Snapshotter:
             end.stats = ([len(p) for p in parts], host)
         end.ready += self.copy_events()
 
-    def plan(self, kind: str, leaves: list[Leaf], used: set[str]) -> tuple[list[TensorSnap], int]:
-        """Snapshots for ``leaves`` (metadata only) and the bytes their host copies will need.
+    def plan(self, kind: str, leaves: list[Leaf], used: set[str]) -> tuple[list[TensorPlan], list[torch.Tensor | None], int]:
+        """Plans for ``leaves`` (metadata only), the tensors :meth:`copy` reads, and the bytes their copies will need.
 
+        The second list holds, for each plan, the tensor to copy and measure (the live tensor, detached, or a
+        compiled graph's staged view) or None: the caller holds them until :meth:`copy`, and no longer.
         ``used`` holds the stems already taken in this call, so that no two leaves share a file.
         """
         cfg = self.config
-        snaps: list[TensorSnap] = []
+        snaps: list[TensorPlan] = []
+        sources: list[torch.Tensor | None] = []
         need = 0
         for path, v in leaves:
             if isinstance(v, GraphValue):
-                snap = self._plan_graph(kind, path, v, used)
-                if snap.host is not None and (snap.file is not None or snap.want_checksum):
-                    need += snap.host.numel() * snap.host.element_size()
+                snap, data = self._plan_graph(kind, path, v, used)
+                if data is not None and (snap.file is not None or snap.want_checksum):
+                    need += data.numel() * data.element_size()
                 snaps.append(snap)
+                sources.append(data)
                 continue
             if not isinstance(v, torch.Tensor):
                 stem = _unique(_stem(kind, path), used)
                 snaps.append(
-                    TensorSnap(
+                    TensorPlan(
                         name=f"{stem}_value" + ("" if self.rank is None else f"_rank{self.rank}"),
                         kind=kind,
                         key="_".join(path) if path else None,
                         path=path,
                         stem=stem,
+                        result=TensorResult(),
                         tensor=False,
                         value=describe_value(v),
                     )
                 )
+                sources.append(None)
                 continue
             t = v.detach()
             dev = t.device
             device, stem, key, name, file = self._names(kind, path, dev, used)
             nested = t.is_nested  # no single shape: recorded by dtype and device only
             strided = t.layout == torch.strided and not nested
+            stride = t.stride() if strided else None
             numel = t.numel() if not nested else 0
-            s = TensorSnap(
-                name=name,
-                kind=kind,
-                key=key,
-                path=path,
-                stem=stem,
-                shape=t.shape if not nested else None,
-                dtype=t.dtype,
-                device=device,
-                stride=t.stride() if strided else None,
-                numel=numel,
-                parameter=type(v) is not torch.Tensor and isinstance(v, torch.nn.Parameter),
-            )
-            s.host = t  # the live tensor, until copy() replaces it by a private copy (or drops it)
+            parameter = type(v) is not torch.Tensor and isinstance(v, torch.nn.Parameter)
+            skipped = None
+            sidecar = None
             if not self.selector.device(dev):
-                s.skipped = "device_names"
+                skipped = "device_names"
             elif not plain_data(t):
-                s.skipped = f"a {_kind_of(t)} tensor: no plain data to copy or take statistics of"
+                skipped = f"a {_kind_of(t)} tensor: no plain data to copy or take statistics of"
                 strided = False
             elif cfg.max_tensor_size is not None and numel > cfg.max_tensor_size:
-                s.skipped = "max_tensor_size"
+                skipped = "max_tensor_size"
                 if self.layout == "reference" and path:  # a single output's sidecar would be outputs.json itself
-                    s.sidecar = ref.sidecar(t, cfg.max_tensor_size)
-            prev = self._seen_before(v) if s.skipped is None else None
+                    sidecar = ref.sidecar(t, cfg.max_tensor_size)
+            prev = self._seen_before(v) if skipped is None else None
+            stats = None
+            kept_file = None
+            pack = want_values = want_checksum = False
             if prev is not None:
-                s.same_as = prev
-                s.file = file if prev.file else None
-            elif s.parameter and cfg.mode == "statistics":
-                s.stats = self._weight_stats(v)  # a weight is the same every step until something changes it
-            elif s.skipped is None and strided:
+                kept_file = file if prev.file else None
+            elif parameter and cfg.mode == "statistics":
+                stats = self._weight_stats(v)  # a weight is the same every step until something changes it
+            elif skipped is None and strided:
                 small = numel <= cfg.small_tensor_values
                 keep_file = cfg.mode == "tensor"
                 if self.packed and keep_file and t.dtype not in ST_NAMES:
-                    s.skipped = f"{t.dtype} cannot be stored in safetensors"
+                    skipped = f"{t.dtype} cannot be stored in safetensors"
                 elif self.packed and keep_file:
-                    s.packed_at = (-1, -1)  # placed in the step's stream by copy(); bounded by the writer's arena
-                    s.want_values = small
+                    pack = True  # placed in the step's stream by copy(); bounded by the writer's arena
+                    want_values = small
                 elif keep_file or small or cfg.mode == "md5":
                     if keep_file or cfg.mode == "md5":  # a few values of a small tensor count as metadata
                         need += numel * t.element_size()
-                    s.file = file if keep_file else None
-                    s.want_values = small
-                    s.want_checksum = cfg.mode == "md5"
-            snaps.append(s)
-        return snaps, need
+                    kept_file = file if keep_file else None
+                    want_values = small
+                    want_checksum = cfg.mode == "md5"
+            snaps.append(
+                TensorPlan(
+                    name=name,
+                    kind=kind,
+                    key=key,
+                    path=path,
+                    stem=stem,
+                    result=TensorResult(stats=stats),
+                    shape=t.shape if not nested else None,
+                    dtype=t.dtype,
+                    device=device,
+                    stride=stride,
+                    numel=numel,
+                    parameter=parameter,
+                    skipped=skipped,
+                    file=kept_file,
+                    pack=pack,
+                    want_values=want_values,
+                    want_checksum=want_checksum,
+                    same_as=prev,
+                    sidecar=sidecar,
+                )
+            )
+            sources.append(t)
+        return snaps, sources, need
 
     def _names(
         self, kind: str, path: tuple[str, ...], dev: torch.device, used: set[str]
@@ -189,74 +211,78 @@ class Snapshotter:
             used.add(stem)
         return device, stem, key, name, file
 
-    def _plan_graph(self, kind: str, path: tuple[str, ...], v: GraphValue, used: set[str]) -> TensorSnap:
-        """A tensor a compiled graph measured (and staged): its statistics are given, its data is a staged view."""
+    def _plan_graph(
+        self, kind: str, path: tuple[str, ...], v: GraphValue, used: set[str]
+    ) -> tuple[TensorPlan, torch.Tensor | None]:
+        """A tensor a compiled graph measured (and staged): its statistics are given; its data, returned beside the
+        plan (None where nothing is copied), is a staged view."""
         cfg = self.config
         device, stem, key, name, file = self._names(kind, path, v.device, used)
         numel = v.numel
-        s = TensorSnap(
+        prev = self._graph_seen.get(id(v))
+        same_as = prev[1] if prev is not None and prev[0] is v else None  # tapped before (an input that was an output)
+        stats = _stats.finish(list(v.partial), numel) if v.partial is not None and same_as is None else None
+        skipped = kept_file = data = None
+        want_values = want_checksum = pack = False
+        keep_file = cfg.mode == "tensor"
+        small = numel <= cfg.small_tensor_values
+        if same_as is not None:
+            kept_file = file if same_as.file else None
+        elif not self.selector.device(v.device):
+            skipped = "device_names"
+        elif cfg.max_tensor_size is not None and numel > cfg.max_tensor_size:
+            skipped = "max_tensor_size"
+        elif not (keep_file or small or cfg.mode == "md5"):
+            pass
+        elif v.data is None:
+            if keep_file or cfg.mode == "md5":
+                skipped = (
+                    f"not staged by the compiled graph: {v.not_staged}" if v.not_staged else "not staged by the compiled graph"
+                )
+        else:
+            data = v.data
+            want_values = small
+            want_checksum = cfg.mode == "md5"
+            if keep_file and self.packed and v.dtype not in ST_NAMES:
+                skipped, data = f"{v.dtype} cannot be stored in safetensors", None
+            elif keep_file and self.packed:
+                pack = True
+            elif keep_file:
+                kept_file = file
+        s = TensorPlan(
             name=name,
             kind=kind,
             key=key,
             path=path,
             stem=stem,
+            result=TensorResult(stats=stats),
             shape=v.shape,
             dtype=v.dtype,
             device=device,
             stride=_contiguous_stride(v.shape),
             numel=numel,
+            skipped=skipped,
+            file=kept_file,
+            pack=pack,
+            want_values=want_values,
+            want_checksum=want_checksum,
+            same_as=same_as,
             graph=True,
         )
-        prev = self._graph_seen.get(id(v))
-        if prev is not None and prev[0] is v:  # the graph tapped this tensor before (an input that was an output)
-            s.same_as = prev[1]
-            s.file = file if prev[1].file else None
-            return s
-        self._graph_seen[id(v)] = (v, s)
-        if v.partial is not None:
-            s.stats = _stats.finish(list(v.partial), numel)
-        if not self.selector.device(v.device):
-            s.skipped = "device_names"
-            return s
-        if cfg.max_tensor_size is not None and numel > cfg.max_tensor_size:
-            s.skipped = "max_tensor_size"
-            return s
-        keep_file = cfg.mode == "tensor"
-        small = numel <= cfg.small_tensor_values
-        if not (keep_file or small or cfg.mode == "md5"):
-            return s
-        if v.data is None:
-            if keep_file or cfg.mode == "md5":
-                s.skipped = (
-                    f"not staged by the compiled graph: {v.not_staged}" if v.not_staged else "not staged by the compiled graph"
-                )
-            return s
-        s.host = v.data
-        s.want_values = small
-        if keep_file and self.packed:
-            if v.dtype not in ST_NAMES:
-                s.skipped, s.host = f"{v.dtype} cannot be stored in safetensors", None
-            else:
-                s.packed_at = (-1, -1)
-        elif keep_file:
-            s.file = file
-        s.want_checksum = cfg.mode == "md5"
-        return s
+        if same_as is None:
+            self._graph_seen[id(v)] = (v, s)
+        return s, data
 
-    def copy(self, snaps: list[TensorSnap], originals: list[Leaf], step: int) -> bool | None:
+    def copy(self, snaps: list[TensorPlan], sources: list[torch.Tensor | None], originals: list[Leaf], step: int) -> bool | None:
         """Make the planned host copies and start the statistics; True when a CUDA copy is in flight.
 
-        ``originals`` are the leaves ``snaps`` were planned from: the objects the
-        next call will see again (a detached tensor is a new object each time).
+        ``sources`` are what :meth:`plan` returned beside ``snaps``, ``originals`` the leaves they were planned
+        from: the objects the next call will see again (a detached tensor is a new object each time).
         None: the packed layout's staging memory was full and back-pressure dropped them.
         """
         on_cuda = False
-        for s, (_, live) in zip(snaps, originals):
-            t = s.host
-            if t is None or not s.tensor:
-                continue
-            s.host = None
-            if s.same_as is not None:
+        for s, t, (_, live) in zip(snaps, sources, originals):
+            if t is None or not s.tensor or s.same_as is not None:
                 continue
             cuda = t.device.type == "cuda"
             if s.skipped is None:
@@ -266,37 +292,40 @@ class Snapshotter:
                 on_cuda |= copied
             if s.graph:  # a staged view, copied out above before the graph runs again; its statistics are given
                 continue
-            kept = s.skipped is None and (s.packed_at is not None or s.file is not None)
+            kept = s.skipped is None and (s.pack or s.file is not None)
             wanted = s.skipped != "device_names" and plain_data(t) and (cuda or not kept or self.config.detect_anomaly)
             if s.parameter and s.skipped is None and self.config.mode == "statistics" and not live.is_inference():
-                if s.stats is None:
+                if s.result.stats is None:
                     self._weights[id(live)] = (weakref.ref(live), live._version, s)
                 else:
                     wanted = False  # taken in an earlier step, and the weight has not changed since
             if wanted:
                 # a CPU tensor whose data is kept gets its statistics from the file, when a reader wants them
-                s.stats_row = len(self._parts)
+                s.result.stats_row = len(self._parts)
                 self._parts.append(_stats.partial_stats(t))
             if s.skipped is None:
                 self._remember(live, s)
         return on_cuda
 
-    def _copy_out(self, s: TensorSnap, t: torch.Tensor, step: int, cuda: bool) -> bool | None:
+    def _copy_out(self, s: TensorPlan, t: torch.Tensor, step: int, cuda: bool) -> bool | None:
         """``t``'s bytes into the step's packed stream, or a host copy of it, as ``s`` was planned; whether a
         CUDA copy started, or None when back-pressure dropped it."""
-        if s.packed_at is not None:
-            if not self._pack(s, t, step):
+        if s.pack:
+            placed = self._pack(t, step)
+            if placed is None:
                 return None
+            s.result.packed_at = placed
             if s.want_values:
-                s.host = _host_copy(t, self._stream(t.device) if cuda else None)
+                s.result.host_copy = _host_copy(t, self._stream(t.device) if cuda else None)
                 return cuda
         elif s.file is not None or s.want_values or s.want_checksum:
-            s.host = _host_copy(t, self._stream(t.device) if cuda else None)
+            s.result.host_copy = _host_copy(t, self._stream(t.device) if cuda else None)
             return cuda
         return False
 
-    def _pack(self, s: TensorSnap, t: torch.Tensor, step: int) -> bool:
-        """Copy ``t`` into the step's packed stream (non-blocking, on the copy stream, for CUDA)."""
+    def _pack(self, t: torch.Tensor, step: int) -> tuple[int, int] | None:
+        """Copy ``t`` into the step's packed stream (non-blocking, on the copy stream, for CUDA): where its bytes
+        lie, or None when back-pressure dropped it."""
         stream = None
         src = t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
         if t.device.type == "cuda":
@@ -305,16 +334,15 @@ class Snapshotter:
             t.record_stream(stream)
         placed = self.writer.pack(step, src, stream=stream)
         if placed is None:
-            return False
-        s.packed_at = (placed, placed + int(src.numel()))
-        return True
+            return None
+        return placed, placed + int(src.numel())
 
     def seal(self, step: int) -> None:
         """The step's last packed chunk goes to the writer (after the copies into it, on CUDA)."""
         if self.packed:
             self.writer.seal_pack(step, next(iter(self._streams.values()), None))
 
-    def _weight_stats(self, w: torch.Tensor) -> list[float] | None:
+    def _weight_stats(self, w: torch.Tensor) -> _stats.Stats | None:
         """A weight's statistics from an earlier step, if it is unchanged and that step is finished.
 
         The finishing thread sets ``stats`` once, before the step is finished; capture
@@ -326,9 +354,9 @@ class Snapshotter:
         ref_, version, snap = entry
         if ref_() is not w or w.is_inference() or w._version != version:
             return None
-        return snap.stats
+        return snap.result.stats
 
-    def _seen_before(self, t: torch.Tensor) -> TensorSnap | None:
+    def _seen_before(self, t: torch.Tensor) -> TensorPlan | None:
         entry = self._seen.get(id(t))
         if entry is None:
             return None
@@ -337,7 +365,7 @@ class Snapshotter:
             return None
         return snap
 
-    def _remember(self, t: torch.Tensor, snap: TensorSnap) -> None:
+    def _remember(self, t: torch.Tensor, snap: TensorPlan) -> None:
         if t.is_inference() or self.in_graph:  # no version counter, or kernels that write without bumping it
             return
         try:

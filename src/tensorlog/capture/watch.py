@@ -96,8 +96,8 @@ def summarize(step: WatchedStep) -> dict[tuple[str, str], ModuleStats]:
         for v in call.values:
             if v.partial is None or not v.dtype.is_floating_point or v.numel == 0:
                 continue
-            _, _, mean, _, abs_max, l2, nan, inf = finish(list(v.partial), v.numel)
-            bad = nan + inf
+            st = finish(list(v.partial), v.numel)
+            mean, abs_max, l2, bad = st.mean, st.abs_max, st.l2_norm, st.nan_count + st.inf_count
             a[0] = max(a[0], abs_max) if not math.isnan(abs_max) else math.nan
             a[1] += l2 * l2
             a[2] += mean * v.numel

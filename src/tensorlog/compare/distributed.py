@@ -233,7 +233,7 @@ def _read_remote(ray: Any, source: Any, stats: RayStats) -> tuple[Run, dict[int 
 def _recorded_nodes(run: Run) -> dict[int | None, str | None]:
     listed = listed_ranks(run.manifest)
     if listed:
-        return {r: node.get("ray_node_id") for r, e in listed.items() if isinstance(node := e.get("node"), dict)}
+        return {r: e.node.ray_node_id for r, e in listed.items() if e.node is not None}
     node = run.manifest.node
     return {run.manifest.rank if run.world_size > 1 else None: node.ray_node_id if node else None}
 

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import AlignmentError, DependencyError, RunReadError
 from ..schema.columns import Columns
-from ..schema.records import STAT_KEYS, RunManifest, StepInfo, TensorEntry
+from ..schema.records import RankEntry, RunManifest, StepInfo, TensorEntry
 from ..storage.parquet import arrow_table
 from ..storage.stats import host_stats
 
@@ -148,7 +148,7 @@ class TensorRecord:
             row = host_stats(self.load())
         except (RunReadError, AlignmentError):
             return None
-        return dict(zip(STAT_KEYS, row[:6] + [int(row[6]), int(row[7])])) if row is not None else None
+        return row.published() if row is not None else None
 
     @property
     def checksum(self) -> str | None:
@@ -374,25 +374,22 @@ def step_docs(step: Step, problems: list[str]) -> dict[int | None, list[dict[str
     return by_rank
 
 
-def rank_entry(m: RunManifest) -> dict[str, Any]:
+def rank_entry(m: RunManifest) -> RankEntry:
     """What a merged manifest's ``ranks`` keeps of one rank's ``run.json``."""
-    return {
-        "complete": m.complete,
-        "incomplete_reason": m.incomplete_reason,
-        "pid": m.pid,
-        "host": m.host,
-        "steps_written": m.steps_done(),
-        "node": m.node.model_dump() if m.node else None,
-        "removed_through": m.removed_through,
-    }
+    return RankEntry(
+        complete=m.complete,
+        incomplete_reason=m.incomplete_reason,
+        pid=m.pid,
+        host=m.host,
+        steps_written=m.steps_done(),
+        node=m.node,
+        removed_through=m.removed_through,
+    )
 
 
-def listed_ranks(m: RunManifest) -> dict[int, dict[str, Any]]:
-    """A merged manifest's ``ranks`` (rank -> :func:`rank_entry`); anything else under that key is ignored."""
-    listed = (m.model_extra or {}).get("ranks")
-    if not isinstance(listed, dict):
-        return {}
-    return {r: e for r, e in listed.items() if isinstance(r, int) and not isinstance(r, bool) and isinstance(e, dict)}
+def listed_ranks(m: RunManifest) -> dict[int, RankEntry]:
+    """A merged manifest's ``ranks`` (rank -> :func:`rank_entry`), or none."""
+    return m.ranks or {}
 
 
 def unique_dirnames(calls: list[ModuleCall]) -> None:

@@ -56,9 +56,7 @@ def manifest_disagreements(run: Run) -> list[str]:
     if m.layout_version < 2 or not m.tensorlog_version:
         return []
     listed = listed_ranks(m)
-    per_rank: dict[int | None, tuple[Any, Any]] = {
-        r: (e.get("steps_written"), e.get("removed_through")) for r, e in listed.items()
-    }
+    per_rank: dict[int | None, tuple[Any, Any]] = {r: (e.steps_written, e.removed_through) for r, e in listed.items()}
     if not per_rank:
         per_rank[None] = (m.steps_done(), m.removed_through)
     out = []
@@ -162,7 +160,7 @@ def _with_journals(m: RunManifest, listing: Listing, problems: list[str]) -> Run
     ranks = listed_ranks(m)
     if ranks:
         merged = {
-            r: {**e, "steps_written": sorted(set(e.get("steps_written") or []) | journals.get(r, set()))}
+            r: e.model_copy(update={"steps_written": sorted(set(e.steps_written or []) | journals.get(r, set()))})
             for r, e in ranks.items()
         }
         return m.model_copy(update={"ranks": merged})
@@ -228,7 +226,7 @@ def _load_step(index: int, d: Path, manifest: RunManifest, problems: list[str], 
 def _removed(manifest: RunManifest, rank: int | None, step: int) -> bool:
     """Retention removed this rank's data of ``step``: what is left of it was being deleted, not cut short."""
     entry = listed_ranks(manifest).get(rank) if rank is not None else None
-    through = entry.get("removed_through") if entry is not None else manifest.removed_through
+    through = entry.removed_through if entry is not None else manifest.removed_through
     return isinstance(through, int) and step <= through
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 
 __all__ = [
     "STAT_KEYS",
@@ -36,6 +36,7 @@ __all__ = [
     "ShardLayout",
     "CompiledInfo",
     "NodeInfo",
+    "RankEntry",
     "RunPart",
     "RunParts",
     "RunManifest",
@@ -323,6 +324,23 @@ class NodeInfo(_Record):
     path: str
 
 
+class RankEntry(_Record):
+    """One rank of a run read as a whole (:attr:`RunManifest.ranks`): what a reader kept of that rank's own
+    ``run.json``, or, for a foreign dump, the directory and parallel ranks it was found under."""
+
+    complete: StrictBool | None = None
+    incomplete_reason: str | None = None
+    pid: StrictInt | None = None
+    host: str | None = None
+    steps_written: list[StrictInt] | None = None
+    """Step numbers, one each (not ranges)."""
+    node: NodeInfo | None = None
+    removed_through: StrictInt | None = None
+    dir: str | None = None
+    tp_rank: StrictInt | None = None
+    pp_rank: StrictInt | None = None
+
+
 class RunPart(_Record):
     path: str
     """The part's directory; a relative path is relative to the parts file."""
@@ -383,6 +401,28 @@ class RunManifest(_Record):
     grafted_from: str | None = None
     layout: str | None = None
     """``reference``, ``packed`` or ``statistics`` (which files each step has)."""
+    ranks: dict[int, RankEntry] | None = Field(default=None, exclude_if=lambda v: v is None)
+    """A run read as a whole (its ranks' files merged): each rank's entry. Readers make it; capture never
+    writes it, and a ``run.json`` that has one (string keys, as JSON has) lists no rank."""
+
+    @field_validator("ranks", mode="before")
+    @classmethod
+    def _rank_entries(cls, v: Any) -> dict[int, RankEntry] | None:
+        """Only int ranks with a valid entry: anything else under ``ranks`` is left out, never an error of the run."""
+        if not isinstance(v, dict):
+            return None
+        out: dict[int, RankEntry] = {}
+        for r, e in v.items():
+            if not isinstance(r, int) or isinstance(r, bool):
+                continue
+            if isinstance(e, RankEntry):
+                out[r] = e
+            elif isinstance(e, dict):
+                try:
+                    out[r] = RankEntry.model_validate(e)
+                except ValidationError:
+                    continue
+        return out or None
 
     def steps_done(self, limit: int = 10_000_000) -> list[int]:
         """``steps_written`` as a list of step numbers."""

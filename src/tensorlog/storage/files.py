@@ -76,10 +76,11 @@ class RunFiles:
         for s in job.snaps:
             if s.sidecar is not None:
                 self._write(d / names.sidecar_file(s.stem, self.rank), [ref.dumps(s.sidecar)])
-            if s.host is not None and s.file is not None and s.same_as is None:
-                chunks = encode_safetensors(s.host) if self.fmt == "safetensors" else encode_pt(s.host)
+            data = s.result.host_copy
+            if data is not None and s.file is not None and s.same_as is None:
+                chunks = encode_safetensors(data) if self.fmt == "safetensors" else encode_pt(data)
                 self._write(d / s.file, chunks)
-                s.written = f"{rec.dirname}/{s.file}"
+                s.result.written = f"{rec.dirname}/{s.file}"
         for kind, doc in job.docs.items():
             self._write(d / names.ref_meta_file(kind, self.rank), [ref.dumps(doc)])
 

@@ -30,7 +30,7 @@ from .atomic import RunRoot, link_atomic, make_dir, open_file, process_alive, wr
 from .index import index_doc, index_json, origin
 from .packed import PackedFile
 from .parquet import Item, ParquetSink, Retention
-from .records import StepEnd, TensorSnap
+from .records import StepEnd, TensorPlan
 from .tensorfile import st_dtype_name
 
 __all__ = ["StepFinisher", "derive", "MANIFEST_INTERVAL", "close_orphaned"]
@@ -39,14 +39,15 @@ MANIFEST_INTERVAL = 1.0
 """Seconds between rewrites of ``run.json`` while nothing but progress changes."""
 
 
-def derive(s: TensorSnap) -> None:
+def derive(s: TensorPlan) -> None:
     """What is taken from a host copy besides its file: small values, checksum."""
-    if s.host is None:
+    r = s.result
+    if r.host_copy is None:
         return
     if s.want_values:
-        s.values = _stats.small_values(s.host)
+        r.values = _stats.small_values(r.host_copy)
     if s.want_checksum:
-        s.checksum = _stats.checksum(s.host)
+        r.checksum = _stats.checksum(r.host_copy)
 
 
 class StepFinisher:
@@ -184,24 +185,26 @@ class StepFinisher:
             partial = _stats.split_rows(lengths, [(rows, t.tolist()) for rows, t in gathered])
         snaps = [s for rec in end.calls for s in rec.tensors]
         for s in snaps:
-            if s.host is not None:
+            r = s.result
+            if r.host_copy is not None:
                 derive(s)
-                s.host = None
-            if s.stats_row is not None and partial is not None:
-                s.stats = _stats.finish(partial[s.stats_row], s.numel or 0)
+                r.host_copy = None
+            if r.stats_row is not None and partial is not None:
+                r.stats = _stats.finish(partial[r.stats_row], s.numel or 0)
         for s in snaps:
             src = origin(s)
             if src is not s:
-                s.stats, s.values, s.checksum = src.stats, src.values, src.checksum
+                r, first = s.result, src.result
+                r.stats, r.values, r.checksum = first.stats, first.values, first.checksum
 
     def _link_repeats(self, end: StepEnd, step_dir: Path) -> None:
         """A tensor logged again unchanged (a module's input is the previous one's output) is a hard link."""
         for rec in end.calls:
             for s in rec.tensors:
                 src = origin(s)
-                if src is not s and s.file is not None and src.written is not None and s.skipped is None:
-                    link_atomic(step_dir / src.written, step_dir / rec.dirname / s.file)
-                    s.written = f"{rec.dirname}/{s.file}"
+                if src is not s and s.file is not None and src.result.written is not None and s.skipped is None:
+                    link_atomic(step_dir / src.result.written, step_dir / rec.dirname / s.file)
+                    s.result.written = f"{rec.dirname}/{s.file}"
 
     def _find_anomaly(self, end: StepEnd) -> bool:
         """The first call, in completion order, whose outputs hold a NaN or Inf: where it was born."""
@@ -267,15 +270,16 @@ def _packed_entries(end: StepEnd) -> list[tuple[str, str, list[int], int, int]]:
     out = []
     for rec in end.calls:
         for s in rec.tensors:
-            if s.packed_at is not None and s.packed_at[0] >= 0 and s.same_as is None and s.dtype is not None:
-                s.written = f"{rec.dirname}/{s.name}"
-                out.append((s.written, st_dtype_name(s.dtype), list(s.shape or ()), *s.packed_at))
+            r = s.result
+            if r.packed_at is not None and s.same_as is None and s.dtype is not None:
+                r.written = f"{rec.dirname}/{s.name}"
+                out.append((r.written, st_dtype_name(s.dtype), list(s.shape or ()), *r.packed_at))
     return out
 
 
-def _nonfinite(s: TensorSnap) -> bool:
-    st = s.stats
-    return st is not None and (st[6] > 0 or st[7] > 0)
+def _nonfinite(s: TensorPlan) -> bool:
+    st = s.result.stats
+    return st is not None and st.nonfinite
 
 
 def _add_to_ranges(ranges: list[list[int]], step: int) -> None:

@@ -16,16 +16,16 @@ from typing import Any
 import pydantic_core
 import torch
 
-from ..schema.records import INDEX_FORMAT, INDEX_VERSION, STAT_KEYS
+from ..schema.records import INDEX_FORMAT, INDEX_VERSION
 from . import stats as _stats
-from .records import CallRecord, StepEnd, TensorSnap
+from .records import CallRecord, StepEnd, TensorPlan
 
 __all__ = ["index_bytes", "index_doc", "index_json", "origin"]
 
 _DTYPES: dict[torch.dtype, str] = {}
 
 
-def origin(s: TensorSnap) -> TensorSnap:
+def origin(s: TensorPlan) -> TensorPlan:
     """The first snapshot of a tensor that was logged again unchanged (``s`` itself when it is new)."""
     while s.same_as is not None:
         s = s.same_as
@@ -75,7 +75,7 @@ def _call(rec: CallRecord, packed: str | None) -> dict[str, Any]:
     return d
 
 
-def _tensor(s: TensorSnap, packed: str | None) -> dict[str, Any]:
+def _tensor(s: TensorPlan, packed: str | None) -> dict[str, Any]:
     d: dict[str, Any] = {"name": s.name, "kind": s.kind}
     if s.key is not None:
         d["key"] = s.key
@@ -96,22 +96,20 @@ def _tensor(s: TensorSnap, packed: str | None) -> dict[str, Any]:
     if s.stride is not None:
         d["stride"] = list(s.stride)
     d["numel"] = s.numel
-    if s.stats is not None:
-        st = dict(zip(STAT_KEYS, s.stats))
-        st["nan_count"] = int(st["nan_count"])
-        st["inf_count"] = int(st["inf_count"])
-        d["stats"] = st
-    if s.values is not None:
-        d["values"] = s.values
-    if s.checksum is not None:
-        d["checksum"] = {"algorithm": _stats.CHECKSUM_ALGORITHM, "digest": s.checksum}
+    r = s.result
+    if r.stats is not None:
+        d["stats"] = r.stats.published()
+    if r.values is not None:
+        d["values"] = r.values
+    if r.checksum is not None:
+        d["checksum"] = {"algorithm": _stats.CHECKSUM_ALGORITHM, "digest": r.checksum}
     if s.skipped is not None:
         d["skipped"] = s.skipped
     if s.parameter:
         d["parameter"] = True
-    src = origin(s)
-    if packed is not None and src.written is not None:
-        d["packed"] = {"file": packed, "key": src.written}
-    elif s.written is not None:
-        d["file"] = s.written
+    first = origin(s).result
+    if packed is not None and first.written is not None:
+        d["packed"] = {"file": packed, "key": first.written}
+    elif r.written is not None:
+        d["file"] = r.written
     return d

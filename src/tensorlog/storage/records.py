@@ -1,5 +1,8 @@
 """What capture hands to the writer: one :class:`CallRecord` per logged call, built in the hooks.
 
+Each logged value is a frozen :class:`TensorPlan`, made by the hook, and the :class:`TensorResult` it
+carries, filled in by the writer threads and the finisher.
+
 These are in-memory work items, not the on-disk records: the writer turns them
 into files and into the step's :class:`~tensorlog.schema.records.StepIndex`.
 """
@@ -12,13 +15,41 @@ from typing import Any
 import torch
 
 from .arena import Chunk
+from .stats import Stats
 
-__all__ = ["TensorSnap", "CallRecord", "WriteJob", "ChunkJob", "StepEnd"]
+__all__ = ["TensorPlan", "TensorResult", "CallRecord", "WriteJob", "ChunkJob", "StepEnd"]
 
 
 @dataclass(slots=True, eq=False)
-class TensorSnap:
-    """One value of a call: its metadata, taken in the hook, and its data (a private host copy) or not."""
+class TensorResult:
+    """What becomes of a planned tensor: filled in after planning, each field by the one thread named beside it."""
+
+    stats: Stats | None = None
+    """Given at planning (a weight unchanged since an earlier step, a compiled graph's measurement), else the
+    finisher's: from the step's read-back (``stats_row``) or, for a repeat, its first snapshot's."""
+    stats_row: int | None = None
+    """The hook's (its copy phase): this tensor's row in the step's device-side statistics."""
+    packed_at: tuple[int, int] | None = None
+    """The hook's (its copy phase), ``layout: packed``: where its bytes lie in the step's data stream (start, end)."""
+    host_copy: torch.Tensor | None = None
+    """The private host copy made by the hook's copy phase; from the hand-off on, the writer thread's that writes
+    the call part or, when no writer thread is needed, the finisher's; whoever uses it drops it."""
+    values: Any = None
+    """Whoever holds ``host_copy`` (or the finisher, for a repeat): the values of a small tensor."""
+    checksum: str | None = None
+    """As ``values``: the digest of its bytes (``md5`` mode)."""
+    written: str | None = None
+    """Where the data went, relative to the step directory: the writer thread's (a file), or the finisher's
+    (a hard link, a packed entry)."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class TensorPlan:
+    """One value of a call as its hook planned it, from metadata alone: made by the recorder, never changed.
+
+    The data to copy is not here: the hook holds the live tensor only until its copy phase, which leaves a
+    private host copy in :attr:`TensorResult.host_copy`.
+    """
 
     name: str
     """Pairing name: the tensor file's name without extension (``inputs_0_cpu``), also without a file."""
@@ -26,6 +57,8 @@ class TensorSnap:
     key: str | None
     path: tuple[str, ...]
     stem: str
+    result: TensorResult
+    """What the writer threads and the finisher make of it (the plan's only mutable part)."""
     tensor: bool = True
     shape: tuple[int, ...] | None = None
     dtype: torch.dtype | None = None
@@ -38,24 +71,15 @@ class TensorSnap:
     skipped: str | None = None
     file: str | None = None
     """The file to write, in the call's directory (or, packed, the key)."""
-    host: torch.Tensor | None = None
-    stats_row: int | None = None
-    """Row of this tensor's statistics in the step's device-side statistics (computed in the hook)."""
+    pack: bool = False
+    """``layout: packed``: its bytes go into the step's data stream (where: :attr:`TensorResult.packed_at`)."""
     want_values: bool = False
     want_checksum: bool = False
-    same_as: TensorSnap | None = None
+    same_as: TensorPlan | None = None
     """An earlier snapshot of the same, unchanged tensor in this step: its file is linked, its statistics shared."""
     sidecar: dict[str, Any] | None = None
-    packed_at: tuple[int, int] | None = None
-    """``layout: packed``: where its bytes lie in the step's data stream (start, end)."""
     graph: bool = False
-    """Measured by a compiled graph (a native tap): its statistics are given, ``host`` is the staged data."""
-    # filled in by the writer
-    stats: list[float] | None = None
-    values: Any = None
-    checksum: str | None = None
-    written: str | None = None
-    """Where the data went, relative to the step directory."""
+    """Measured by a compiled graph (a native tap): its statistics are given, its data is the graph's staged view."""
 
 
 @dataclass(slots=True, eq=False)
@@ -68,7 +92,7 @@ class CallRecord:
     seq_start: int
     seq_end: int | None = None
     backward: bool = False
-    tensors: list[TensorSnap] = field(default_factory=list)
+    tensors: list[TensorPlan] = field(default_factory=list)
     structure: dict[str, Any] | None = None
     grafted: bool = False
     dropped: str | None = None
@@ -92,7 +116,7 @@ class WriteJob:
     """
 
     record: CallRecord
-    snaps: list[TensorSnap]
+    snaps: list[TensorPlan]
     docs: dict[str, Any]
     nbytes: int = 0
     """Bytes of host copies reserved against ``max_pending_bytes``; given back once written."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ import torch
 from ..schema.records import STAT_KEYS
 
 __all__ = [
+    "Stats",
     "partial_stats",
     "HOST_CHECK_DEVICES",
     "gather",
@@ -34,6 +36,37 @@ __all__ = [
     "small_values",
     "stat_source",
 ]
+
+
+class Stats(NamedTuple):
+    """A tensor's published statistics (:data:`~tensorlog.schema.records.STAT_KEYS`, in that order).
+
+    The counts stay floats as the reductions give them; :meth:`published` makes them ints.
+    """
+
+    min: float
+    max: float
+    mean: float
+    std: float
+    abs_max: float
+    l2_norm: float
+    nan_count: float
+    inf_count: float
+
+    @property
+    def nonfinite(self) -> bool:
+        """The tensor holds a NaN or an Inf."""
+        return self.nan_count > 0 or self.inf_count > 0
+
+    def published(self) -> dict[str, float | int]:
+        """As a step index stores them: keyed by name, the counts as ints."""
+        d: dict[str, float | int] = self._asdict()
+        d["nan_count"] = int(self.nan_count)
+        d["inf_count"] = int(self.inf_count)
+        return d
+
+
+assert Stats._fields == STAT_KEYS
 
 PARTIAL = 7
 """Columns of a partial row: min, max, mean, ``||x - mean||``, ``sum(x - mean)``, nan count, inf count."""
@@ -112,11 +145,11 @@ def split_rows(lengths: list[int], host: list[tuple[list[int], list[float]]]) ->
     return out
 
 
-def finish(row: list[float], numel: int) -> list[float]:
+def finish(row: list[float], numel: int) -> Stats:
     """The published statistics (:data:`~tensorlog.schema.records.STAT_KEYS`) from a partial row."""
     mn, mx, mean, cnorm, dsum, nan, inf = row
     if math.isnan(mn) and math.isnan(mx) and math.isnan(mean) and numel == 0:
-        return [math.nan] * 6 + [0.0, 0.0]
+        return Stats(math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, 0.0, 0.0)
     n = max(numel, 1)
     m2 = max(cnorm * cnorm - dsum * dsum / n, 0.0) if math.isfinite(cnorm) else cnorm  # centred on the true mean
     mean = mean + dsum / n
@@ -124,10 +157,10 @@ def finish(row: list[float], numel: int) -> list[float]:
     std = math.sqrt(var) if var >= 0 else math.nan
     sq = m2 + numel * mean * mean
     l2 = math.sqrt(sq) if sq >= 0 else math.nan
-    return [mn, mx, mean, std, max(abs(mn), abs(mx)), l2, 0.0 if math.isnan(nan) else nan, 0.0 if math.isnan(inf) else inf]
+    return Stats(mn, mx, mean, std, max(abs(mn), abs(mx)), l2, 0.0 if math.isnan(nan) else nan, 0.0 if math.isnan(inf) else inf)
 
 
-def host_stats(t: torch.Tensor) -> list[float] | None:
+def host_stats(t: torch.Tensor) -> Stats | None:
     """The published statistics of a CPU tensor, now: the writer threads' path for the copies they hold.
 
     Taken with numpy, which runs on the calling thread alone: torch ops here
@@ -166,8 +199,6 @@ def _host_array(t: torch.Tensor) -> np.ndarray | None:
         return a
     return a.astype(np.float32 if a.dtype.kind == "f" else np.float64)
 
-
-assert len(STAT_KEYS) == 8
 
 CHECKSUM_ALGORITHM = "blake2b-128"
 

@@ -221,7 +221,7 @@ class Writer:
             self._arena.release(job.chunk)
         else:
             for s in job.snaps:
-                s.host = None
+                s.result.host_copy = None
 
     # -- the finishing thread ----------------------------------------------------------------
 
