@@ -189,8 +189,15 @@ def test_output_dir_turning_read_only_mid_run(tmp_path):
 
 
 class Hostile(dict):
+    """A dict that cannot be walked, however a hook walks it."""
+
     def items(self):
         raise RuntimeError("boom")
+
+    def __iter__(self):
+        raise RuntimeError("boom")
+
+    keys = values = items
 
 
 class Weird(nn.Module):

@@ -32,7 +32,7 @@ from ..schema import names
 from ..schema import vllm_json as ref
 from ..schema.leaves import Leaf, describe_value
 from ..storage import stats as _stats
-from ..storage.records import StepEnd, TensorPlan, TensorResult
+from ..storage.records import StepEnd, TensorOutcome, TensorPlan
 from ..storage.tensorfile import ST_NAMES
 from ..storage.writer import Writer
 from .graphtap import GraphValue
@@ -121,7 +121,7 @@ class Snapshotter:
                         key="_".join(path) if path else None,
                         path=path,
                         stem=stem,
-                        result=TensorResult(),
+                        result=TensorOutcome(),
                         tensor=False,
                         value=describe_value(v),
                     )
@@ -176,7 +176,7 @@ class Snapshotter:
                     key=key,
                     path=path,
                     stem=stem,
-                    result=TensorResult(stats=stats),
+                    result=TensorOutcome(stats=stats),
                     shape=t.shape if not nested else None,
                     dtype=t.dtype,
                     device=device,
@@ -255,7 +255,7 @@ class Snapshotter:
             key=key,
             path=path,
             stem=stem,
-            result=TensorResult(stats=stats),
+            result=TensorOutcome(stats=stats),
             shape=v.shape,
             dtype=v.dtype,
             device=device,

@@ -70,10 +70,7 @@ def _entry(name: str, key: str | None, t: torch.Tensor) -> TensorEntry:
             "dtype": str(t.dtype),
             "device": "cpu",
             "numel": t.numel(),
-            "stats": dict(zip(("min", "max", "mean", "std", "abs_max", "l2_norm"), st[:6]))
-            | {"nan_count": int(st[6]), "inf_count": int(st[7])}
-            if st
-            else None,
+            "stats": st.published() if st else None,
         }
     )
 

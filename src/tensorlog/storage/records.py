@@ -1,6 +1,6 @@
 """What capture hands to the writer: one :class:`CallRecord` per logged call, built in the hooks.
 
-Each logged value is a frozen :class:`TensorPlan`, made by the hook, and the :class:`TensorResult` it
+Each logged value is a frozen :class:`TensorPlan`, made by the hook, and the :class:`TensorOutcome` it
 carries, filled in by the writer threads and the finisher.
 
 These are in-memory work items, not the on-disk records: the writer turns them
@@ -17,11 +17,11 @@ import torch
 from .arena import Chunk
 from .stats import Stats
 
-__all__ = ["TensorPlan", "TensorResult", "CallRecord", "WriteJob", "ChunkJob", "StepEnd"]
+__all__ = ["TensorPlan", "TensorOutcome", "CallRecord", "WriteJob", "ChunkJob", "StepEnd"]
 
 
 @dataclass(slots=True, eq=False)
-class TensorResult:
+class TensorOutcome:
     """What becomes of a planned tensor: filled in after planning, each field by the one thread named beside it."""
 
     stats: Stats | None = None
@@ -48,7 +48,7 @@ class TensorPlan:
     """One value of a call as its hook planned it, from metadata alone: made by the recorder, never changed.
 
     The data to copy is not here: the hook holds the live tensor only until its copy phase, which leaves a
-    private host copy in :attr:`TensorResult.host_copy`.
+    private host copy in :attr:`TensorOutcome.host_copy`.
     """
 
     name: str
@@ -57,7 +57,7 @@ class TensorPlan:
     key: str | None
     path: tuple[str, ...]
     stem: str
-    result: TensorResult
+    result: TensorOutcome
     """What the writer threads and the finisher make of it (the plan's only mutable part)."""
     tensor: bool = True
     shape: tuple[int, ...] | None = None
@@ -72,7 +72,7 @@ class TensorPlan:
     file: str | None = None
     """The file to write, in the call's directory (or, packed, the key)."""
     pack: bool = False
-    """``layout: packed``: its bytes go into the step's data stream (where: :attr:`TensorResult.packed_at`)."""
+    """``layout: packed``: its bytes go into the step's data stream (where: :attr:`TensorOutcome.packed_at`)."""
     want_values: bool = False
     want_checksum: bool = False
     same_as: TensorPlan | None = None
