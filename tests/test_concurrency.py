@@ -312,6 +312,24 @@ def test_a_step_waiter_with_a_timeout_says_it_timed_out():
     assert q.wait_idle(0.0) is True  # nothing queued: idle at once
 
 
+def test_a_part_of_a_step_ending_while_the_run_closes_is_written_not_refused():
+    q = JobQueue(100, drop=False)
+    q.takers = 2
+    first = _job(0, 8)
+    assert q.reserve(8) and q.put(first)
+    assert q.take() is first  # one writer thread busy with the step's first part
+    q.close(complete=True, reason=None)
+    second = _job(0, 8)
+    assert q.reserve(8) and q.put(second)  # the threads still drain the queue: taken, not lost
+    assert q.take() is second
+    q.done(first)
+    q.done(second)
+    assert q.take() is None and q.pending_bytes == 0  # one thread left; the other may still take a job
+    assert q.put(_job(0, 0))
+    assert q.take() is not None and q.take() is None  # and now both have left: no one would take a job
+    assert q.put(_job(0, 0)) is False
+
+
 def test_a_step_is_handed_to_the_finisher_only_once_its_jobs_are_done():
     q = JobQueue(100, drop=False)
     assert q.put(_job(0, 0)) and q.put(_job(1, 0))

@@ -17,6 +17,7 @@ from tensorlog.compare import metrics as _metrics
 from tensorlog.compare.metrics import Accumulator, Chunk, Column, Pair, TensorMetrics, columns, register_metric
 from tensorlog.compare.results import PAIR_COLUMNS, ModuleResult
 from tensorlog.report import render_markdown
+from tensorlog.report.html import render_html
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,3 +161,20 @@ def test_the_worst_over_a_module_follows_each_columns_direction(tmp_path):
     for m in tensorlog.compare(a, b).modules:
         outs = [t.metrics for t in m.tensors if t.kind == "outputs" and t.metrics is not None]
         assert m.worst_max_abs == max(t.max_abs for t in outs) and m.min_cosine == min(t.cosine for t in outs)
+
+
+def test_a_comparison_made_before_a_metric_was_registered_still_renders(tmp_path):
+    a, b = _two_runs(tmp_path)
+    result = tensorlog.compare(a, b)
+    with register_metric(SignFlips, SIGN_FLIPS):
+        md = render_markdown(result, verbose=True)
+        html = render_html(result, verbose=True)
+    assert "| sign flips |" in md and "<th>sign flips</th>" in html
+    row = next(line for line in md.splitlines() if line.startswith("| `0` | outputs_cpu |"))
+    assert row.endswith("|  |  |")  # no value: the pair was compared before the metric existed
+
+
+def test_a_comparison_on_ray_refuses_a_registered_metric_it_would_not_compute(tmp_path):
+    a, b = _two_runs(tmp_path)
+    with register_metric(SignFlips, SIGN_FLIPS), pytest.raises(tensorlog.UsageError, match="SignFlips"):
+        tensorlog.compare(a, b, ray="auto")

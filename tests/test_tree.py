@@ -122,7 +122,8 @@ def test_the_stored_structure_is_what_the_walk_before_the_codec_wrote(call):
     spec, names = from_structure(json.loads(json.dumps(structure)))
     assert names == ["_".join(p) for p, _ in found]
     paths = _container_paths(structure)
-    if len(set(paths)) == len(paths):  # a kwarg "0" beside argument 0, a key "a_b" beside a["b"]: one path
+    # a kwarg "0" beside argument 0, a key "a_b" beside a["b"]: one path; a tuple kwarg named "*" reads as 0.1's mark
+    if len(set(paths)) == len(paths) and "*" not in structure["tuples"]:
         assert spec == flatten_call(args, kwargs)[1]
         assert to_structure(spec) == structure
 
@@ -301,3 +302,22 @@ def _before_the_codec(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[li
         "tuples": tuples,
     }
     return out, structure
+
+
+class _EvilStr(str):
+    def __repr__(self) -> str:
+        return "'\x1f\x1e'"  # the spec's own separators
+
+
+class _EvilKey:
+    def __str__(self) -> str:
+        return _EvilStr("evil")
+
+
+def test_a_key_whose_str_lies_about_its_repr_cannot_inject_into_the_spec():
+    t = torch.ones(1)
+    leaves, spec = flatten({_EvilKey(): t, 0: 1, "0": 2})
+    assert [p for p, _ in leaves] == [("evil",), ("0",), ("0~1",)]
+    assert Spec.loads(spec.dumps()) == spec
+    _, structure = flatten_inputs(({_EvilKey(): t},), {})
+    assert structure == {"args": [{"evil": "0_evil"}], "kwargs": {}, "tuples": []}

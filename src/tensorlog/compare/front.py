@@ -13,7 +13,7 @@ from ..formats import Run, RunSource
 from .align import MappingSpec
 from .distributed import compare_on_ray
 from .engine import compare_local
-from .metrics import Tolerance
+from .metrics import Tolerance, registered_metrics
 from .replay import ReplayResult
 from .results import CompareProgress, Comparison
 
@@ -81,6 +81,8 @@ def compare(
     if ray is not None:
         if mapping is not None or jobs is not None:
             raise UsageError("a compare on Ray takes neither a mapping nor a number of jobs: each node's cores do the work")
+        if registered_metrics():
+            raise UsageError(f"a compare on Ray computes the built-in metrics only; registered here: {registered_metrics()}")
         return compare_on_ray(
             run1,
             run2,

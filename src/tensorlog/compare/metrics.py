@@ -10,6 +10,7 @@ infinities) counted as equal and any other non-finite value as a mismatch.
 from __future__ import annotations
 
 import math
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,6 +19,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from ..errors import UsageError
 from ..formats.safeio import as_number
 
 __all__ = [
@@ -436,6 +438,9 @@ _VIEWS: dict[str, tuple[str, ...]] = {
 (HTML ``--verbose``). A registered metric's columns are added at the end of the tensor tables."""
 
 _extra: list[tuple[type[Accumulator], tuple[Column, ...]]] = []
+"""Registered metrics; replaced whole (never changed in place) under :data:`_registry_lock`, so a comparison's
+threads each read one consistent list."""
+_registry_lock = threading.Lock()
 
 
 class MetricHandle:
@@ -445,8 +450,9 @@ class MetricHandle:
         self._entry = entry
 
     def remove(self) -> None:
-        if any(e is self._entry for e in _extra):
-            _extra[:] = [e for e in _extra if e is not self._entry]
+        global _extra
+        with _registry_lock:
+            _extra = [e for e in _extra if e is not self._entry]
 
     def __enter__(self) -> MetricHandle:
         return self
@@ -466,23 +472,34 @@ def register_metric(accumulator: type[Accumulator], *columns: Column) -> MetricH
     Returns:
         MetricHandle: ``remove()`` unregisters it.
 
+    Raises:
+        UsageError: the columns do not match the fields, or a field is taken. A comparison on Ray refuses to
+            run while a metric is registered: its workers compute the built-in metrics only.
+
     Example:
         >>> handle = register_metric(MyMetric, Column("my_metric", "my metric", "what it measures"))
         >>> handle.remove()
     """
+    global _extra
     if any(c.module for c in columns):
-        raise ValueError(f"metric {accumulator.__name__}: a registered metric has no module-level field (Column.module)")
+        raise UsageError(f"metric {accumulator.__name__}: a registered metric has no module-level field (Column.module)")
     named = [c.field for c in columns]
     if sorted(named) != sorted(accumulator.fields):
-        raise ValueError(
+        raise UsageError(
             f"metric {accumulator.__name__}: give one column per field it adds ({list(accumulator.fields)}), got {named}"
         )
-    taken = (set(TensorMetrics.model_fields) | {c.field for _, cols in _extra for c in cols}) & set(named)
-    if taken:
-        raise ValueError(f"metric {accumulator.__name__}: {sorted(taken)} taken already (unregister the other first)")
     entry = (accumulator, columns)
-    _extra.append(entry)
+    with _registry_lock:
+        taken = (set(TensorMetrics.model_fields) | {c.field for _, cols in _extra for c in cols}) & set(named)
+        if taken:
+            raise UsageError(f"metric {accumulator.__name__}: {sorted(taken)} taken already (unregister the other first)")
+        _extra = [*_extra, entry]
     return MetricHandle(entry)
+
+
+def registered_metrics() -> list[str]:
+    """The names of the accumulators added by :func:`register_metric`."""
+    return [acc.__name__ for acc, _ in _extra]
 
 
 def accumulators() -> list[type[Accumulator]]:
@@ -493,7 +510,8 @@ def accumulators() -> list[type[Accumulator]]:
 def columns(view: str | None = None) -> list[Column]:
     """Every column (``view=None``: in :class:`TensorMetrics`' field order, registered ones last), or the
     columns of one report table (see :data:`_VIEWS`)."""
-    extra = [c for _, cols in _extra for c in cols]
+    registered = _extra
+    extra = [c for _, cols in registered for c in cols]
     if view is None:
         return [*_BUILTIN_COLUMNS, *extra]
     by_field = {c.field: c for c in _BUILTIN_COLUMNS}

@@ -73,6 +73,11 @@ class ReplayedModule(BaseModel):
 
 
 class ReplayResult(BaseModel):
+    """Each replayed module's own error: model B run on the inputs run A recorded, beside A's outputs.
+
+    ``tensorlog compare --replay`` adds it to a comparison; its JSON is ``tensorlog replay --output``.
+    """
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: str = "replay"

@@ -55,8 +55,9 @@ def fmt(v: float | str | None, digits: int = 3) -> str:
 
 
 def cell(col: Column, m: TensorMetrics) -> str:
-    """A tensor pair's value in a table, as its column says to write it."""
-    v = getattr(m, col.field)
+    """A tensor pair's value in a table, as its column says to write it (empty where a registered metric was not
+    computed: the comparison was made before it was registered)."""
+    v = getattr(m, col.field, None)
     if col.style == "outside":
         return f"{m.num_outside} ({m.frac_outside:.2%})"
     if col.style == "worst":

@@ -401,9 +401,9 @@ class RunManifest(_Record):
     grafted_from: str | None = None
     layout: str | None = None
     """``reference``, ``packed`` or ``statistics`` (which files each step has)."""
-    ranks: dict[int, RankEntry] | None = Field(default=None, exclude_if=lambda v: v is None)
-    """A run read as a whole (its ranks' files merged): each rank's entry. Readers make it; capture never
-    writes it, and a ``run.json`` that has one (string keys, as JSON has) lists no rank."""
+    ranks: dict[int, RankEntry] | None = Field(default=None, exclude=True)
+    """A run read as a whole (its ranks' files merged): each rank's entry. Readers make it, and it is never
+    serialised (capture never writes it); a ``run.json`` that has one (string keys, as JSON has) lists no rank."""
 
     @field_validator("ranks", mode="before")
     @classmethod

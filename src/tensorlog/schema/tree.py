@@ -151,9 +151,10 @@ def _walk(
                 _walk(v, (*path, str(i)), everything, leaves, tokens, live)
             return
         if isinstance(value, dict):
-            keys: list[str] = []
+            taken: dict[str, None] = {}  # ordered, and O(1) to ask: a dict of 10^4 keys is walked in linear time
             for k in value:
-                keys.append(unique_key(str(k), keys))
+                taken[unique_key(str.__str__(str(k)), taken)] = None  # a plain str: its repr is str's own
+            keys = list(taken)
             tokens.append("D" + "".join(_FIELD + repr(k) for k in keys))
             if live is not None:
                 live.append((type(value), tuple(value)))
@@ -232,10 +233,16 @@ def call_structure(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> tupl
     """A call's leaves and its stored structure (:func:`to_structure`), for the hook: the structure is built once
     per call shape and shared by every call of that shape, so it is read-only."""
     leaves, tokens = _call_tokens(args, kwargs or {}, True, None)
-    return leaves, _structure(_ENTRY.join(tokens))
+    text = _ENTRY.join(tokens)
+    return leaves, (_structure(text) if len(text) <= _CACHED_TEXT else to_structure(_read(tokens, None, 0)))
 
 
-@lru_cache(maxsize=4096)
+_CACHED_TEXT = 8192
+"""Longest spec text kept in a cache: call shapes repeat, but a dict keyed by ever-new ids would fill a cache of
+big ones (at most 1024 entries of this size each)."""
+
+
+@lru_cache(maxsize=1024)
 def _structure(text: str) -> dict[str, Any]:
     return to_structure(_loads(text))
 
@@ -283,8 +290,12 @@ def _keys(fields: Sequence[str]) -> tuple[str, ...]:
     return keys
 
 
-@lru_cache(maxsize=4096)
 def _loads(text: str) -> Spec:
+    return _cached_loads(text) if len(text) <= _CACHED_TEXT else _read(text.split(_ENTRY), None, 0)
+
+
+@lru_cache(maxsize=1024)
+def _cached_loads(text: str) -> Spec:
     return _read(text.split(_ENTRY), None, 0)
 
 

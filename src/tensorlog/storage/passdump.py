@@ -63,7 +63,9 @@ class PassWriter:
         ``index`` grows from one call to the next. Never raises: a failure is in :attr:`failure`.
         """
         with self._cv:
-            if self._failure is not None or self._closing or not self._thread.is_alive():
+            if self._failure is None and not self._closing and not self._thread.is_alive():
+                self._failure = RuntimeError("the pass-dump writer thread is not running (a forked process?)")
+            if self._failure is not None or self._closing:
                 return
             self._pass = (index, tensors)
             self._cv.notify_all()

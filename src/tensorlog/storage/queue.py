@@ -42,6 +42,10 @@ class JobQueue:
         self.stopped: str | None = None
         """Why logging stopped; set once, under the lock."""
         self.closing: tuple[bool, str | None] | None = None
+        self.takers = 1
+        """Writer threads that take jobs (set by their owner, the writer, before they start)."""
+        self._left = 0
+        """Writer threads that found the run closing and nothing left, and ended: once all have, a job is refused."""
         self.alive: Callable[[], bool] = lambda: True
         """Whether the threads that end every wait are running (set by their owner, the writer). Waits on the model's
         thread wake at least every :data:`RECHECK` seconds to ask, so a thread that died cannot leave them waiting."""
@@ -77,11 +81,12 @@ class JobQueue:
                 self._cv.notify_all()
 
     def put(self, job: Job) -> bool:
-        """Queue ``job``; False (and its reservation given back) once logging stopped or the run is closing (its
-        threads may have drained the queue already, and no one would take the job)."""
+        """Queue ``job``; False (and its reservation given back) once logging stopped, or once the run closed and
+        every writer thread has ended (no one would take it). A job of a step still ending while the run closes is
+        written: the threads drain the queue before they end."""
         nbytes = job.nbytes if isinstance(job, WriteJob) else 0
         with self._cv:
-            if self.stopped or self.closing is not None:
+            if self.stopped or (self.closing is not None and self._left >= self.takers):
                 self._pending = max(0, self._pending - nbytes)
                 return False
             self._jobs.append(job)
@@ -150,6 +155,7 @@ class JobQueue:
                 self._work_cv.wait()
                 self._idle -= 1
             if not self._jobs:
+                self._left += 1
                 return None
             self._busy += 1
             return self._jobs.popleft()

@@ -90,6 +90,7 @@ class Writer:
         ]
         self._finisher = threading.Thread(target=self._finish_loop, name="tensorlog-finisher", daemon=True)
         self._queue.alive = self._alive
+        self._queue.takers = len(self._workers)
         for t in self._workers:
             t.start()
         self._finisher.start()
