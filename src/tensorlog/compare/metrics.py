@@ -17,7 +17,7 @@ from functools import cached_property
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from ..errors import UsageError
 from ..formats.safeio import as_number
@@ -128,6 +128,13 @@ class TensorMetrics(BaseModel):
 
     def __bool__(self) -> bool:
         return self.allclose
+
+    @model_validator(mode="after")
+    def _only_registered_extras(self) -> TensorMetrics:
+        unknown = set(self.model_extra or ()) - {c.field for _, cols in _extra for c in cols}
+        if unknown:
+            raise ValueError(f"unknown metric fields {sorted(unknown)} (a metric adds fields by register_metric)")
+        return self
 
 
 def _json_float(v: float) -> float | str:
