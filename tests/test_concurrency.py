@@ -461,15 +461,11 @@ def test_a_chunk_released_after_close_gives_its_memory_back():
 # -- the writer: its threads, with a fault at each stage -------------------------------------
 
 
-@pytest.mark.parametrize(
-    "fault, said",
-    [(_enospc(), "disk full or file too large"), (Died("injected"), "a writer thread died")],
-    ids=["disk-full", "thread-dies"],
-)
-def test_a_write_that_fails_while_its_step_waits_stops_logging_and_wakes_the_step(
-    tmp_path, monkeypatch, no_thread_left, fault, said
-):
-    gate = _hold(monkeypatch, RunFiles, "write_call", Gate(fault))
+def _step_waiting_on_a_held_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gate: Gate
+) -> tuple[Writer, Gate, threading.Thread, list[Any]]:
+    """A step of two parts whose first write is held at ``gate``, and the model's thread waiting for the step."""
+    gate = _hold(monkeypatch, RunFiles, "write_call", gate)
     waiting = _writer_waits(monkeypatch)
     w = _writer(tmp_path / "r")
     for _ in range(2):
@@ -478,6 +474,18 @@ def test_a_write_that_fails_while_its_step_waits_stops_logging_and_wakes_the_ste
     w.end_step(_end(0))
     t, out = _start(w.wait_step, 0)
     assert gate.entered.wait(GUARD) and waiting.wait(GUARD)
+    return w, gate, t, out
+
+
+@pytest.mark.parametrize(
+    "fault, said",
+    [(_enospc(), "disk full or file too large"), (Died("injected"), "a writer thread died")],
+    ids=["disk-full", "thread-dies"],
+)
+def test_a_write_that_fails_while_its_step_waits_stops_logging_and_wakes_the_step(
+    tmp_path, monkeypatch, no_thread_left, fault, said
+):
+    w, gate, t, out = _step_waiting_on_a_held_write(tmp_path, monkeypatch, Gate(fault))
     with pytest.warns(RuntimeWarning, match="logging stopped"):  # said by a writer thread: closed (joined) inside
         gate.release()
         _join(t)
@@ -492,15 +500,7 @@ def test_a_write_that_fails_while_its_step_waits_stops_logging_and_wakes_the_ste
 
 
 def test_stop_while_a_write_is_busy_wakes_the_step_at_once_and_nothing_more_is_written(tmp_path, monkeypatch, no_thread_left):
-    gate = _hold(monkeypatch, RunFiles, "write_call", Gate())
-    waiting = _writer_waits(monkeypatch)
-    w = _writer(tmp_path / "r")
-    for _ in range(2):
-        assert w.reserve(64)
-        w.submit(_job(0, 64))
-    w.end_step(_end(0))
-    t, out = _start(w.wait_step, 0)
-    assert gate.entered.wait(GUARD) and waiting.wait(GUARD)
+    w, gate, t, out = _step_waiting_on_a_held_write(tmp_path, monkeypatch, Gate())
     with pytest.warns(RuntimeWarning, match="stopped by the test"):
         w.stop("stopped by the test")
     _join(t)  # the write is still held: the step's caller does not wait for it

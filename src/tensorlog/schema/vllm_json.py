@@ -17,11 +17,10 @@ from typing import Any
 
 import torch
 
-from .leaves import unique_key
+from .leaves import MAX_DEPTH, unique_key
 
 __all__ = ["describe", "dumps", "sidecar", "MAX_DEPTH", "BIG_CONTAINER"]
 
-MAX_DEPTH = 32
 BIG_CONTAINER = 20
 """Containers longer than this are summarised (``length``, ``sample``, ``note``), as the reference does."""
 
